@@ -1,0 +1,29 @@
+"""peftops: fused kernels for parameter-efficient fine-tuning.
+
+Functional ops: :func:`lora_linear`, :func:`bottleneck_adapter`, :func:`prefix_attention`.
+Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
+"""
+
+from . import backends, reference
+from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
+from .ops import bottleneck_adapter, lora_linear, prefix_attention
+from . import nn
+from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BackendUnavailableError",
+    "apply_lora",
+    "available_backends",
+    "backends",
+    "bottleneck_adapter",
+    "count_trainable",
+    "get_backend",
+    "lora_linear",
+    "mark_only_adapters_trainable",
+    "nn",
+    "prefix_attention",
+    "reference",
+    "use_backend",
+]

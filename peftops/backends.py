@@ -1,0 +1,210 @@
+"""Backend selection: one public op, several implementations, one dispatch point.
+
+Every op (``lora_linear``, ``bottleneck_adapter``, ``prefix_attention``) is implemented by
+one or more *backends*:
+
+* ``reference`` — the readable PyTorch spec in :mod:`peftops.reference`; always available,
+  runs on any device, and is the CPU implementation.
+* ``triton`` — kernels in :mod:`peftops.kernels`; needs ``triton`` and a CUDA tensor, or a
+  CPU tensor with ``TRITON_INTERPRET=1`` set before the first kernel module is imported
+  (that is how CI runs kernels).
+* ``cuda`` — CUDA C++ in ``csrc/``, compiled into ``peftops._C``; needs a CUDA tensor and
+  the built extension.
+
+The requested backend comes from :func:`use_backend` (innermost wins) or else from the
+``PEFTOPS_BACKEND`` environment variable, read once when peftops is imported (so that a
+``torch.compile``'d model can guard on it; change it at run time with :func:`use_backend`).
+``auto`` picks, for the given inputs, the first backend in the op's preference order that
+is available, implements the op and supports the inputs. Naming a backend explicitly
+never falls back: if it cannot run the call, :class:`BackendUnavailableError` says why.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import os
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Optional, Sequence
+
+import torch
+
+__all__ = [
+    "BACKENDS",
+    "BackendUnavailableError",
+    "OpImpl",
+    "available_backends",
+    "backend_status",
+    "get_backend",
+    "register_impl",
+    "resolve_backend",
+    "use_backend",
+]
+
+#: Concrete backends, in the default ``auto`` preference order for CUDA tensors.
+BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
+_REQUESTABLE = ("auto",) + BACKENDS
+ENV_VAR = "PEFTOPS_BACKEND"
+
+
+class BackendUnavailableError(RuntimeError):
+    """A backend was asked for by name but cannot run this call (never a silent fallback)."""
+
+
+def _check_name(name: object, source: str) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"{source}: expected a backend name (str), got {type(name).__name__}")
+    if name not in _REQUESTABLE:
+        raise ValueError(f"{source}: expected one of {', '.join(map(repr, _REQUESTABLE))}, got {name!r}")
+    return name
+
+
+class _State:
+    """Process-wide selection. A plain object so that torch.compile guards on its contents."""
+
+    def __init__(self) -> None:
+        self.default: str = os.environ.get(ENV_VAR, "auto")
+        self.stack: list[str] = []
+
+
+_STATE = _State()
+
+
+@contextlib.contextmanager
+def use_backend(name: str) -> Iterator[None]:
+    """Run the ops inside the block on backend ``name`` (``auto``, ``reference``, ``triton``, ``cuda``).
+
+    Autograd records the backend with each forward, so a backward run after the block exits
+    still uses the forward's backend.
+    """
+    _check_name(name, "use_backend(name)")
+    _STATE.stack.append(name)
+    try:
+        yield
+    finally:
+        _STATE.stack.pop()
+
+
+def get_backend() -> str:
+    """The requested backend name in effect here (possibly ``auto``)."""
+    if _STATE.stack:
+        return _STATE.stack[-1]
+    return _check_name(_STATE.default, f"environment variable {ENV_VAR}")
+
+
+# Availability is a property of the process (what is installed and built), so it is computed
+# once and treated as a constant by torch.compile instead of being traced.
+@torch.compiler.assume_constant_result
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+@torch.compiler.assume_constant_result
+def _triton_interpret() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@torch.compiler.assume_constant_result
+def _cuda_extension_built() -> bool:
+    return importlib.util.find_spec("peftops._C") is not None
+
+
+def backend_status(backend: str, device: torch.device | str) -> Optional[str]:
+    """``None`` if ``backend`` can run on ``device`` in this process, else the reason it cannot."""
+    _check_name(backend, "backend")
+    device = torch.device(device)
+    if backend == "reference":
+        return None
+    if backend == "triton":
+        if not _triton_installed():
+            return "the triton package is not installed"
+        if device.type == "cuda":
+            return None
+        if device.type == "cpu" and _triton_interpret():
+            return None
+        return (
+            f"triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
+            f"peftops kernels are imported; got a {device.type} tensor"
+        )
+    if backend == "cuda":
+        if device.type != "cuda":
+            return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
+        if not _cuda_extension_built():
+            return "the CUDA extension peftops._C is not built (see README: Install on GPU)"
+        return None
+    raise AssertionError(backend)
+
+
+@dataclass(frozen=True)
+class OpImpl:
+    """One backend's implementation of one op.
+
+    ``forward``/``backward`` take the registered op's arguments (minus ``backend``).
+    ``supports(*forward_args)`` returns ``None`` when the call is supported, else the reason.
+    """
+
+    forward: Callable
+    backward: Callable
+    supports: Callable[..., Optional[str]] = field(default=lambda *args: None)
+
+
+_IMPLS: dict[str, dict[str, OpImpl]] = {}
+
+
+def register_impl(op: str, backend: str, impl: OpImpl, *, replace: bool = False) -> None:
+    """Register ``backend``'s implementation of ``op`` (kernel modules call this at import)."""
+    if backend not in BACKENDS:
+        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    table = _IMPLS.setdefault(op, {})
+    if backend in table and not replace:
+        raise ValueError(f"{op}: backend {backend!r} is already registered (pass replace=True)")
+    table[backend] = impl
+
+
+def unregister_impl(op: str, backend: str) -> None:
+    _IMPLS.get(op, {}).pop(backend, None)
+
+
+def implementation(op: str, backend: str) -> OpImpl:
+    try:
+        return _IMPLS[op][backend]
+    except KeyError:
+        raise BackendUnavailableError(
+            f"{op}: backend {backend!r} has no implementation of this op "
+            f"(implemented: {', '.join(sorted(_IMPLS.get(op, {}))) or 'none'})"
+        ) from None
+
+
+def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> Optional[str]:
+    reason = backend_status(backend, device)
+    if reason is not None:
+        return reason
+    impl = _IMPLS.get(op, {}).get(backend)
+    if impl is None:
+        return f"it has no implementation of {op} yet"
+    return impl.supports(*args)
+
+
+def _auto_order(device: torch.device) -> Sequence[str]:
+    # The interpreter exists for testing; it is never the fastest choice on CPU.
+    return BACKENDS if device.type == "cuda" else ("reference",)
+
+
+def resolve_backend(op: str, device: torch.device, args: Sequence, requested: Optional[str] = None) -> str:
+    """The concrete backend that will run ``op`` on these arguments."""
+    requested = get_backend() if requested is None else _check_name(requested, "backend")
+    if requested != "auto":
+        reason = _why_not(op, requested, device, args)
+        if reason is not None:
+            raise BackendUnavailableError(f"{op}: backend {requested!r} was requested but cannot run this call: {reason}")
+        return requested
+    for backend in _auto_order(device):
+        if _why_not(op, backend, device, args) is None:
+            return backend
+    raise BackendUnavailableError(f"{op}: no backend supports this call on {device}")  # reference supports all
+
+
+def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
+    """Backends that implement ``op`` and can run on ``device`` in this process."""
+    device = torch.device(device)
+    return [b for b in BACKENDS if backend_status(b, device) is None and b in _IMPLS.get(op, {})]

@@ -1,0 +1,36 @@
+"""What every peftops adapter module shares."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Iterator
+
+from torch import nn
+
+
+class AdapterModule(nn.Module):
+    """Base of peftops' adapter modules: knows which of its parameters are the adapter's.
+
+    :func:`peftops.mark_only_adapters_trainable` trains exactly these, so a frozen base layer
+    held inside an adapter module (``LoRALinear.weight``) stays frozen.
+    """
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        return self.parameters()
+
+
+def positive_int(owner: str, name: str, value: object) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{owner}: {name}: expected an int, got {type(value).__name__}")
+    if value < 1:
+        raise ValueError(f"{owner}: {name}: expected an int >= 1, got {value}")
+    return int(value)
+
+
+def finite(owner: str, name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{owner}: {name}: expected a real number, got {type(value).__name__}")
+    if not math.isfinite(float(value)):
+        raise ValueError(f"{owner}: {name}: expected a finite number, got {value}")
+    return float(value)

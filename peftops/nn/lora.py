@@ -1,0 +1,118 @@
+"""``LoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ..ops import lora_linear
+from ._base import AdapterModule, finite, positive_int
+
+
+class LoRALinear(AdapterModule):
+    r"""``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T`` (Hu et al. 2021).
+
+    Same forward signature and attributes as ``nn.Linear`` (``in_features``,
+    ``out_features``, ``weight``, ``bias``), so it drops into any model. The adapter's
+    parameters are ``lora_A.weight: (r, in)`` and ``lora_B.weight: (out, r)``, named as in
+    HF PEFT so that adapter state dicts map one to one; the base keeps ``weight``/``bias``,
+    so a model's original state dict still loads. Initialised as HF PEFT: A kaiming-uniform,
+    B zeros, so a fresh layer computes exactly the base layer.
+
+    ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__()
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+    ) -> "LoRALinear":
+        """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"LoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        AdapterModule.__init__(layer)
+        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
+        return layer
+
+    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], r, alpha, dropout, use_rslora) -> None:
+        owner = type(self).__name__
+        r = positive_int(owner, "r", r)
+        alpha = finite(owner, "alpha", alpha)
+        dropout = finite(owner, "dropout", dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {dropout}")
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, bool(use_rslora)
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        self.reset_lora_parameters()
+
+    def reset_lora_parameters(self) -> None:
+        nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
+        nn.init.zeros_(self.lora_B.weight)
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.lora_A.weight
+        yield self.lora_B.weight
+
+    def forward(self, input: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(input, self.weight, self.bias)
+        return lora_linear(
+            input, self.weight, self.lora_A.weight, self.lora_B.weight,
+            scale=self.scaling, bias=self.bias, dropout_p=self.lora_dropout, training=self.training,
+        )
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * B A`` in float32 (float64 for a float64 layer)."""
+        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight: one rounding of ``W + s B A`` to the weight's
+        dtype. The merged layer runs as a plain linear; its adapter gets no gradient."""
+        if self.merged:
+            raise RuntimeError("LoRALinear.merge: the adapter is already merged")
+        self.weight.copy_(self.weight.to(torch.float64) + self.delta_weight().to(torch.float64))
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the weight dtype's rounding of the merged sum)."""
+        if not self.merged:
+            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
+        self.weight.copy_(self.weight.to(torch.float64) - self.delta_weight().to(torch.float64))
+        self.merged = False
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"r={self.r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}, rslora={self.use_rslora}, merged={self.merged}"
+        )

@@ -1,0 +1,131 @@
+"""``peftops.bottleneck_adapter``: validation, backend dispatch, ``torch.library`` registration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import OpImpl, register_impl, resolve_backend
+from ..reference import ACTIVATIONS
+from . import _validate as check
+from ._registry import run_backward, run_forward
+
+OP = "bottleneck_adapter"
+
+
+@torch.library.custom_op("peftops::bottleneck_adapter", mutates_args=())
+def _bottleneck_adapter(
+    x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
+    residual: Optional[Tensor], activation: str, scale: float, backend: str,
+) -> Tensor:
+    return run_forward(OP, backend, x.device, x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale)
+
+
+@_bottleneck_adapter.register_fake
+def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend):
+    return x.new_empty(x.shape)
+
+
+@torch.library.custom_op(
+    "peftops::bottleneck_adapter_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, str activation, "
+    "float scale, bool serial, bool[] output_mask, str backend) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
+)
+def _bottleneck_adapter_backward(grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask, backend):
+    return run_backward(OP, backend, x.device, grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask)
+
+
+@_bottleneck_adapter_backward.register_fake
+def _(grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask, backend):
+    rank, d = down_weight.shape
+    shapes = ((x, x.shape), (down_weight, (rank, d)), (down_weight, (rank,)), (up_weight, (d, rank)), (up_weight, (d,)))
+    return tuple(t.new_empty(s) if need else None for (t, s), need in zip(shapes, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend = inputs
+    ctx.save_for_backward(x, down_weight, down_bias, up_weight)
+    ctx.activation, ctx.scale, ctx.backend, ctx.serial = activation, scale, backend, residual is None
+
+
+def _backward(ctx, grad):
+    x, down_weight, down_bias, up_weight = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    dx, dwd, dbd, dwu, dbu = _bottleneck_adapter_backward(
+        grad, x, down_weight, down_bias, up_weight, ctx.activation, ctx.scale, ctx.serial, list(need[:5]), ctx.backend
+    )
+    # The parallel form's residual enters y with coefficient 1.
+    dres = grad if need[5] else None
+    return dx, dwd, dbd, dwu, dbu, dres, None, None, None
+
+
+_bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
+
+
+def _reference_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
+    return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scale, residual)
+
+
+register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=reference.bottleneck_adapter_backward))
+
+
+def bottleneck_adapter(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Optional[Tensor],
+    up_weight: Tensor,
+    up_bias: Optional[Tensor],
+    *,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Optional[Tensor] = None,
+) -> Tensor:
+    r"""Bottleneck adapter: ``y = residual + scale * (act(x Wd^T + bd) Wu^T + bu)``.
+
+    Args:
+        x: ``(..., d)`` adapter input.
+        down_weight: ``(r, d)``; down_bias: ``(r,)`` or ``None``.
+        up_weight: ``(d, r)``; up_bias: ``(d,)`` or ``None``.
+        activation: ``relu``, ``gelu`` (erf), ``gelu_tanh`` or ``silu``.
+        scale: multiplies the adapter branch.
+        residual: ``None`` for a serial adapter (Houlsby/Pfeiffer: ``residual = x``), or a
+            tensor of the shape of ``x`` for a parallel adapter (He et al. 2022).
+    """
+    check.tensor(OP, "x", x)
+    check.min_dims(OP, "x", x, 1)
+    check.tensor(OP, "down_weight", down_weight, 2)
+    check.tensor(OP, "up_weight", up_weight, 2)
+    for name, t in (("down_bias", down_bias), ("up_bias", up_bias)):
+        if t is not None:
+            check.tensor(OP, name, t, 1)
+    if residual is not None:
+        check.tensor(OP, "residual", residual)
+    if not isinstance(activation, str):
+        raise TypeError(f"{OP}: activation: expected a str, got {type(activation).__name__}")
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"{OP}: activation: expected one of {', '.join(map(repr, ACTIVATIONS))}, got {activation!r}")
+    scale = check.finite_float(OP, "scale", scale)
+    x, down_weight, down_bias, up_weight, up_bias, residual = check.autocast(
+        x.device.type, x, down_weight, down_bias, up_weight, up_bias, residual
+    )
+    check.same_dtype_device(
+        OP, "x", x,
+        (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight), ("up_bias", up_bias), ("residual", residual)),
+    )
+    d = x.shape[-1]
+    rank = down_weight.shape[0]
+    check.shape(OP, "down_weight", down_weight, (None, d), f"(r, d) with d={d} from x")
+    check.shape(OP, "up_weight", up_weight, (d, rank), f"(d, r) with d={d} from x, r={rank} from down_weight")
+    if down_bias is not None:
+        check.shape(OP, "down_bias", down_bias, (rank,), f"(r,) with r={rank} from down_weight")
+    if up_bias is not None:
+        check.shape(OP, "up_bias", up_bias, (d,), f"(d,) with d={d} from x")
+    if residual is not None:
+        check.shape(OP, "residual", residual, tuple(x.shape), "(the shape of x)")
+
+    backend = resolve_backend(OP, x.device, (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale))
+    return _bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend)

@@ -1,0 +1,27 @@
+"""The mathematical spec of every peftops op: readable PyTorch, float32 accumulation.
+
+Each function here is the definition its kernels are tested against, and together they are
+the ``reference`` backend (the CPU implementation). Forward functions are differentiable
+with plain autograd; the ``*_backward`` functions write the gradient out explicitly so that
+kernel authors have a formula to match (and tests check it against autograd).
+"""
+
+from ._common import dropout_keep_mask
+from .adapter import ACTIVATIONS, activation, activation_grad, bottleneck_adapter, bottleneck_adapter_backward
+from .attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
+from .lora import lora_linear, lora_linear_backward
+
+__all__ = [
+    "ACTIVATIONS",
+    "activation",
+    "activation_grad",
+    "bottleneck_adapter",
+    "bottleneck_adapter_backward",
+    "default_scale",
+    "dropout_keep_mask",
+    "lora_linear",
+    "lora_linear_backward",
+    "prefix_attention",
+    "prefix_attention_backward",
+    "visible_mask",
+]

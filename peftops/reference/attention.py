@@ -1,0 +1,160 @@
+r"""Prefix-augmented attention, the spec (prefix tuning, Li & Liang 2021).
+
+Shapes: ``q: (B, Hq, L, D)``, ``k, v: (B, Hkv, S, D)``, prefixes ``(Hkv, P, D)`` shared by the
+batch or ``(B, Hkv, P, D)`` per row, ``key_padding_mask: (B, S)`` bool (True = attend).
+Query head ``h`` reads key/value head ``h // (Hq / Hkv)`` (grouped-query attention).
+
+The keys of row b are ``K = [prefix_k ; k]`` (P + S of them)::
+
+    visible(i, j) = True                          for a prefix key j < P
+                  = mask[b, j'] and (not causal or j' <= i + (S - L)),  j' = j - P
+
+    S_ij = scale * q_i . K_j   where visible, -inf elsewhere
+    lse_i = log sum_j exp(S_ij)                 (-inf for a row that sees no key)
+    P_ij  = exp(S_ij - lse_i)                   (all zeros for such a row)
+    o_i   = sum_j P_ij V_j
+
+The causal mask is aligned bottom-right: the last query sees every key, so a decode step
+(L = 1) attends to everything. ``sdpa(is_causal=True)`` aligns top-left instead, which is
+wrong once a prefix (or a cache) makes S + P != L.
+
+Backward, for ``dO``, with ``Delta_i = sum_d dO_id o_id``::
+
+    dV_j  = sum_i P_ij dO_i
+    dS_ij = P_ij (dO_i . V_j - Delta_i)
+    dq_i  = scale * sum_j dS_ij K_j
+    dK_j  = scale * sum_i dS_ij q_i
+
+Key/value gradients are summed over the query heads of each group, and for a shared prefix
+over the batch as well.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from ._common import acc_dtype
+
+
+def default_scale(head_dim: int) -> float:
+    return 1.0 / math.sqrt(head_dim)
+
+
+def _full_kv(k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], acc) -> tuple[Tensor, Tensor]:
+    k, v = k.to(acc), v.to(acc)
+    if prefix_k is None:
+        return k, v
+    batch = k.shape[0]
+    pk, pv = prefix_k.to(acc), prefix_v.to(acc)
+    if pk.dim() == 3:
+        pk = pk.unsqueeze(0).expand(batch, -1, -1, -1)
+        pv = pv.unsqueeze(0).expand(batch, -1, -1, -1)
+    return torch.cat([pk, k], dim=2), torch.cat([pv, v], dim=2)
+
+
+def visible_mask(
+    batch: int, q_len: int, seq_len: int, prefix_len: int, causal: bool,
+    key_padding_mask: Optional[Tensor], device: torch.device,
+) -> Tensor:
+    """``(B, 1, L, P + S)`` bool: which keys each query sees (see the module docstring)."""
+    vis = torch.ones(batch, 1, q_len, prefix_len + seq_len, dtype=torch.bool, device=device)
+    seq = vis[..., prefix_len:]
+    if causal:
+        i = torch.arange(q_len, device=device).unsqueeze(1)
+        j = torch.arange(seq_len, device=device).unsqueeze(0)
+        seq &= j <= i + (seq_len - q_len)
+    if key_padding_mask is not None:
+        seq &= key_padding_mask[:, None, None, :].to(torch.bool)
+    return vis
+
+
+def _probabilities(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale):
+    """Recompute everything the forward and the backward share, in the accumulation dtype."""
+    acc = acc_dtype(q.dtype)
+    batch, hq, q_len, _ = q.shape
+    hkv, seq_len = k.shape[1], k.shape[2]
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
+    kf, vf = _full_kv(k, v, prefix_k, prefix_v, acc)
+    group = hq // hkv
+    kf = kf.repeat_interleave(group, dim=1)
+    vf = vf.repeat_interleave(group, dim=1)
+    qf = q.to(acc)
+    scores = (qf @ kf.transpose(-1, -2)) * scale
+    vis = visible_mask(batch, q_len, seq_len, prefix_len, causal, key_padding_mask, q.device)
+    scores = scores.masked_fill(~vis, -math.inf)
+    lse = torch.logsumexp(scores, dim=-1)
+    # A row that sees no key has lse = -inf; its probabilities are defined as zeros.
+    dead = torch.isneginf(lse)
+    probs = torch.exp(scores - lse.masked_fill(dead, 0.0).unsqueeze(-1)).masked_fill(dead.unsqueeze(-1), 0.0)
+    return qf, kf, vf, probs, lse
+
+
+def prefix_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor] = None,
+    prefix_v: Optional[Tensor] = None,
+    causal: bool = True,
+    key_padding_mask: Optional[Tensor] = None,
+    scale: Optional[float] = None,
+) -> tuple[Tensor, Tensor]:
+    """Returns ``(out, lse)``: ``out`` in the input dtype, ``lse: (B, Hq, L)`` in float32
+    (float64 for float64 inputs). Differentiable with plain autograd (through ``out``)."""
+    scale = default_scale(q.shape[-1]) if scale is None else scale
+    _, _, vf, probs, lse = _probabilities(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    return (probs @ vf).to(q.dtype), lse
+
+
+def _sum_groups(t: Tensor, hkv: int) -> Tensor:
+    b, hq, n, d = t.shape
+    return t.reshape(b, hkv, hq // hkv, n, d).sum(2)
+
+
+def prefix_attention_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Optional[Tensor],
+    prefix_v: Optional[Tensor],
+    causal: bool,
+    key_padding_mask: Optional[Tensor],
+    scale: float,
+    output_mask: Sequence[bool],
+) -> tuple[Optional[Tensor], ...]:
+    """Gradients ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, entry i ``None`` unless ``output_mask[i]``.
+
+    Recomputes the probabilities from q, k, v in float32; a shared prefix's gradient is the
+    sum over the batch.
+    """
+    need_q, need_k, need_v, need_pk, need_pv = output_mask
+    hkv = k.shape[1]
+    prefix_len = 0 if prefix_k is None else prefix_k.shape[-2]
+    qf, kf, vf, probs, _ = _probabilities(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
+    do = grad_out.to(qf.dtype)
+    out = probs @ vf
+    delta = (do * out).sum(-1, keepdim=True)
+    ds = probs * (do @ vf.transpose(-1, -2) - delta)
+
+    dq = (scale * (ds @ kf)).to(q.dtype) if need_q else None
+    dk_full = _sum_groups(scale * (ds.transpose(-1, -2) @ qf), hkv) if (need_k or need_pk) else None
+    dv_full = _sum_groups(probs.transpose(-1, -2) @ do, hkv) if (need_v or need_pv) else None
+
+    def split(full: Optional[Tensor], need_seq: bool, need_prefix: bool, seq_t: Tensor, prefix_t: Optional[Tensor]):
+        d_seq = full[:, :, prefix_len:].to(seq_t.dtype).contiguous() if need_seq else None
+        d_prefix = None
+        if need_prefix:
+            d_prefix = full[:, :, :prefix_len]
+            if prefix_t.dim() == 3:
+                d_prefix = d_prefix.sum(0)
+            d_prefix = d_prefix.to(prefix_t.dtype).contiguous()
+        return d_seq, d_prefix
+
+    dk, dpk = split(dk_full, need_k, need_pk, k, prefix_k)
+    dv, dpv = split(dv_full, need_v, need_pv, v, prefix_v)
+    return dq, dk, dv, dpk, dpv
