@@ -36,6 +36,7 @@ __all__ = [
     "available_backends",
     "backend_status",
     "get_backend",
+    "implemented_backends",
     "register_impl",
     "resolve_backend",
     "use_backend",
@@ -202,6 +203,11 @@ def resolve_backend(op: str, device: torch.device, args: Sequence, requested: Op
         if _why_not(op, backend, device, args) is None:
             return backend
     raise BackendUnavailableError(f"{op}: no backend supports this call on {device}")  # reference supports all
+
+
+def implemented_backends(op: str) -> list[str]:
+    """Backends with a registered implementation of ``op``, whatever this process can run."""
+    return [b for b in BACKENDS if b in _IMPLS.get(op, {})]
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:

@@ -41,7 +41,7 @@ def shape(op: str, name: str, t: Tensor, expected: Sequence[Optional[int]], why:
     """``expected`` may hold ``None`` for a free dimension."""
     got = _shape(t)
     if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ")"
+        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
         raise ValueError(f"{op}: {name}: expected shape {want}{' ' + why if why else ''}, got {got}")
 
 
@@ -58,10 +58,10 @@ def same_dtype_device(op: str, ref_name: str, ref: Tensor, others: Iterable[tupl
 def finite_float(op: str, name: str, value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name}: expected a real number, got {type(value).__name__}")
-    value = float(value)
-    if not math.isfinite(value):
+    # Comparisons instead of math.isfinite: torch.compile may hand us a symbolic float.
+    if value != value or abs(value) == math.inf:
         raise ValueError(f"{op}: {name}: expected a finite number, got {value}")
-    return value
+    return float(value) if isinstance(value, numbers.Integral) else value
 
 
 def probability(op: str, name: str, value: object) -> float:

@@ -99,7 +99,8 @@ def bottleneck_adapter(
     if up_bias is not None:
         z = z + up_bias.to(acc)
     res = xf if residual is None else residual.to(acc)
-    return (res + scale * z).to(x.dtype)
+    # Contiguous whatever the layout of x: the registered op promises a dense row-major output.
+    return (res + scale * z).to(x.dtype).contiguous()
 
 
 def bottleneck_adapter_backward(

@@ -110,6 +110,12 @@ def prefix_attention(
     return (probs @ vf).to(q.dtype), lse
 
 
+def _fresh(t: Tensor, dtype: torch.dtype) -> Tensor:
+    # The sequence and prefix gradients are slices of one buffer: give each its own dense
+    # memory, since an op's outputs may not alias each other.
+    return t.to(dtype, copy=True, memory_format=torch.contiguous_format)
+
+
 def _sum_groups(t: Tensor, hkv: int) -> Tensor:
     b, hq, n, d = t.shape
     return t.reshape(b, hkv, hq // hkv, n, d).sum(2)
@@ -146,13 +152,13 @@ def prefix_attention_backward(
     dv_full = _sum_groups(probs.transpose(-1, -2) @ do, hkv) if (need_v or need_pv) else None
 
     def split(full: Optional[Tensor], need_seq: bool, need_prefix: bool, seq_t: Tensor, prefix_t: Optional[Tensor]):
-        d_seq = full[:, :, prefix_len:].to(seq_t.dtype).contiguous() if need_seq else None
+        d_seq = _fresh(full[:, :, prefix_len:], seq_t.dtype) if need_seq else None
         d_prefix = None
         if need_prefix:
             d_prefix = full[:, :, :prefix_len]
             if prefix_t.dim() == 3:
                 d_prefix = d_prefix.sum(0)
-            d_prefix = d_prefix.to(prefix_t.dtype).contiguous()
+            d_prefix = _fresh(d_prefix, prefix_t.dtype)
         return d_seq, d_prefix
 
     dk, dpk = split(dk_full, need_k, need_pk, k, prefix_k)

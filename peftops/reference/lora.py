@@ -56,7 +56,7 @@ def lora_linear(
     y = xf @ wf.T + scale * ((_dropped(xf, keep, dropout_p) @ af.T) @ bf.T)
     if bias is not None:
         y = y + bias.to(acc)
-    return y.to(x.dtype)
+    return y.to(x.dtype).contiguous()
 
 
 def lora_linear_backward(

@@ -3,14 +3,16 @@ r"""The tolerance policy: one table per dtype, forward and backward, with the re
 How a comparison works (:func:`assert_close`): ``actual`` passes against ``expected`` when,
 element-wise and in float64,
 
-    |actual - expected| <= atol * scale + rtol * |expected|,   scale = max |expected|
+    |actual - expected| <= atol * scale + rtol * |expected|,   scale = max(max |expected|, 1)
 
 ``atol`` is relative to the tensor's *scale*, not absolute: low-precision errors are
 proportional to the magnitudes that flowed through the computation, so an element that
 came out small through cancellation (a gradient entry near zero, say) is judged against
 the size of its neighbours rather than against itself. Test inputs are drawn with unit
-scale (weights scaled by 1/sqrt(fan_in)), so ``scale`` is O(1) and these numbers read as
-ulps of O(1) values. NaN or inf where ``expected`` is finite always fails.
+scale (weights scaled by 1/sqrt(fan_in)), so the intermediates are O(1) and these numbers
+read as ulps of O(1) values; the floor of 1 on ``scale`` covers a tensor that cancels to
+~0 as a whole (the query gradient of a row that sees a single key is exactly 0 in exact
+arithmetic, and one rounding of its O(1) terms away from it in floating point). NaN or inf where ``expected`` is finite always fails.
 
 Unit roundoff u: float64 1.1e-16, float32 6.0e-8, float16 4.9e-4, bfloat16 3.9e-3.
 
@@ -83,7 +85,7 @@ def close_report(actual: Tensor, expected: Tensor, tol: Tol) -> Optional[str]:
     bad_values = ~torch.isfinite(a) & torch.isfinite(e)
     if bad_values.any():
         return f"{int(bad_values.sum())} non-finite values where the reference is finite"
-    scale = e.abs().max().item()
+    scale = max(e.abs().max().item(), 1.0)
     err = (a - e).abs()
     budget = tol.atol * scale + tol.rtol * e.abs()
     over = err > budget

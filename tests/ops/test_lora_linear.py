@@ -1,0 +1,248 @@
+"""peftops.lora_linear: values and gradients, dropout, validation, registration, compile."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+import peftops
+from peftops import reference
+from peftops.testing import assert_close
+
+from ..strategies import LoraCase, lora_cases
+from .helpers import assert_matches, backend_params, grads_of, use
+
+OP = "lora_linear"
+DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+
+
+def op_call(backend, **kw):
+    def fn(x, weight, lora_a, lora_b, bias):
+        with use(backend):
+            return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, **kw)
+    return fn
+
+
+def merged_truth(scale):
+    """Independent formulation: one linear layer with the merged weight ``W + s B A``."""
+    def fn(x, weight, lora_a, lora_b, bias):
+        return F.linear(x, weight + scale * lora_b @ lora_a, bias)
+    return fn
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@given(case=lora_cases(), data=st.data())
+def test_matches_merged_weight_forward_and_gradients(device, backend, case: LoraCase, data):
+    dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
+    inputs = case.inputs(dtype, device)
+    assert_matches(op_call(backend, scale=case.scale), merged_truth(case.scale), inputs, dtype, what=f"{backend} {case}")
+
+
+@given(case=lora_cases(max_features=40, max_rank=16))
+@settings(max_examples=10)
+def test_reference_spec_matches_merged_weight(case: LoraCase):
+    """The spec itself, in float64, against the merged-weight formulation."""
+    inputs = case.inputs(torch.float64, "cpu")
+    got, g1 = grads_of(lambda **t: reference.lora_linear(**t, scale=case.scale), inputs)
+    want, g2 = grads_of(merged_truth(case.scale), inputs)
+    assert_close(got, want, name="reference")
+    for name in g1:
+        assert_close(g1[name], g2[name], kind="bwd", name=f"reference d{name}")
+
+
+@given(case=lora_cases(max_features=40, max_rank=16), p=st.sampled_from([0.0, 0.1, 0.5]),
+       need=st.lists(st.booleans(), min_size=5, max_size=5))
+@settings(max_examples=15)
+def test_reference_explicit_backward_matches_autograd(case: LoraCase, p, need):
+    """The written-out gradient formulas against autograd of the forward spec, with a
+    dropout mask, and only the requested gradients computed."""
+    inputs = case.inputs(torch.float64, "cpu")
+    keep = torch.rand(inputs["x"].shape, generator=torch.Generator().manual_seed(case.seed)) >= p if p else None
+    fwd = lambda **t: reference.lora_linear(**t, scale=case.scale, keep=keep, dropout_p=p)  # noqa: E731
+    out, want = grads_of(fwd, inputs)
+    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    if not case.bias:
+        need[4] = False
+    got = reference.lora_linear_backward(
+        g, inputs["x"].detach(), inputs["weight"].detach(), inputs["lora_a"].detach(), inputs["lora_b"].detach(),
+        case.scale, keep, p, need,
+    )
+    for name, grad, needed in zip(("x", "weight", "lora_a", "lora_b", "bias"), got, need):
+        if needed:
+            assert_close(grad, want[name], kind="bwd", name=f"explicit d{name}")
+        else:
+            assert grad is None, f"d{name} computed although not requested"
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_gradcheck_float64(dropout_p, with_bias):
+    case = LoraCase(lead=(2, 3), in_f=7, out_f=5, rank=3, bias=with_bias, scale=0.7, layout="sliced", seed=1)
+    t = case.inputs(torch.float64, "cpu")
+
+    def fn(x, weight, lora_a, lora_b, *bias):
+        torch.manual_seed(1234)  # the same dropout seed on every evaluation
+        return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias[0] if bias else None, scale=0.7, dropout_p=dropout_p)
+
+    args = [t["x"], t["weight"], t["lora_a"], t["lora_b"]] + ([t["bias"]] if with_bias else [])
+    assert torch.autograd.gradcheck(fn, args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dropout_p,with_bias", [(0.0, True), (0.25, False)])
+def test_opcheck(device, backend, dropout_p, with_bias):
+    case = LoraCase(lead=(3,), in_f=17, out_f=9, rank=4, bias=with_bias, scale=0.5, layout="transposed", seed=2)
+    t = case.inputs(torch.float32, device)
+    seed = torch.tensor(77, device=device) if dropout_p else None
+    opcheck(torch.ops.peftops.lora_linear.default,
+            (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], 0.5, dropout_p, seed, backend))
+    g = torch.randn(3, 9, device=device)
+    detached = [t[k].detach() for k in ("x", "weight", "lora_a", "lora_b")]
+    opcheck(torch.ops.peftops.lora_linear_backward.default,
+            (g, *detached, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend))
+
+
+def _keep_rate_setup(n_rows, width, p, device):
+    """With A = B = I, W = 0 and x = 1, y is the dropout of ones: (mask / (1 - p))."""
+    x = torch.ones(n_rows, width, device=device, requires_grad=True)
+    eye = torch.eye(width, device=device)
+    y = peftops.lora_linear(x, torch.zeros(width, width, device=device), eye, eye, scale=1.0, dropout_p=p)
+    return x, y
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5])
+def test_dropout_keep_rate_and_mask_consistency(p):
+    torch.manual_seed(0)
+    n_rows, width = 2000, 50  # 100k Bernoulli draws
+    x, y = _keep_rate_setup(n_rows, width, p, "cpu")
+    kept = y != 0
+    # Kept entries are scaled by 1 / (1 - p), dropped ones are exactly zero.
+    assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
+    # Keep rate within 5 standard deviations of 1 - p (a false alarm about once in 3.5 million runs).
+    n = kept.numel()
+    sigma = math.sqrt(p * (1 - p) / n)
+    assert abs(kept.float().mean().item() - (1 - p)) < 5 * sigma
+    # The backward regenerates the same mask: dx = mask / (1 - p) for g = 1.
+    (dx,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(dx, y.detach(), rtol=0, atol=0)
+
+
+def test_dropout_follows_manual_seed_and_training_flag():
+    case = LoraCase(lead=(4,), in_f=32, out_f=16, rank=8, bias=True, scale=1.0, layout="contiguous", seed=3)
+    t = case.inputs(torch.float32, "cpu", requires_grad=False)
+    call = lambda **kw: peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], **kw)  # noqa: E731
+    torch.manual_seed(5)
+    a = call(dropout_p=0.5)
+    torch.manual_seed(5)
+    b = call(dropout_p=0.5)
+    c = call(dropout_p=0.5)
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(a, c), "a fresh draw gave the same dropout mask"
+    torch.testing.assert_close(call(dropout_p=0.5, training=False), call(dropout_p=0.0), rtol=0, atol=0)
+
+
+def test_stride_zero_incoming_gradient():
+    """``loss.sum()`` hands the backward an expanded (stride 0) gradient."""
+    case = LoraCase(lead=(5,), in_f=9, out_f=6, rank=2, bias=True, scale=1.0, layout="contiguous", seed=4)
+    t = case.inputs(torch.float32, "cpu")
+    peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"]).sum().backward()
+    ones = torch.ones(5, 6)
+    torch.testing.assert_close(t["x"].grad, ones @ (t["weight"] + t["lora_b"] @ t["lora_a"]).detach())
+    torch.testing.assert_close(t["bias"].grad, torch.full((6,), 5.0))
+
+
+@pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
+def test_zero_size_batch(lead):
+    case = LoraCase(lead=lead, in_f=5, out_f=4, rank=2, bias=True, scale=1.0, layout="contiguous", seed=5)
+    t = case.inputs(torch.float32, "cpu")
+    y = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], dropout_p=0.1)
+    assert y.shape == (*lead, 4)
+    y.sum().backward()
+    assert t["x"].grad.shape == t["x"].shape
+    assert torch.count_nonzero(t["lora_a"].grad) == 0 and torch.count_nonzero(t["lora_b"].grad) == 0
+
+
+def test_frozen_base_gets_no_gradient_and_is_not_computed():
+    case = LoraCase(lead=(3,), in_f=6, out_f=4, rank=2, bias=True, scale=1.0, layout="contiguous", seed=6)
+    t = case.inputs(torch.float32, "cpu")
+    t["weight"].requires_grad_(False)
+    t["bias"].requires_grad_(False)
+    peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"]).square().sum().backward()
+    assert t["weight"].grad is None and t["bias"].grad is None
+    assert t["lora_a"].grad is not None and t["lora_b"].grad is not None and t["x"].grad is not None
+
+
+def test_autocast_mixed_dtypes_forward_and_backward():
+    """float32 activations and a bfloat16 frozen weight under autocast (a bug class seen in
+    other LoRA libraries): runs, returns the autocast dtype, gradients in the leaves' dtypes."""
+    case = LoraCase(lead=(4,), in_f=16, out_f=8, rank=4, bias=False, scale=1.0, layout="contiguous", seed=7)
+    t = case.inputs(torch.float32, "cpu")
+    weight = t["weight"].detach().to(torch.bfloat16)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = peftops.lora_linear(t["x"], weight, t["lora_a"], t["lora_b"])
+    assert y.dtype == torch.bfloat16
+    y.float().square().sum().backward()
+    assert t["lora_a"].grad.dtype == torch.float32 and t["x"].grad.dtype == torch.float32
+    want = F.linear(t["x"].detach(), weight.float() + t["lora_b"].detach() @ t["lora_a"].detach())
+    assert_close(y, want, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.2])
+def test_compile_fullgraph_matches_eager(dropout_p, monkeypatch):
+    """Same values and gradients under ``torch.compile(fullgraph=True)``; with dropout the
+    seed is drawn from torch's generator inside the graph, so with inductor's
+    ``fallback_random`` the masks match eager's exactly."""
+    import torch._inductor.config as inductor_config
+
+    monkeypatch.setattr(inductor_config, "fallback_random", True)
+    case = LoraCase(lead=(2, 5), in_f=24, out_f=12, rank=4, bias=True, scale=0.5, layout="transposed", seed=8)
+
+    def step(x, weight, lora_a, lora_b, bias):
+        y = peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, scale=0.5, dropout_p=dropout_p)
+        return torch.tanh(y)
+
+    results = []
+    for fn in (step, torch.compile(step, fullgraph=True)):
+        t = case.inputs(torch.float32, "cpu")
+        torch.manual_seed(11)
+        results.append(grads_of(fn, t))
+    (y0, g0), (y1, g1) = results
+    assert_close(y1, y0, name="compiled output")
+    for name in g0:
+        assert_close(g1[name], g0[name], kind="bwd", name=f"compiled d{name}")
+
+
+BAD_INPUTS = [
+    # (what to change, exception, message regex)
+    (dict(x=torch.randn(4, 3)), ValueError, r"weight: expected shape \(\*, 3\)"),
+    (dict(lora_a=torch.randn(2, 9)), ValueError, r"lora_a: expected shape \(\*, 8\).*got \(2, 9\)"),
+    (dict(lora_b=torch.randn(6, 3)), ValueError, r"lora_b: expected shape \(6, 2\).*got \(6, 3\)"),
+    (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight: expected 2 dims, got 3"),
+    (dict(x=torch.randn(())), ValueError, r"x: expected at least 1 dim"),
+    (dict(bias=torch.randn(5)), ValueError, r"bias: expected shape \(6,\)"),
+    (dict(lora_a=torch.randn(2, 8, dtype=torch.float64)), TypeError, r"lora_a: expected dtype torch.float32.*got torch.float64"),
+    (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, r"x: expected a floating-point tensor"),
+    (dict(x=[[1.0] * 8]), TypeError, r"x: expected a torch.Tensor, got list"),
+    (dict(x=torch.randn(4, 8, device="meta")), ValueError, r"weight: expected device meta"),
+    (dict(dropout_p=1.0), ValueError, r"dropout_p: expected a value in \[0, 1\), got 1.0"),
+    (dict(dropout_p=-0.1), ValueError, r"dropout_p: expected a value in \[0, 1\)"),
+    (dict(scale=float("nan")), ValueError, r"scale: expected a finite number, got nan"),
+    (dict(scale=float("inf")), ValueError, r"scale: expected a finite number"),
+    (dict(scale="2"), TypeError, r"scale: expected a real number, got str"),
+    (dict(training=1), TypeError, r"training: expected a bool, got int"),
+]
+
+
+@pytest.mark.parametrize("change,exc,match", BAD_INPUTS)
+def test_bad_input_is_rejected_with_a_named_argument(change, exc, match):
+    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), lora_a=torch.randn(2, 8), lora_b=torch.randn(6, 2),
+                bias=None, scale=1.0, dropout_p=0.0, training=True)
+    args.update(change)
+    with pytest.raises(exc, match=r"lora_linear: " + match):
+        peftops.lora_linear(args.pop("x"), args.pop("weight"), args.pop("lora_a"), args.pop("lora_b"), **args)
