@@ -7,12 +7,11 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
 import peftops
-from peftops import reference
 from peftops.testing import assert_close
 
 from ..strategies import LoraCase, lora_cases
@@ -42,42 +41,6 @@ def test_matches_merged_weight_forward_and_gradients(device, backend, case: Lora
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     inputs = case.inputs(dtype, device)
     assert_matches(op_call(backend, scale=case.scale), merged_truth(case.scale), inputs, dtype, what=f"{backend} {case}")
-
-
-@given(case=lora_cases(max_features=40, max_rank=16))
-@settings(max_examples=10)
-def test_reference_spec_matches_merged_weight(case: LoraCase):
-    """The spec itself, in float64, against the merged-weight formulation."""
-    inputs = case.inputs(torch.float64, "cpu")
-    got, g1 = grads_of(lambda **t: reference.lora_linear(**t, scale=case.scale), inputs)
-    want, g2 = grads_of(merged_truth(case.scale), inputs)
-    assert_close(got, want, name="reference")
-    for name in g1:
-        assert_close(g1[name], g2[name], kind="bwd", name=f"reference d{name}")
-
-
-@given(case=lora_cases(max_features=40, max_rank=16), p=st.sampled_from([0.0, 0.1, 0.5]),
-       need=st.lists(st.booleans(), min_size=5, max_size=5))
-@settings(max_examples=15)
-def test_reference_explicit_backward_matches_autograd(case: LoraCase, p, need):
-    """The written-out gradient formulas against autograd of the forward spec, with a
-    dropout mask, and only the requested gradients computed."""
-    inputs = case.inputs(torch.float64, "cpu")
-    keep = torch.rand(inputs["x"].shape, generator=torch.Generator().manual_seed(case.seed)) >= p if p else None
-    fwd = lambda **t: reference.lora_linear(**t, scale=case.scale, keep=keep, dropout_p=p)  # noqa: E731
-    out, want = grads_of(fwd, inputs)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    if not case.bias:
-        need[4] = False
-    got = reference.lora_linear_backward(
-        g, inputs["x"].detach(), inputs["weight"].detach(), inputs["lora_a"].detach(), inputs["lora_b"].detach(),
-        case.scale, keep, p, need,
-    )
-    for name, grad, needed in zip(("x", "weight", "lora_a", "lora_b", "bias"), got, need):
-        if needed:
-            assert_close(grad, want[name], kind="bwd", name=f"explicit d{name}")
-        else:
-            assert grad is None, f"d{name} computed although not requested"
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])

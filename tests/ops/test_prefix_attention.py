@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import given, settings
+from hypothesis import given
 from hypothesis import strategies as st
 from torch.library import opcheck
 
@@ -65,27 +65,6 @@ def loop_truth(case: AttentionCase):
 def test_matches_explicit_concatenation_forward_and_gradients(device, backend, case: AttentionCase, data):
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     assert_matches(op_call(backend, case), loop_truth(case), case.inputs(dtype, device), dtype, what=f"{backend} {case}")
-
-
-@given(case=attention_cases(max_len=20), need=st.lists(st.booleans(), min_size=5, max_size=5))
-@settings(max_examples=15)
-def test_reference_explicit_backward_matches_autograd(case: AttentionCase, need):
-    t = case.inputs(torch.float64, "cpu")
-    kpm = t.pop("key_padding_mask")
-    scale = 1 / math.sqrt(case.head_dim)
-    fwd = lambda **kw: reference.prefix_attention(**kw, causal=case.causal, key_padding_mask=kpm, scale=scale)[0]  # noqa: E731
-    out, want = grads_of(fwd, t)
-    g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    has_prefix = t["prefix_k"] is not None
-    need[3] &= has_prefix
-    need[4] &= has_prefix
-    detached = [None if t[n] is None else t[n].detach() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    got = reference.prefix_attention_backward(g, *detached, case.causal, kpm, scale, need)
-    for name, grad, needed in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, need):
-        if needed:
-            assert_close(grad, want[name], kind="bwd", name=f"explicit d{name}")
-        else:
-            assert grad is None, f"d{name} computed although not requested"
 
 
 @pytest.mark.parametrize("prefix_mode,padding,group", [("shared", "random", 2), ("per_row", "none", 1), ("none", "whole_rows", 4)])
