@@ -49,11 +49,14 @@ class Tol:
     rtol: float  # times |expected| element-wise
 
 
+# Four unit roundoffs (u = eps / 2): one rounding in each of two implementations, 2x margin.
+_FOUR_U = {dt: 2 * torch.finfo(dt).eps for dt in (torch.float16, torch.bfloat16)}
+
 FORWARD: dict[torch.dtype, Tol] = {
     torch.float64: Tol(atol=1e-12, rtol=1e-12),
     torch.float32: Tol(atol=1e-5, rtol=1e-5),
-    torch.float16: Tol(atol=2e-3, rtol=2e-3),
-    torch.bfloat16: Tol(atol=1.6e-2, rtol=1.6e-2),
+    torch.float16: Tol(atol=_FOUR_U[torch.float16], rtol=_FOUR_U[torch.float16]),  # 1.95e-3
+    torch.bfloat16: Tol(atol=_FOUR_U[torch.bfloat16], rtol=_FOUR_U[torch.bfloat16]),  # 1.56e-2
 }
 
 BACKWARD: dict[torch.dtype, Tol] = {
