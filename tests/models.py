@@ -103,9 +103,17 @@ class TinyDecoder(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.layers))
         self.ln_f = nn.LayerNorm(cfg.hidden)
         self.lm_head = nn.Linear(cfg.hidden, cfg.vocab, bias=False)
-        # Unit-norm output rows, so that a well-aligned final state gives a confident
-        # prediction (nn.Linear's default init caps the logits near 3).
-        nn.init.normal_(self.lm_head.weight, std=1.0 / math.sqrt(cfg.hidden))
+        # A "unit-gain" init for the frozen base: every Linear keeps its input's scale
+        # (std 1/sqrt(fan_in)), so the sublayers, and the adapters reading and writing
+        # them, matter next to the residual stream; unit-norm output rows let a
+        # well-aligned final state give a confident prediction (nn.Linear's default init
+        # caps the logits near 3 and leaves prompt tuning almost no leverage).
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.normal_(m.weight, std=1.0 / math.sqrt(m.in_features))
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.embed.weight, std=0.3)
         nn.init.normal_(self.pos.weight, std=0.1)
         self.prefix: Optional[PrefixKV] = None
         self.prompt: Optional[PromptEmbedding] = None
@@ -175,3 +183,19 @@ def task_batch(cycle: Tensor, batch: int, seq_len: int, gen: torch.Generator) ->
 
 
 UNIGRAM_LOSS = math.log(CYCLE_LEN)
+
+
+PAD = 0  # any id works: padded positions are masked out as keys and ignored in the loss
+
+
+def left_pad(inputs: Tensor, targets: Tensor, max_pad: int, gen: torch.Generator) -> tuple[Tensor, Tensor, Tensor]:
+    """Shift each row right by a random 0..max_pad, filling with ``PAD``: returns
+    ``(inputs, targets, attention_mask)`` with targets ``-100`` (ignored) at the padding."""
+    b, n = inputs.shape
+    pads = torch.randint(0, max_pad + 1, (b,), generator=gen)
+    pos = torch.arange(n).expand(b, n)
+    mask = pos >= pads[:, None]
+    src = (pos - pads[:, None]).clamp(min=0)
+    new_inputs = torch.where(mask, inputs.gather(1, src), torch.full_like(inputs, PAD))
+    new_targets = torch.where(mask, targets.gather(1, src), torch.full_like(targets, -100))
+    return new_inputs, new_targets, mask

@@ -34,3 +34,10 @@ def finite(owner: str, name: str, value: object) -> float:
     if not math.isfinite(float(value)):
         raise ValueError(f"{owner}: {name}: expected a finite number, got {value}")
     return float(value)
+
+
+def strict_bool(owner: str, name: str, value: object) -> bool:
+    # bool("False") is True: accept real bools only.
+    if not isinstance(value, bool):
+        raise TypeError(f"{owner}: {name}: expected a bool, got {type(value).__name__}")
+    return value

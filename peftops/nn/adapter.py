@@ -8,7 +8,7 @@ from torch import Tensor, nn
 
 from ..ops import bottleneck_adapter
 from ..reference import ACTIVATIONS
-from ._base import AdapterModule, finite, positive_int
+from ._base import AdapterModule, finite, positive_int, strict_bool
 
 
 class BottleneckAdapter(AdapterModule):
@@ -27,9 +27,12 @@ class BottleneckAdapter(AdapterModule):
         super().__init__()
         d = positive_int("BottleneckAdapter", "d", d)
         r = positive_int("BottleneckAdapter", "r", r)
+        if not isinstance(activation, str):
+            raise TypeError(f"BottleneckAdapter: activation: expected a str, got {type(activation).__name__}")
         if activation not in ACTIVATIONS:
             raise ValueError(f"BottleneckAdapter: activation: expected one of {ACTIVATIONS}, got {activation!r}")
-        self.d, self.r, self.activation, self.parallel = d, r, activation, bool(parallel)
+        self.d, self.r, self.activation = d, r, activation
+        self.parallel = strict_bool("BottleneckAdapter", "parallel", parallel)
         self.scale = finite("BottleneckAdapter", "scale", scale)
         self.down = nn.Linear(d, r, device=device, dtype=dtype)
         self.up = nn.Linear(r, d, device=device, dtype=dtype)

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import lora_linear
-from ._base import AdapterModule, finite, positive_int
+from ._base import AdapterModule, finite, positive_int, strict_bool
 
 
 class LoRALinear(AdapterModule):
@@ -62,16 +62,21 @@ class LoRALinear(AdapterModule):
         dropout = finite(owner, "dropout", dropout)
         if not 0.0 <= dropout < 1.0:
             raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {dropout}")
+        use_rslora = strict_bool(owner, "use_rslora", use_rslora)
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, bool(use_rslora)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
         self.reset_lora_parameters()
+        # Checkpoints always hold the unmerged base weight, so they load the same into any
+        # layer; a merged layer re-merges after loading.
+        self.register_state_dict_post_hook(_unmerged_weight_in_state_dict)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -83,6 +88,11 @@ class LoRALinear(AdapterModule):
 
     def forward(self, input: Tensor) -> Tensor:
         if self.merged:
+            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
+                raise RuntimeError(
+                    "LoRALinear: the adapter is merged into the weight and would get no gradient; "
+                    "call unmerge() to train it, or eval() / torch.no_grad() for inference"
+                )
             return F.linear(input, self.weight, self.bias)
         return lora_linear(
             input, self.weight, self.lora_A.weight, self.lora_B.weight,
@@ -94,13 +104,16 @@ class LoRALinear(AdapterModule):
         acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
         return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
 
+    def _merged_weight(self, sign: float) -> Tensor:
+        return (self.weight.to(torch.float64) + sign * self.delta_weight().to(torch.float64)).to(self.weight.dtype)
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight: one rounding of ``W + s B A`` to the weight's
         dtype. The merged layer runs as a plain linear; its adapter gets no gradient."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged")
-        self.weight.copy_(self.weight.to(torch.float64) + self.delta_weight().to(torch.float64))
+        self.weight.copy_(self._merged_weight(+1.0))
         self.merged = True
 
     @torch.no_grad()
@@ -108,7 +121,7 @@ class LoRALinear(AdapterModule):
         """Undo :meth:`merge` (exact up to the weight dtype's rounding of the merged sum)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.copy_(self.weight.to(torch.float64) - self.delta_weight().to(torch.float64))
+        self.weight.copy_(self._merged_weight(-1.0))
         self.merged = False
 
     def extra_repr(self) -> str:
@@ -116,3 +129,15 @@ class LoRALinear(AdapterModule):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}, rslora={self.use_rslora}, merged={self.merged}"
         )
+
+
+def _unmerged_weight_in_state_dict(module: LoRALinear, state_dict, prefix, local_metadata) -> None:
+    if module.merged:
+        with torch.no_grad():
+            state_dict[prefix + "weight"] = module._merged_weight(-1.0)
+
+
+def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
+    if module.merged:
+        with torch.no_grad():
+            module.weight.copy_(module._merged_weight(+1.0))

@@ -109,9 +109,10 @@ class PromptEmbedding(AdapterModule):
 
     def extend_attention_mask(self, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` mask (bool or 0/1 of any dtype) -> ``(B, num_tokens + L)``, prompt positions attended."""
-        if not isinstance(attention_mask, Tensor) or attention_mask.dim() != 2:
-            got = tuple(attention_mask.shape) if isinstance(attention_mask, Tensor) else type(attention_mask).__name__
-            raise ValueError(f"PromptEmbedding: attention_mask: expected shape (B, L), got {got}")
+        if not isinstance(attention_mask, Tensor):
+            raise TypeError(f"PromptEmbedding: attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+        if attention_mask.dim() != 2:
+            raise ValueError(f"PromptEmbedding: attention_mask: expected shape (B, L), got {tuple(attention_mask.shape)}")
         ones = attention_mask.new_ones(attention_mask.shape[0], self.num_tokens)
         return torch.cat([ones, attention_mask], dim=1)
 
