@@ -1,0 +1,16 @@
+"""The registered ops: one module per op, each with a ``register(registry)`` function."""
+
+from __future__ import annotations
+
+from ..harness import Registry
+from . import bottleneck_adapter, lora_linear, prefix_attention
+
+MODULES = (lora_linear, bottleneck_adapter, prefix_attention)
+
+
+def default_registry() -> Registry:
+    """A registry holding every peftops op, its cases and its providers."""
+    registry = Registry()
+    for module in MODULES:
+        module.register(registry)
+    return registry
