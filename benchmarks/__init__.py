@@ -7,6 +7,7 @@ ceilings in the same run, prints a table, writes a JSON run and compares runs. C
 Method and history: ``benchmarks/NOTES.md``.
 """
 
-from .harness import Case, Op, Provider, Registry, Work, main
+from .harness import main
+from .registry import Case, Op, Provider, Registry, Work
 
 __all__ = ["Case", "Op", "Provider", "Registry", "Work", "main"]

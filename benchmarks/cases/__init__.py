@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from ..harness import Registry
+from ..registry import Registry
 from . import bottleneck_adapter, lora_linear, prefix_attention
 
 MODULES = (lora_linear, bottleneck_adapter, prefix_attention)

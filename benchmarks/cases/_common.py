@@ -8,7 +8,7 @@ import torch
 
 import peftops
 
-from ..harness import FULL, QUICK, Inputs, Op, Provider, Registry
+from ..registry import FULL, QUICK, Inputs, Op, Provider, Registry
 
 
 def normal(gen: torch.Generator, shape: Sequence[int], std: float, dtype: torch.dtype,

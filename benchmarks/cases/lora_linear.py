@@ -24,7 +24,7 @@ import torch.nn.functional as F
 
 import peftops
 
-from ..harness import QUICK_CPU, Case, Provider, Registry, Work
+from ..registry import QUICK_CPU, Case, Provider, Registry, Work
 from ._common import normal, real_shape_suites, register_op
 
 OP = "lora_linear"

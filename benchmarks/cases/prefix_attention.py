@@ -25,7 +25,7 @@ from torch.nn.attention.bias import causal_lower_right
 
 import peftops
 
-from ..harness import QUICK_CPU, Case, Provider, Registry, Work
+from ..registry import QUICK_CPU, Case, Provider, Registry, Work
 from ._common import normal, real_shape_suites, register_op
 
 OP = "prefix_attention"

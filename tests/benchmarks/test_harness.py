@@ -17,7 +17,9 @@ import torch.nn.functional as F
 import peftops
 from benchmarks import Case, Op, Provider, Registry, Work, main
 from benchmarks.cases import default_registry, lora_linear, prefix_attention
-from benchmarks.harness import ALL_SUITES, classify, make_input_set
+from benchmarks.inputs import make_input_set
+from benchmarks.registry import ALL_SUITES
+from benchmarks.report import classify
 
 SIZE, MATMULS = 256, 6  # a few ms of single-threaded matmuls per call at factor 1
 

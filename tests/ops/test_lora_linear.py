@@ -157,13 +157,12 @@ def test_autocast_mixed_dtypes_forward_and_backward():
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_compile_fullgraph_matches_eager(dropout_p, monkeypatch):
+def test_compile_fullgraph_matches_eager(dropout_p):
     """Same values and gradients under ``torch.compile(fullgraph=True)``; with dropout the
     seed is drawn from torch's generator inside the graph, so with inductor's
     ``fallback_random`` the masks match eager's exactly."""
     import torch._inductor.config as inductor_config
 
-    monkeypatch.setattr(inductor_config, "fallback_random", True)
     case = LoraCase(lead=(2, 5), in_f=24, out_f=12, rank=4, bias=True, scale=0.5, layout="transposed", seed=8)
 
     def step(x, weight, lora_a, lora_b, bias):
@@ -171,10 +170,13 @@ def test_compile_fullgraph_matches_eager(dropout_p, monkeypatch):
         return torch.tanh(y)
 
     results = []
-    for fn in (step, torch.compile(step, fullgraph=True)):
-        t = case.inputs(torch.float32, "cpu")
-        torch.manual_seed(11)
-        results.append(grads_of(fn, t))
+    # config.patch, not monkeypatch: newer pytest deletes a module attribute it did not find
+    # in the module's __dict__ on undo, which removes the option from inductor's config.
+    with inductor_config.patch(fallback_random=True):
+        for fn in (step, torch.compile(step, fullgraph=True)):
+            t = case.inputs(torch.float32, "cpu")
+            torch.manual_seed(11)
+            results.append(grads_of(fn, t))
     (y0, g0), (y1, g1) = results
     assert_close(y1, y0, name="compiled output")
     for name in g0:
