@@ -15,45 +15,53 @@ from ._registry import run_backward, run_forward
 OP = "lora_linear"
 
 
+# Returns ``(y, u)`` with ``u = scale * dropout(x) A^T`` of shape (..., r) in the dtype of x:
+# the rank-r activation, tiny, saved for the backward (``dB = g^T u``) so that kernels need not
+# recompute it with another pass over x.
 @torch.library.custom_op("peftops::lora_linear", mutates_args=())
 def _lora_linear(
     x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
     scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     return run_forward(OP, backend, x.device, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
 
 
 @_lora_linear.register_fake
 def _(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend):
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+    return x.new_empty((*x.shape[:-1], weight.shape[0])), x.new_empty((*x.shape[:-1], lora_a.shape[0]))
 
 
 @torch.library.custom_op(
     "peftops::lora_linear_backward",
     mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, float scale, float dropout_p, "
-    "Tensor? seed, bool[] output_mask, str backend) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
+    schema="(Tensor grad, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor lora_u, float scale, "
+    "float dropout_p, Tensor? seed, bool[] output_mask, str backend) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
 )
-def _lora_linear_backward(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend):
-    return run_backward(OP, backend, x.device, grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask)
+def _lora_linear_backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask, backend):
+    return run_backward(
+        OP, backend, x.device, grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask
+    )
 
 
 @_lora_linear_backward.register_fake
-def _(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask, backend):
+def _(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask, backend):
     like = (x, weight, lora_a, lora_b, grad.new_empty(grad.shape[-1]))
     return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, lora_a, lora_b, bias, scale, dropout_p, seed, backend = inputs
-    ctx.save_for_backward(x, weight, lora_a, lora_b, seed)
+    _, lora_u = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, lora_u, seed)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+    ctx.mark_non_differentiable(lora_u)
 
 
-def _backward(ctx, grad):
-    x, weight, lora_a, lora_b, seed = ctx.saved_tensors
+def _backward(ctx, grad, grad_u):
+    x, weight, lora_a, lora_b, lora_u, seed = ctx.saved_tensors
     grads = _lora_linear_backward(
-        grad, x, weight, lora_a, lora_b, ctx.scale, ctx.dropout_p, seed, list(ctx.needs_input_grad[:5]), ctx.backend
+        grad, x, weight, lora_a, lora_b, lora_u, ctx.scale, ctx.dropout_p, seed, list(ctx.needs_input_grad[:5]),
+        ctx.backend,
     )
     return (*grads, None, None, None, None)
 
@@ -70,10 +78,13 @@ def _keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[
 
 
 def _reference_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
-    return reference.lora_linear(x, weight, lora_a, lora_b, bias, scale, _keep_mask(x, dropout_p, seed), dropout_p)
+    keep = _keep_mask(x, dropout_p, seed)
+    y = reference.lora_linear(x, weight, lora_a, lora_b, bias, scale, keep, dropout_p)
+    return y, reference.lora_activation(x, lora_a, scale, keep, dropout_p)
 
 
-def _reference_backward(grad, x, weight, lora_a, lora_b, scale, dropout_p, seed, output_mask):
+def _reference_backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask):
+    # The spec recomputes the rank-r activation in float32 rather than use the saved lora_u.
     keep = _keep_mask(x, dropout_p, seed)
     return reference.lora_linear_backward(grad, x, weight, lora_a, lora_b, scale, keep, dropout_p, output_mask)
 
@@ -134,4 +145,5 @@ def lora_linear(
     p = dropout_p if training else 0.0
     seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64) if p > 0.0 else None
     backend = resolve_backend(OP, x.device, (x, weight, lora_a, lora_b, bias, scale, p, seed))
-    return _lora_linear(x, weight, lora_a, lora_b, bias, scale, p, seed, backend)
+    y, _ = _lora_linear(x, weight, lora_a, lora_b, bias, scale, p, seed, backend)
+    return y

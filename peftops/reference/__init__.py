@@ -9,7 +9,7 @@ kernel authors have a formula to match (and tests check it against autograd).
 from ._common import dropout_keep_mask
 from .adapter import ACTIVATIONS, activation, activation_grad, bottleneck_adapter, bottleneck_adapter_backward
 from .attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
-from .lora import lora_linear, lora_linear_backward
+from .lora import lora_activation, lora_linear, lora_linear_backward
 
 __all__ = [
     "ACTIVATIONS",
@@ -19,6 +19,7 @@ __all__ = [
     "bottleneck_adapter_backward",
     "default_scale",
     "dropout_keep_mask",
+    "lora_activation",
     "lora_linear",
     "lora_linear_backward",
     "prefix_attention",

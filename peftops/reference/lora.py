@@ -58,6 +58,13 @@ def lora_linear(
     return y.to(x.dtype).contiguous()
 
 
+def lora_activation(x: Tensor, lora_a: Tensor, scale: float, keep: Optional[Tensor], dropout_p: float) -> Tensor:
+    """``u = scale * dropout(x) A^T``, shape ``(..., r)``, rounded to the dtype of ``x``: the
+    rank-r activation that the registered op returns for its backward to save."""
+    acc = acc_dtype(x.dtype)
+    return (scale * (_dropped(x.to(acc), keep, dropout_p) @ lora_a.to(acc).T)).to(x.dtype).contiguous()
+
+
 def lora_linear_backward(
     grad: Tensor,
     x: Tensor,

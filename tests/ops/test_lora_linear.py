@@ -63,12 +63,14 @@ def test_opcheck(device, backend, dropout_p, with_bias):
     case = LoraCase(lead=(3,), in_f=17, out_f=9, rank=4, bias=with_bias, scale=0.5, layout="transposed", seed=2)
     t = case.inputs(torch.float32, device)
     seed = torch.tensor(77, device=device) if dropout_p else None
-    opcheck(torch.ops.peftops.lora_linear.default,
-            (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], 0.5, dropout_p, seed, backend))
+    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], 0.5, dropout_p, seed, backend)
+    opcheck(torch.ops.peftops.lora_linear.default, args)
+    with torch.no_grad():
+        _, lora_u = torch.ops.peftops.lora_linear(*args)
     g = torch.randn(3, 9, device=device)
     detached = [t[k].detach() for k in ("x", "weight", "lora_a", "lora_b")]
     opcheck(torch.ops.peftops.lora_linear_backward.default,
-            (g, *detached, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend))
+            (g, *detached, lora_u, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend))
 
 
 def _keep_rate_setup(n_rows, width, p, device):
