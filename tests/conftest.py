@@ -3,6 +3,7 @@
 * ``TRITON_INTERPRET=1`` is set before anything imports a kernel when no CUDA device is
   present, so the ``triton`` backend runs on CPU tensors (``triton.jit`` reads it at
   decoration time).
+* ``PEFTOPS_POISON_OUTPUTS=1``: kernel launchers fill their outputs with NaN before launch.
 * hypothesis profiles: ``ci`` (the default: bounded examples, no deadline, because the
   interpreter and first-call compilation make timings meaningless) and ``dev`` (more
   examples); pick with ``HYPOTHESIS_PROFILE``.
@@ -17,6 +18,8 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Kernel outputs start as NaN, so an element a kernel never writes cannot pass unnoticed.
+os.environ.setdefault("PEFTOPS_POISON_OUTPUTS", "1")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

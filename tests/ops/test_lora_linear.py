@@ -81,11 +81,13 @@ def _keep_rate_setup(n_rows, width, p, device):
     return x, y
 
 
+@pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("p", [0.1, 0.5])
-def test_dropout_keep_rate_and_mask_consistency(p):
+def test_dropout_keep_rate_and_mask_consistency(device, backend, p):
     torch.manual_seed(0)
     n_rows, width = 2000, 50  # 100k Bernoulli draws
-    x, y = _keep_rate_setup(n_rows, width, p, "cpu")
+    with use(backend):
+        x, y = _keep_rate_setup(n_rows, width, p, device)
     kept = y != 0
     # Kept entries are scaled by 1 / (1 - p), dropped ones are exactly zero.
     assert torch.allclose(y[kept], torch.full_like(y[kept], 1 / (1 - p)))
@@ -98,10 +100,15 @@ def test_dropout_keep_rate_and_mask_consistency(p):
     torch.testing.assert_close(dx, y.detach(), rtol=0, atol=0)
 
 
-def test_dropout_follows_manual_seed_and_training_flag():
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_dropout_follows_manual_seed_and_training_flag(device, backend):
     case = LoraCase(lead=(4,), in_f=32, out_f=16, rank=8, bias=True, scale=1.0, layout="contiguous", seed=3)
-    t = case.inputs(torch.float32, "cpu", requires_grad=False)
-    call = lambda **kw: peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], **kw)  # noqa: E731
+    t = case.inputs(torch.float32, device, requires_grad=False)
+
+    def call(**kw):
+        with use(backend):
+            return peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], **kw)
+
     torch.manual_seed(5)
     a = call(dropout_p=0.5)
     torch.manual_seed(5)
@@ -112,23 +119,29 @@ def test_dropout_follows_manual_seed_and_training_flag():
     torch.testing.assert_close(call(dropout_p=0.5, training=False), call(dropout_p=0.0), rtol=0, atol=0)
 
 
-def test_stride_zero_incoming_gradient():
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_stride_zero_incoming_gradient(device, backend):
     """``loss.sum()`` hands the backward an expanded (stride 0) gradient."""
     case = LoraCase(lead=(5,), in_f=9, out_f=6, rank=2, bias=True, scale=1.0, layout="contiguous", seed=4)
-    t = case.inputs(torch.float32, "cpu")
-    peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"]).sum().backward()
-    ones = torch.ones(5, 6)
-    torch.testing.assert_close(t["x"].grad, ones @ (t["weight"] + t["lora_b"] @ t["lora_a"]).detach())
-    torch.testing.assert_close(t["bias"].grad, torch.full((6,), 5.0))
+    t = case.inputs(torch.float64 if backend == "reference" else torch.float32, device)
+    with use(backend):
+        peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"]).sum().backward()
+    ones = torch.ones(5, 6, dtype=t["x"].dtype, device=device)
+    assert_close(t["x"].grad, ones @ (t["weight"] + t["lora_b"] @ t["lora_a"]).detach(), kind="bwd")
+    assert_close(t["lora_a"].grad, (t["lora_b"].T @ ones.T @ t["x"]).detach(), kind="bwd")
+    assert_close(t["lora_b"].grad, (ones.T @ t["x"] @ t["lora_a"].T).detach(), kind="bwd")
+    assert_close(t["bias"].grad, torch.full((6,), 5.0, dtype=t["x"].dtype, device=device), kind="bwd")
 
 
+@pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("lead", [(0,), (2, 0), (0, 3)])
-def test_zero_size_batch(lead):
+def test_zero_size_batch(device, backend, lead):
     case = LoraCase(lead=lead, in_f=5, out_f=4, rank=2, bias=True, scale=1.0, layout="contiguous", seed=5)
-    t = case.inputs(torch.float32, "cpu")
-    y = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], dropout_p=0.1)
-    assert y.shape == (*lead, 4)
-    y.sum().backward()
+    t = case.inputs(torch.float32, device)
+    with use(backend):
+        y = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], bias=t["bias"], dropout_p=0.1)
+        assert y.shape == (*lead, 4)
+        y.sum().backward()
     assert t["x"].grad.shape == t["x"].shape
     assert torch.count_nonzero(t["lora_a"].grad) == 0 and torch.count_nonzero(t["lora_b"].grad) == 0
 
@@ -158,8 +171,9 @@ def test_autocast_mixed_dtypes_forward_and_backward():
     assert_close(y, want, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("dropout_p", [0.0, 0.2])
-def test_compile_fullgraph_matches_eager(dropout_p):
+def test_compile_fullgraph_matches_eager(device, backend, dropout_p):
     """Same values and gradients under ``torch.compile(fullgraph=True)``; with dropout the
     seed is drawn from torch's generator inside the graph, so with inductor's
     ``fallback_random`` the masks match eager's exactly."""
@@ -168,7 +182,8 @@ def test_compile_fullgraph_matches_eager(dropout_p):
     case = LoraCase(lead=(2, 5), in_f=24, out_f=12, rank=4, bias=True, scale=0.5, layout="transposed", seed=8)
 
     def step(x, weight, lora_a, lora_b, bias):
-        y = peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, scale=0.5, dropout_p=dropout_p)
+        with use(backend):
+            y = peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, scale=0.5, dropout_p=dropout_p)
         return torch.tanh(y)
 
     results = []
@@ -176,7 +191,7 @@ def test_compile_fullgraph_matches_eager(dropout_p):
     # in the module's __dict__ on undo, which removes the option from inductor's config.
     with inductor_config.patch(fallback_random=True):
         for fn in (step, torch.compile(step, fullgraph=True)):
-            t = case.inputs(torch.float32, "cpu")
+            t = case.inputs(torch.float32, device)
             torch.manual_seed(11)
             results.append(grads_of(fn, t))
     (y0, g0), (y1, g1) = results

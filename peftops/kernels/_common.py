@@ -1,0 +1,48 @@
+"""What every Triton launcher shares: output allocation, dot precision, device context."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from typing import Iterator
+
+import torch
+
+#: Tests set this to fill every kernel output with NaN before launch, so an element a kernel
+#: forgot to write shows up instead of passing as stale memory.
+POISON_ENV = "PEFTOPS_POISON_OUTPUTS"
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    if os.environ.get(POISON_ENV, "0") == "1":
+        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+    return torch.empty(shape, dtype=dtype, device=device)
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """``tl.dot`` input precision: float32 inputs use TF32 only where PyTorch's own matmuls
+    may (``torch.backends.cuda.matmul.allow_tf32``), so peftops is never less exact than the
+    ``F.linear`` it replaces; 16-bit inputs are exact products either way."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+@contextlib.contextmanager
+def on_device(device: torch.device) -> Iterator[None]:
+    """Launch on the tensors' GPU (and so on that GPU's current stream), not the default one."""
+    if device.type == "cuda":
+        with torch.cuda.device(device):
+            yield
+    else:
+        yield
+
+
+def num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 1

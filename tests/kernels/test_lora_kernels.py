@@ -1,0 +1,221 @@
+"""The Triton LoRA kernels (peftops.kernels.lora): what the generic op tests in
+tests/ops/test_lora_linear.py do not reach. On CPU they run under TRITON_INTERPRET=1; the
+``gpu`` tests cover bf16, real shapes, CUDA graphs, streams and 64-bit offsets."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftops
+from peftops import reference
+from peftops.kernels import _config
+from peftops.kernels import lora as kernels
+from peftops.testing import assert_close, check_fa_rule
+
+from ..ops.helpers import assert_matches, grads_of
+from ..ops.test_lora_linear import merged_truth
+from ..strategies import LoraCase
+
+
+def triton_call(scale, dropout_p=0.0):
+    def fn(x, weight, lora_a, lora_b, bias):
+        with peftops.use_backend("triton"):
+            return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p)
+    return fn
+
+
+@pytest.mark.parametrize("rank", [1, 129, 200, 256])
+def test_ranks_beyond_one_block(rank):
+    """Ranks over 128 take several rank blocks in the down projection and several epilogue
+    steps in the GEMM."""
+    case = LoraCase(lead=(3, 11), in_f=40, out_f=37, rank=rank, bias=True, scale=0.5, layout="sliced", seed=rank)
+    assert_matches(triton_call(0.5), merged_truth(0.5), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}")
+
+
+def test_token_reduction_split_over_programs():
+    """Enough tokens that dA, dB and dW are reduced by several programs (float32 partials)."""
+    case = LoraCase(lead=(300,), in_f=33, out_f=17, rank=8, bias=False, scale=2.0, layout="transposed", seed=1)
+    t = case.inputs(torch.float32, "cpu")
+    assert kernels.tn(t["x"].detach(), t["x"].detach(), out_dtype=torch.float32).shape == (33, 33)
+    assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="split reduction")
+
+
+def test_rank_above_256_is_refused_by_name():
+    case = LoraCase(lead=(2,), in_f=8, out_f=8, rank=257, bias=False, scale=1.0, layout="contiguous", seed=2)
+    with pytest.raises(peftops.BackendUnavailableError, match="ranks up to 256, got 257"):
+        triton_call(1.0)(**case.inputs(torch.float32, "cpu"))
+
+
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_forward_and_backward_are_bitwise_deterministic(dropout_p):
+    case = LoraCase(lead=(150,), in_f=48, out_f=40, rank=16, bias=True, scale=0.5, layout="contiguous", seed=3)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        runs.append(grads_of(triton_call(0.5, dropout_p), case.inputs(torch.float32, "cpu")))
+    (y0, g0), (y1, g1) = runs
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+def test_dropout_mask_is_the_one_of_the_forward_in_every_gradient():
+    """Regenerating the mask in each backward kernel: dx, dA and dB all match the spec's
+    formulas evaluated with the mask read off the forward (A = B = I makes it visible)."""
+    n, p = 24, 0.4
+    x = torch.randn(64, n, dtype=torch.float32, requires_grad=True)
+    eye_a = torch.eye(n).requires_grad_(True)
+    eye_b = torch.eye(n).requires_grad_(True)
+    weight = torch.randn(n, n) / 5
+    torch.manual_seed(1)
+    with peftops.use_backend("triton"):
+        y = peftops.lora_linear(x, weight, eye_a, eye_b, scale=1.0, dropout_p=p)
+    keep = ((y - x @ weight.T).detach().abs() > 1e-6) | (x.detach() == 0)
+    g = torch.randn_like(y)
+    dx, da, db = torch.autograd.grad(y, (x, eye_a, eye_b), g)
+    want = reference.lora_linear_backward(
+        g, x.detach(), weight, eye_a.detach(), eye_b.detach(), 1.0, keep, p, [True, False, True, True, False]
+    )
+    for name, got, exp in zip(("dx", "dA", "dB"), (dx, da, db), (want[0], want[2], want[3])):
+        assert_close(got, exp, kind="bwd", name=name)
+
+
+def test_config_lookup_nearest_shape_then_nearest_token_bucket():
+    entries = [
+        {"kernel": "gemm", "n": 4096, "k": 4096, "r": 16, "m_bucket": 512, "config": {"BLOCK_M": 64}},
+        {"kernel": "gemm", "n": 4096, "k": 4096, "r": 16, "m_bucket": 8192, "config": {"BLOCK_M": 128}},
+        {"kernel": "gemm", "n": 14336, "k": 4096, "r": 16, "m_bucket": 8192, "config": {"BLOCK_M": 256}},
+        {"kernel": "down", "n": 16, "k": 4096, "r": 16, "m_bucket": 8192, "config": {"BLOCK_M": 32}},
+    ]
+    assert _config.nearest(entries, "gemm", 8000, 4096, 4096, 16) == {"BLOCK_M": 128}
+    assert _config.nearest(entries, "gemm", 300, 4096, 4096, 16) == {"BLOCK_M": 64}
+    assert _config.nearest(entries, "gemm", 8192, 12000, 4096, 16) == {"BLOCK_M": 256}  # nearest (n, k, r)
+    assert _config.nearest(entries, "gemm", 8192, 4096, 4096, 64) == {"BLOCK_M": 128}
+    assert _config.nearest(entries, "tn", 8192, 4096, 4096, 16) is None
+    assert [_config.m_bucket(m) for m in (1, 16, 17, 8192, 8193, 10**6)] == [16, 16, 32, 8192, 16384, 65536]
+
+
+def test_config_files_load_by_device_name(tmp_path, monkeypatch):
+    name = "NVIDIA H100 80GB HBM3"
+    (tmp_path / "lora_linear").mkdir()
+    doc = {"device": name, "entries": [{"kernel": "down", "n": 16, "k": 4096, "r": 16, "m_bucket": 8192,
+                                         "config": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}]}
+    (tmp_path / "lora_linear" / _config.file_name(name)).write_text(json.dumps(doc))
+    monkeypatch.setattr(_config, "CONFIG_DIR", tmp_path)
+    _config._load.cache_clear()
+    try:
+        assert _config.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
+        assert _config.nearest(_config._load("lora_linear", name), "down", 5000, 16, 4096, 16)["BLOCK_K"] == 128
+        assert _config._load("lora_linear", "some other GPU") == ()
+    finally:
+        _config._load.cache_clear()
+
+
+def test_shipped_config_files_are_well_formed():
+    for path in _config.CONFIG_DIR.glob("*/*.json"):
+        doc = json.loads(path.read_text())
+        for e in doc["entries"]:
+            assert e["kernel"] in _config.DEFAULTS and set(e) >= {"n", "k", "r", "m_bucket", "config"}, path
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]
+
+
+def _real_inputs(tokens, in_f, out_f, rank, dtype, seed=0):
+    case = LoraCase(lead=(tokens,), in_f=in_f, out_f=out_f, rank=rank, bias=False, scale=2.0, layout="contiguous", seed=seed)
+    return case.inputs(dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("in_f,out_f", LLAMA)
+def test_gpu_real_shapes_fa_error_rule(dtype, in_f, out_f):
+    """Error vs a float32 reference at most twice that of the HF-PEFT-style eager layer run
+    in the same low precision, for the output and every gradient."""
+    t = _real_inputs(2048, in_f, out_f, 16, dtype)
+    out, grads = grads_of(triton_call(2.0), t)
+    ref_out, ref_grads = grads_of(lambda **kw: reference.lora_linear(**kw, scale=2.0), {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()})
+    eager = lambda x, weight, lora_a, lora_b, bias: F.linear(x, weight) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)  # noqa: E731
+    low_out, low_grads = grads_of(eager, {k: (v.detach().requires_grad_() if v is not None else None) for k, v in t.items()})
+    for name, got, ref, low in [("y", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+        ok, err, budget = check_fa_rule(got, ref, low)
+        assert ok, f"{name}: error {err:.3g} above the FA budget {budget:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_float32_matches_reference_without_tf32():
+    torch.backends.cuda.matmul.allow_tf32 = False
+    t = _real_inputs(512, 1024, 768, 32, torch.float32)
+    assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="fp32 ieee")
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile_and_cuda_graph():
+    from torch.library import opcheck
+
+    t = _real_inputs(256, 512, 384, 16, torch.bfloat16, seed=4)
+    seed = torch.tensor(7, device="cuda")
+    opcheck(torch.ops.peftops.lora_linear.default, (t["x"], t["weight"], t["lora_a"], t["lora_b"], None, 2.0, 0.1, seed, "triton"))
+    compiled = torch.compile(triton_call(2.0), fullgraph=True)
+    eager_out, eager_grads = grads_of(triton_call(2.0), t)
+    comp_out, comp_grads = grads_of(compiled, t)
+    assert torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+    # Capture forward + backward in a CUDA graph, then replay it on new inputs copied in place:
+    # no host synchronisation, no allocation-dependent launch arguments, seed read on device.
+    g_out = torch.randn(256, 384, device="cuda", dtype=torch.bfloat16)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):  # compile the kernels outside the capture
+            grads_of(triton_call(2.0), t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        y = triton_call(2.0)(**t)
+        dx, da, db = torch.autograd.grad(y, (t["x"], t["lora_a"], t["lora_b"]), g_out)
+    fresh = _real_inputs(256, 512, 384, 16, torch.bfloat16, seed=5)
+    with torch.no_grad():
+        for k, v in t.items():
+            if v is not None:
+                v.copy_(fresh[k])
+    graph.replay()
+    want_y = triton_call(2.0)(**fresh)
+    want = torch.autograd.grad(want_y, (fresh["x"], fresh["lora_a"], fresh["lora_b"]), g_out)
+    torch.cuda.synchronize()
+    assert torch.equal(y, want_y)
+    for got, exp in zip((dx, da, db), want):
+        assert torch.equal(got, exp)
+
+
+@pytest.mark.gpu
+def test_gpu_activation_past_two_to_the_31_elements():
+    """x with 2**31 + a few elements: token offsets must be 64-bit."""
+    tokens, in_f = (2**31) // 1024 + 3, 1024
+    x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
+    w = torch.randn(64, in_f, device="cuda", dtype=torch.bfloat16) / 32
+    a = torch.randn(16, in_f, device="cuda", dtype=torch.bfloat16) / 32
+    b = torch.randn(64, 16, device="cuda", dtype=torch.bfloat16) / 4
+    with peftops.use_backend("triton"):
+        y = peftops.lora_linear(x, w, a, b)
+    tail = x[-5:].float()
+    assert_close(y[-5:], F.linear(tail, w.float() + b.float() @ a.float()), dtype=torch.bfloat16)
+
+
+@pytest.mark.gpu
+def test_gpu_non_default_stream_and_second_device_context():
+    t = _real_inputs(512, 1024, 512, 16, torch.bfloat16, seed=6)
+    want, _ = grads_of(triton_call(2.0), t)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        got, _ = grads_of(triton_call(2.0), t)
+    side.synchronize()
+    assert torch.equal(got, want)
