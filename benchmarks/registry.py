@@ -56,12 +56,15 @@ class Provider:
     or a memory floor): it is timed but not compared with the reference.
     ``work(case, direction)``, if given, replaces the case's work for this provider (a base
     that does less than the op should not be credited with the op's flops).
+    ``untimed``, if set, says why the provider is checked but not timed (Triton kernels under
+    the CPU interpreter: correct answers are worth checking, interpreter speed is not).
     """
 
     name: str
     fn: Callable[[Inputs], torch.Tensor]
     checked: bool = True
     work: Optional[Callable[["Case", str], Work]] = None
+    untimed: Optional[str] = None
 
 
 @dataclass(frozen=True)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -50,9 +51,24 @@ def test_auto_on_cpu_is_the_reference():
         assert backends.resolve_backend(op, torch.device("cpu"), (), "auto") == "reference"
 
 
+@contextlib.contextmanager
+def swapped_impl(op: str, backend: str, impl):
+    """Replace (or, with ``impl=None``, remove) a backend's implementation for the block."""
+    saved = backends._IMPLS.get(op, {}).get(backend)
+    backends.unregister_impl(op, backend)
+    if impl is not None:
+        backends.register_impl(op, backend, impl)
+    try:
+        yield
+    finally:
+        backends.unregister_impl(op, backend)
+        if saved is not None:
+            backends.register_impl(op, backend, saved)
+
+
 def test_naming_a_backend_without_an_implementation_raises_instead_of_falling_back():
     t = CASE.inputs(torch.float32, "cpu")
-    with peftops.use_backend("triton"):
+    with swapped_impl("lora_linear", "triton", None), peftops.use_backend("triton"):
         with pytest.raises(BackendUnavailableError, match=r"lora_linear: backend 'triton' was requested but cannot run this call: it has no implementation"):
             call(t)
 
@@ -108,8 +124,9 @@ def _triton_copy(t: torch.Tensor) -> torch.Tensor:
 
 @pytest.fixture
 def fake_triton_lora():
-    """A stand-in ``triton`` implementation of lora_linear: the spec's math, with the output
-    passed through a real Triton kernel, counting its calls."""
+    """A stand-in for the ``triton`` implementation of lora_linear: the spec's math, with the
+    output passed through a real Triton kernel, counting its calls (the real kernels are
+    restored afterwards)."""
     calls = {"forward": 0, "backward": 0}
 
     def forward(*args):
@@ -124,11 +141,8 @@ def fake_triton_lora():
     def supports(x, *rest):
         return "float16 is not supported by this stand-in" if x.dtype == torch.float16 else None
 
-    backends.register_impl("lora_linear", "triton", OpImpl(forward=forward, backward=backward, supports=supports))
-    try:
+    with swapped_impl("lora_linear", "triton", OpImpl(forward=forward, backward=backward, supports=supports)):
         yield calls
-    finally:
-        backends.unregister_impl("lora_linear", "triton")
 
 
 def test_registered_triton_backend_runs_on_cpu_and_backward_follows_forward(fake_triton_lora):

@@ -22,14 +22,15 @@ def real_shape_suites(name: str, quick_case: str) -> frozenset:
     return frozenset({FULL, QUICK}) if name == quick_case else frozenset({FULL})
 
 
-def _peftops_provider(public: Callable[[Inputs], torch.Tensor], backend: str) -> Provider:
+def _peftops_provider(public: Callable[[Inputs], torch.Tensor], backend: str, device: torch.device) -> Provider:
     def fn(inputs: Inputs) -> torch.Tensor:
         # The backward runs on the forward's backend (peftops records it), so the block only
         # needs to cover the forward.
         with peftops.use_backend(backend):
             return public(inputs)
 
-    return Provider(f"peftops[{backend}]", fn)
+    interpreted = backend == "triton" and device.type == "cpu"
+    return Provider(f"peftops[{backend}]", fn, untimed="Triton interpreter (TRITON_INTERPRET=1)" if interpreted else None)
 
 
 def _compiled(fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], torch.Tensor]:
@@ -66,7 +67,7 @@ def register_op(
     """
 
     def providers(device: torch.device) -> list[Provider]:
-        backends = [_peftops_provider(public, b) for b in peftops.available_backends(name, device)]
+        backends = [_peftops_provider(public, b, device) for b in peftops.available_backends(name, device)]
         return [
             *backends,
             Provider("reference", reference),

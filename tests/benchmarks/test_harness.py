@@ -187,7 +187,10 @@ def test_quick_suite_checks_pass(op, tmp_path):
     assert expected <= providers and len(providers) > len(expected)  # the baselines ran too
     for r in results:
         assert r["check"] == ("n/a" if r["provider"] == r["base"] else "ok"), r
-        assert r["median_ms"] > 0 and r["ratio_to_base"] is not None
+        if r["timer"].startswith("not timed"):  # Triton under the CPU interpreter: checked only
+            assert r["provider"] == "peftops[triton]" and r["median_ms"] is None
+        else:
+            assert r["median_ms"] > 0 and r["ratio_to_base"] is not None
 
 
 # -- cases --------------------------------------------------------------------------------
