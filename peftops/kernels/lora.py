@@ -183,14 +183,17 @@ def _launch_meta(cfg: dict) -> tuple[dict, dict]:
     return cfg, opts
 
 
-def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor]) -> Tensor:
-    """``scale * dropout(x) @ w_kr`` for ``x: (M, K)``, ``w_kr: (K, R)`` (any strides)."""
+def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
+         cfg: Optional[dict] = None) -> Tensor:
+    """``scale * dropout(x) @ w_kr`` for ``x: (M, K)``, ``w_kr: (K, R)`` (any strides).
+
+    ``cfg`` forces a block configuration (the tuner's use); by default it is looked up."""
     m, k = x.shape
     r = w_kr.shape[1]
     out = empty((m, r), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg, opts = _launch_meta(_config.config(OP, "down", x.device, m, r, k, r))
+    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "down", x.device, m, r, k, r))
     block_r = min(_pow2(r), 128)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, block_r))
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
@@ -205,7 +208,8 @@ def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional
 
 
 def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor], *,
-         epi_scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None) -> Tensor:
+         epi_scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
+         cfg: Optional[dict] = None) -> Tensor:
     """``x @ w_kn + epi_scale * keep * (u @ b_rn) + bias`` (the mask only when ``dropout_p > 0``)."""
     m, k = x.shape
     n = w_kn.shape[1]
@@ -213,7 +217,7 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
     out = empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg, opts = _launch_meta(_config.config(OP, "gemm", x.device, m, n, k, r))
+    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "gemm", x.device, m, n, k, r))
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](
         x, w_kn, u, b_rn, bias if bias is not None else x, out, seed if seed is not None else x,
@@ -228,12 +232,12 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
 
 
 def tn(left: Tensor, right: Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
-       seed: Optional[Tensor] = None, out_dtype: torch.dtype) -> Tensor:
+       seed: Optional[Tensor] = None, out_dtype: torch.dtype, cfg: Optional[dict] = None) -> Tensor:
     """``scale * left^T @ dropout(right)`` for ``left: (M, P)``, ``right: (M, Q)``: a reduction
     over the M tokens, split across programs into float32 partials summed in a fixed order."""
     m, p_dim = left.shape
     q_dim = right.shape[1]
-    cfg, opts = _launch_meta(_config.config(OP, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim)))
+    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim)))
     cfg["BLOCK_P"] = min(cfg["BLOCK_P"], _pow2(p_dim))
     cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], _pow2(q_dim))
     tiles = triton.cdiv(p_dim, cfg["BLOCK_P"]) * triton.cdiv(q_dim, cfg["BLOCK_Q"])

@@ -1,0 +1,120 @@
+"""Offline tuning of the LoRA kernels' block configurations, written as data.
+
+    python benchmarks/tune.py                      # on a GPU: every Llama-3-8B shape, ranks 16/64
+    python benchmarks/tune.py --out DIR --quick    # fewer candidates
+
+For each problem ``(tokens, in, out, r)`` and each launch the op makes (the forward GEMM and
+down projection, the backward's dx GEMM, down projection and token reductions), every
+candidate configuration is timed with ``triton.testing.do_bench`` (median) and the fastest is
+kept, keyed by the launch's own ``(n, k, r)`` and the token bucket, in
+``<out>/lora_linear/<device>.json`` (default ``peftops/kernels/configs``), which
+:mod:`peftops.kernels._config` reads. Nothing tunes at run time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+
+from peftops.kernels import _config
+from peftops.kernels import lora as K
+
+LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
+
+
+def candidates(kernel: str, quick: bool) -> list[dict]:
+    if kernel == "gemm":
+        grid = itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4) if quick else (2, 3, 4, 5))
+        return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s) for m, n, k, w, s in grid
+                if not (m == 128 and n == 256 and w == 4)]
+    if kernel == "down":
+        grid = itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
+        return [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=s) for m, k, w, s in grid]
+    if kernel == "tn":
+        grid = itertools.product((32, 64, 128), (64, 128), (32, 64, 128), (4, 8), (2, 3))
+        return [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_M=m, num_warps=w, num_stages=s) for p, q, m, w, s in grid]
+    raise ValueError(kernel)
+
+
+def launches(tokens: int, in_f: int, out_f: int, rank: int, dtype, device) -> Iterable[tuple[str, tuple, Callable]]:
+    """``(kernel, (m, n, k, r) key, run(cfg))`` for every launch of one training step."""
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    x, w, a, b = rnd(tokens, in_f), rnd(out_f, in_f), rnd(rank, in_f), rnd(out_f, rank)
+    grad, u, v = rnd(tokens, out_f), rnd(tokens, rank), rnd(tokens, rank)
+    yield "down", (tokens, rank, in_f, rank), lambda cfg: K.down(x, a.T, 1.0, 0.0, None, cfg=cfg)
+    yield "gemm", (tokens, out_f, in_f, rank), lambda cfg: K.gemm(x, w.T, u, b.T, None, cfg=cfg)
+    yield "down", (tokens, rank, out_f, rank), lambda cfg: K.down(grad, b, 1.0, 0.0, None, cfg=cfg)
+    yield "gemm", (tokens, in_f, out_f, rank), lambda cfg: K.gemm(grad, w, v, a, None, cfg=cfg)
+    yield "tn", (tokens, rank, in_f, rank), lambda cfg: K.tn(v, x, out_dtype=dtype, cfg=cfg)
+    yield "tn", (tokens, out_f, rank, rank), lambda cfg: K.tn(grad, u, out_dtype=dtype, cfg=cfg)
+
+
+def do_bench_median(fn: Callable[[], object]) -> float:
+    import triton.testing
+
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+
+
+def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bool,
+         time_fn: Callable[[Callable[[], object]], float] = do_bench_median,
+         candidate_fn: Callable[[str, bool], list[dict]] = candidates, log=print) -> list[dict]:
+    entries = []
+    seen = set()
+    for tokens, in_f, out_f, rank in problems:
+        for kernel, (m, n, k, r), run in launches(tokens, in_f, out_f, rank, dtype, device):
+            key = (kernel, n, k, r, _config.m_bucket(m))
+            if key in seen:
+                continue
+            seen.add(key)
+            best: Optional[tuple[float, dict]] = None
+            for cfg in candidate_fn(kernel, quick):
+                try:
+                    ms = time_fn(lambda: run(cfg))
+                except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: not a candidate here
+                    log(f"  skip {cfg}: {type(exc).__name__}")
+                    continue
+                if best is None or ms < best[0]:
+                    best = (ms, cfg)
+            if best is None:
+                raise RuntimeError(f"no candidate ran for {kernel} {(m, n, k, r)}")
+            log(f"{kernel} m={m} n={n} k={k} r={r}: {best[0]:.4f} ms with {best[1]}")
+            entries.append({"kernel": kernel, "n": n, "k": k, "r": r, "m_bucket": _config.m_bucket(m),
+                            "config": best[1], "ms": best[0]})
+    return entries
+
+
+def write(entries: list[dict], device_name: str, out_dir: Path, dtype) -> Path:
+    path = out_dir / "lora_linear" / _config.file_name(device_name)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    doc = {"device": device_name, "op": "lora_linear", "dtype": str(dtype).removeprefix("torch."),
+           "torch": torch.__version__, "entries": entries}
+    path.write_text(json.dumps(doc, indent=1) + "\n")
+    return path
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=_config.CONFIG_DIR)
+    parser.add_argument("--quick", action="store_true", help="fewer candidates")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[512, 8192])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("tune.py: needs a CUDA device (timings under the interpreter mean nothing)", file=sys.stderr)
+        return 2
+    device = torch.device("cuda")
+    problems = [(t, i, o, r) for t in args.tokens for i, o in LLAMA for r in args.ranks]
+    entries = tune(problems, torch.bfloat16, device, args.quick)
+    print(f"wrote {write(entries, torch.cuda.get_device_name(device), args.out, torch.bfloat16)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

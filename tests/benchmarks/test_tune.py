@@ -1,0 +1,44 @@
+"""benchmarks/tune.py: the tuner's output is what the kernels' config lookup reads."""
+
+from __future__ import annotations
+
+import itertools
+import json
+
+import torch
+
+from benchmarks import tune
+from peftops.kernels import _config
+
+
+def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(tmp_path):
+    # Two interpreter-sized candidates per kernel; a fake clock makes the second one faster.
+    def candidates(kernel, quick):
+        small = dict(_config.INTERPRETER[kernel])
+        other = {k: (16 if k.startswith("BLOCK_") else v) for k, v in small.items()}
+        return [small, other]
+
+    ticks = itertools.cycle([2.0, 1.0])
+
+    def fake_time(fn):
+        fn()  # every candidate really launches (under the interpreter here)
+        return next(ticks)
+
+    entries = tune.tune([(40, 48, 36, 8)], torch.float32, torch.device("cpu"), quick=True,
+                        time_fn=fake_time, candidate_fn=candidates, log=lambda *a: None)
+    assert {e["kernel"] for e in entries} == {"down", "gemm", "tn"}
+    assert len(entries) == 6  # forward down + GEMM, backward down + dx GEMM + two reductions
+    assert all(e["config"]["BLOCK_M"] == 16 and e["ms"] == 1.0 for e in entries)
+
+    path = tune.write(entries, "Test GPU 80GB", tmp_path, torch.float32)
+    assert path == tmp_path / "lora_linear" / "Test_GPU_80GB.json"
+    doc = json.loads(path.read_text())
+    assert doc["device"] == "Test GPU 80GB" and doc["dtype"] == "float32"
+    got = _config.nearest(doc["entries"], "gemm", 40, 36, 48, 8)  # the forward GEMM: n = out, k = in
+    assert got == next(e["config"] for e in entries if e["kernel"] == "gemm" and (e["n"], e["k"]) == (36, 48))
+
+
+def test_tuner_refuses_to_run_without_a_gpu(capsys, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
+    assert tune.main([]) == 2
+    assert "needs a CUDA device" in capsys.readouterr().err
