@@ -219,3 +219,21 @@ def test_gpu_non_default_stream_and_second_device_context():
         got, _ = grads_of(triton_call(2.0), t)
     side.synchronize()
     assert torch.equal(got, want)
+
+
+@pytest.mark.gpu
+def test_gpu_auto_and_lora_linear_module_use_the_kernels():
+    calls = []
+    real = kernels._forward
+    layer = peftops.nn.LoRALinear(256, 128, r=8, dtype=torch.bfloat16, device="cuda")
+    x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
+    args = (x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.bias, 2.0, 0.0, None)
+    assert peftops.backends.resolve_backend("lora_linear", x.device, args) == "triton"
+    impl = peftops.backends.implementation("lora_linear", "triton")
+    spy = peftops.backends.OpImpl(forward=lambda *a: calls.append(1) or real(*a), backward=impl.backward, supports=impl.supports)
+    peftops.backends.register_impl("lora_linear", "triton", spy, replace=True)
+    try:
+        layer(x).float().sum().backward()
+    finally:
+        peftops.backends.register_impl("lora_linear", "triton", impl, replace=True)
+    assert calls == [1] and layer.lora_B.weight.grad is not None
