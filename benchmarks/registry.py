@@ -88,7 +88,9 @@ class Case:
     ``grad_inputs`` names the inputs that receive gradients (frozen weights are left out);
     ``work(direction)`` gives the :class:`Work` of ``"fwd"`` or ``"bwd"`` (``fwd+bwd`` is their
     sum); ``base`` names the provider of the ratio column; ``params`` describes the shape
-    (written to the JSON).
+    (written to the JSON). ``unchecked``, if set, says why no provider of this case can be
+    compared with the reference (a random dropout mask differs between implementations);
+    such a case is timed only, and other cases of the op check the same code paths.
     """
 
     op: str
@@ -99,6 +101,7 @@ class Case:
     base: str
     params: dict = field(default_factory=dict)
     suites: frozenset = frozenset({FULL})
+    unchecked: Optional[str] = None
 
 
 class Registry:

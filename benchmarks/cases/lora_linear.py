@@ -2,8 +2,9 @@ r"""LoRA linear (``peftops.lora_linear``) at Llama-3-8B projection shapes.
 
 Cases: projections 4096x4096 (q_proj; o_proj is the same), 4096x14336 (gate_proj, up_proj) and
 14336x4096 (down_proj), written in x out; ranks 16 and 64; 512 and 8192 tokens. No bias (Llama
-has none); no dropout (HF PEFT puts ``nn.Identity`` there when ``lora_dropout=0``, and a random
-mask could not be checked against the reference); scale 2 (``lora_alpha = 2 r``).
+has none); scale 2 (``lora_alpha = 2 r``). No dropout in the checked cases (HF PEFT puts
+``nn.Identity`` there when ``lora_dropout=0``); the ``-drop0.1`` cases time dropout 0.1 at
+8192 tokens and are not checked, since each implementation draws its own random mask.
 
 Work for T tokens, K in, N out, rank r; the frozen weight W gets no gradient::
 
@@ -24,7 +25,7 @@ import torch.nn.functional as F
 
 import peftops
 
-from ..registry import QUICK_CPU, Case, Provider, Registry, Work
+from ..registry import FULL, QUICK_CPU, Case, Provider, Registry, Work
 from ._common import normal, real_shape_suites, register_op
 
 OP = "lora_linear"
@@ -46,7 +47,7 @@ def work(tokens: int, k: int, n: int, rank: int, direction: str) -> Work:
     )
 
 
-def _inputs(tokens: int, k: int, n: int, rank: int):
+def _inputs(tokens: int, k: int, n: int, rank: int, dropout_p: float):
     def make(dtype: torch.dtype, device: torch.device, gen: torch.Generator) -> dict:
         return {
             "x": normal(gen, (tokens, k), 1.0, dtype, device),
@@ -56,38 +57,46 @@ def _inputs(tokens: int, k: int, n: int, rank: int):
             "lora_b": normal(gen, (n, rank), rank**-0.5, dtype, device),
             "bias": None,
             "scale": SCALE,
+            "dropout_p": dropout_p,
         }
 
     return make
 
 
-def case(name: str, tokens: int, k: int, n: int, rank: int, suites: frozenset) -> Case:
+def case(name: str, tokens: int, k: int, n: int, rank: int, suites: frozenset, dropout_p: float = 0.0) -> Case:
     return Case(
-        op=OP, name=name, make_inputs=_inputs(tokens, k, n, rank), grad_inputs=("x", "lora_a", "lora_b"),
+        op=OP, name=name, make_inputs=_inputs(tokens, k, n, rank, dropout_p), grad_inputs=("x", "lora_a", "lora_b"),
         work=lambda direction: work(tokens, k, n, rank, direction), base="linear",
-        params={"tokens": tokens, "in": k, "out": n, "rank": rank, "scale": SCALE}, suites=suites,
+        params={"tokens": tokens, "in": k, "out": n, "rank": rank, "scale": SCALE, "dropout_p": dropout_p},
+        suites=suites, unchecked="random dropout mask" if dropout_p else None,
     )
 
 
+def _dropout(t: dict) -> torch.Tensor:
+    return F.dropout(t["x"], t["dropout_p"]) if t["dropout_p"] else t["x"]
+
+
 def reference(t: dict) -> torch.Tensor:
-    return peftops.reference.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], t["scale"])
+    p = t["dropout_p"]
+    keep = torch.rand_like(t["x"], dtype=torch.float32) >= p if p else None
+    return peftops.reference.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], t["scale"], keep, p)
 
 
 def public(t: dict) -> torch.Tensor:
-    return peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=t["scale"], bias=t["bias"])
+    return peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=t["scale"], bias=t["bias"],
+                               dropout_p=t["dropout_p"])
 
 
 def hf_peft(t: dict) -> torch.Tensor:
     """HF PEFT's ``LoraLayer.forward``: ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``."""
-    x = t["x"]
-    return F.linear(x, t["weight"], t["bias"]) + F.linear(F.linear(x, t["lora_a"]), t["lora_b"]) * t["scale"]
+    return F.linear(t["x"], t["weight"], t["bias"]) + F.linear(F.linear(_dropout(t), t["lora_a"]), t["lora_b"]) * t["scale"]
 
 
 def addmm(t: dict) -> torch.Tensor:
     """Unsloth's ``matmul_lora``: the low-rank product accumulated into the base output in place."""
     x = t["x"]
     out = x @ t["weight"].t()
-    out.addmm_(x @ t["lora_a"].t(), t["lora_b"].t(), alpha=t["scale"])
+    out.addmm_(_dropout(t) @ t["lora_a"].t(), t["lora_b"].t(), alpha=t["scale"])
     return out if t["bias"] is None else out + t["bias"]
 
 
@@ -112,4 +121,7 @@ def register(registry: Registry) -> None:
             for rank in RANKS:
                 name = f"{proj}-{k}x{n}-r{rank}-T{tokens}"
                 registry.add_case(case(name, tokens, k, n, rank, real_shape_suites(name, QUICK_CASE)))
+    for proj, (k, n) in PROJECTIONS.items():
+        registry.add_case(case(f"{proj}-{k}x{n}-r16-T8192-drop0.1", 8192, k, n, 16, frozenset({FULL}), dropout_p=0.1))
     registry.add_case(case("small-512x512-r16-T256", 256, 512, 512, 16, frozenset({QUICK_CPU})))
+    registry.add_case(case("small-512x512-r16-T256-drop0.1", 256, 512, 512, 16, frozenset({QUICK_CPU}), dropout_p=0.1))

@@ -155,7 +155,8 @@ def test_wrong_answers_are_caught(tmp_path):
     argv = ["--quick", "--device", "cpu", "--ops", "lora_linear", "--providers", "forgot-scale", "detached-b",
             "--modes", "fwd", "bwd", "--json", str(path)]
     assert main(argv, registry=registry) == 1
-    check = {(r["provider"], r["mode"]): r["check"] for r in json.loads(path.read_text())["results"]}
+    results = json.loads(path.read_text())["results"]
+    check = {(r["provider"], r["mode"]): r["check"] for r in results if r["case"] == "small-512x512-r16-T256"}
     assert check[("forgot-scale", "fwd")].startswith("fail: output:")
     assert check[("detached-b", "fwd")] == "ok"  # right forward...
     assert check[("detached-b", "bwd")] == "fail: dlora_b: None (the output does not depend on it)"  # ...no dB
@@ -186,7 +187,10 @@ def test_quick_suite_checks_pass(op, tmp_path):
     expected = {f"peftops[{b}]" for b in peftops.available_backends(op, "cpu")} | {"reference", "compile(reference)"}
     assert expected <= providers and len(providers) > len(expected)  # the baselines ran too
     for r in results:
-        assert r["check"] == ("n/a" if r["provider"] == r["base"] else "ok"), r
+        if r["params"].get("dropout_p"):  # each implementation draws its own mask: timed, not checked
+            assert r["check"] == ("n/a" if r["provider"] == r["base"] else "n/a: random dropout mask"), r
+        else:
+            assert r["check"] == ("n/a" if r["provider"] == r["base"] else "ok"), r
         if r["timer"].startswith("not timed"):  # Triton under the CPU interpreter: checked only
             assert r["provider"] == "peftops[triton]" and r["median_ms"] is None
         else:
