@@ -23,6 +23,7 @@ from typing import Callable, Iterable, Optional
 import torch
 
 from peftops.kernels import _config
+from peftops.kernels import _lowrank as L
 from peftops.kernels import lora as K
 
 LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
@@ -48,12 +49,12 @@ def launches(tokens: int, in_f: int, out_f: int, rank: int, dtype, device) -> It
     rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
     x, w, a, b = rnd(tokens, in_f), rnd(out_f, in_f), rnd(rank, in_f), rnd(out_f, rank)
     grad, u, v = rnd(tokens, out_f), rnd(tokens, rank), rnd(tokens, rank)
-    yield "down", (tokens, rank, in_f, rank), lambda cfg: K.down(x, a.T, 1.0, 0.0, None, cfg=cfg)
+    yield "down", (tokens, rank, in_f, rank), lambda cfg: L.down(x, a.T, 1.0, 0.0, None, cfg=cfg)
     yield "gemm", (tokens, out_f, in_f, rank), lambda cfg: K.gemm(x, w.T, u, b.T, None, cfg=cfg)
-    yield "down", (tokens, rank, out_f, rank), lambda cfg: K.down(grad, b, 1.0, 0.0, None, cfg=cfg)
+    yield "down", (tokens, rank, out_f, rank), lambda cfg: L.down(grad, b, 1.0, 0.0, None, cfg=cfg)
     yield "gemm", (tokens, in_f, out_f, rank), lambda cfg: K.gemm(grad, w, v, a, None, cfg=cfg)
-    yield "tn", (tokens, rank, in_f, rank), lambda cfg: K.tn(v, x, out_dtype=dtype, cfg=cfg)
-    yield "tn", (tokens, out_f, rank, rank), lambda cfg: K.tn(grad, u, out_dtype=dtype, cfg=cfg)
+    yield "tn", (tokens, rank, in_f, rank), lambda cfg: L.tn(v, x, out_dtype=dtype, cfg=cfg)
+    yield "tn", (tokens, out_f, rank, rank), lambda cfg: L.tn(grad, u, out_dtype=dtype, cfg=cfg)
 
 
 def do_bench_median(fn: Callable[[], object]) -> float:

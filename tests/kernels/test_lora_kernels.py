@@ -12,7 +12,7 @@ import torch.nn.functional as F
 
 import peftops
 from peftops import reference
-from peftops.kernels import _config
+from peftops.kernels import _config, _lowrank
 from peftops.kernels import lora as kernels
 from peftops.testing import assert_close, check_fa_rule
 
@@ -40,7 +40,7 @@ def test_token_reduction_split_over_programs():
     """Enough tokens that dA, dB and dW are reduced by several programs (float32 partials)."""
     case = LoraCase(lead=(300,), in_f=33, out_f=17, rank=8, bias=False, scale=2.0, layout="transposed", seed=1)
     t = case.inputs(torch.float32, "cpu")
-    assert kernels.tn(t["x"].detach(), t["x"].detach(), out_dtype=torch.float32).shape == (33, 33)
+    assert _lowrank.tn(t["x"].detach(), t["x"].detach(), out_dtype=torch.float32).shape == (33, 33)
     assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="split reduction")
 
 
