@@ -16,31 +16,40 @@ from ._registry import run_backward, run_forward
 OP = "bottleneck_adapter"
 
 
+# Returns ``(y, h)`` with ``h = x Wd^T + bd`` the pre-activation, shape (..., r), in float32
+# (float64 for float64 inputs): T x r, tiny next to x, saved so that the backward needs no
+# extra pass over x to recompute it.
 @torch.library.custom_op("peftops::bottleneck_adapter", mutates_args=())
 def _bottleneck_adapter(
     x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
     residual: Optional[Tensor], activation: str, scale: float, backend: str,
-) -> Tensor:
+) -> tuple[Tensor, Tensor]:
     return run_forward(OP, backend, x.device, x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale)
 
 
 @_bottleneck_adapter.register_fake
 def _(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend):
-    return x.new_empty(x.shape)
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return x.new_empty(x.shape), x.new_empty((*x.shape[:-1], down_weight.shape[0]), dtype=acc)
 
 
 @torch.library.custom_op(
     "peftops::bottleneck_adapter_backward",
     mutates_args=(),
-    schema="(Tensor grad, Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, str activation, "
-    "float scale, bool serial, bool[] output_mask, str backend) -> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
+    schema="(Tensor grad, Tensor x, Tensor down_weight, Tensor? down_bias, Tensor up_weight, Tensor hidden, "
+    "str activation, float scale, bool serial, bool[] output_mask, str backend) "
+    "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
 )
-def _bottleneck_adapter_backward(grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask, backend):
-    return run_backward(OP, backend, x.device, grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask)
+def _bottleneck_adapter_backward(
+    grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask, backend
+):
+    return run_backward(
+        OP, backend, x.device, grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask
+    )
 
 
 @_bottleneck_adapter_backward.register_fake
-def _(grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask, backend):
+def _(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask, backend):
     rank, d = down_weight.shape
     shapes = ((x, x.shape), (down_weight, (rank, d)), (down_weight, (rank,)), (up_weight, (d, rank)), (up_weight, (d,)))
     return tuple(t.new_empty(s) if need else None for (t, s), need in zip(shapes, output_mask))
@@ -48,15 +57,18 @@ def _(grad, x, down_weight, down_bias, up_weight, activation, scale, serial, out
 
 def _setup_context(ctx, inputs, output):
     x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend = inputs
-    ctx.save_for_backward(x, down_weight, down_bias, up_weight)
+    _, hidden = output
+    ctx.save_for_backward(x, down_weight, down_bias, up_weight, hidden)
     ctx.activation, ctx.scale, ctx.backend, ctx.serial = activation, scale, backend, residual is None
+    ctx.mark_non_differentiable(hidden)
 
 
-def _backward(ctx, grad):
-    x, down_weight, down_bias, up_weight = ctx.saved_tensors
+def _backward(ctx, grad, grad_hidden):
+    x, down_weight, down_bias, up_weight, hidden = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dwd, dbd, dwu, dbu = _bottleneck_adapter_backward(
-        grad, x, down_weight, down_bias, up_weight, ctx.activation, ctx.scale, ctx.serial, list(need[:5]), ctx.backend
+        grad, x, down_weight, down_bias, up_weight, hidden, ctx.activation, ctx.scale, ctx.serial, list(need[:5]),
+        ctx.backend,
     )
     # The parallel form's residual enters y with coefficient 1.
     dres = grad if need[5] else None
@@ -67,10 +79,18 @@ _bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
 
 
 def _reference_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
-    return reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scale, residual)
+    y = reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scale, residual)
+    return y, reference.adapter_hidden(x, down_weight, down_bias)
 
 
-register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=reference.bottleneck_adapter_backward))
+def _reference_backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask):
+    # The spec recomputes the pre-activation from x rather than use the saved one.
+    return reference.bottleneck_adapter_backward(
+        grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask
+    )
+
+
+register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
 
 
 def bottleneck_adapter(
@@ -128,4 +148,5 @@ def bottleneck_adapter(
         check.shape(OP, "residual", residual, tuple(x.shape), "(the shape of x)")
 
     backend = resolve_backend(OP, x.device, (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale))
-    return _bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend)
+    y, _ = _bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend)
+    return y

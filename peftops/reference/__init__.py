@@ -7,7 +7,14 @@ kernel authors have a formula to match (and tests check it against autograd).
 """
 
 from ._common import dropout_keep_mask
-from .adapter import ACTIVATIONS, activation, activation_grad, bottleneck_adapter, bottleneck_adapter_backward
+from .adapter import (
+    ACTIVATIONS,
+    activation,
+    activation_grad,
+    adapter_hidden,
+    bottleneck_adapter,
+    bottleneck_adapter_backward,
+)
 from .attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
 from .lora import lora_activation, lora_linear, lora_linear_backward
 
@@ -15,6 +22,7 @@ __all__ = [
     "ACTIVATIONS",
     "activation",
     "activation_grad",
+    "adapter_hidden",
     "bottleneck_adapter",
     "bottleneck_adapter_backward",
     "default_scale",

@@ -79,6 +79,13 @@ def _hidden(xf: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], acc: t
     return h
 
 
+def adapter_hidden(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
+    """The pre-activation ``h = x Wd^T + bd``, shape ``(..., r)``, kept in the accumulation
+    dtype: what the registered op returns for its backward to save."""
+    acc = acc_dtype(x.dtype)
+    return _hidden(x.to(acc), down_weight, down_bias, acc).contiguous()
+
+
 def bottleneck_adapter(
     x: Tensor,
     down_weight: Tensor,

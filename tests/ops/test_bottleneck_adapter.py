@@ -63,13 +63,15 @@ def test_opcheck(device, backend, parallel, biases):
     case = AdapterCase(lead=(5,), d=12, rank=3, activation="silu", parallel=parallel, down_bias=biases,
                        up_bias=biases, scale=0.5, layout="transposed", seed=2)
     t = case.inputs(torch.float32, device)
-    opcheck(torch.ops.peftops.bottleneck_adapter.default,
-            (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "silu", 0.5, backend))
+    args = (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "silu", 0.5, backend)
+    opcheck(torch.ops.peftops.bottleneck_adapter.default, args)
+    with torch.no_grad():
+        _, hidden = torch.ops.peftops.bottleneck_adapter(*args)
     g = torch.randn(5, 12, device=device)
     db = None if t["down_bias"] is None else t["down_bias"].detach()
     opcheck(torch.ops.peftops.bottleneck_adapter_backward.default,
-            (g, t["x"].detach(), t["down_weight"].detach(), db, t["up_weight"].detach(), "silu", 0.5, not parallel,
-             [True, True, biases, True, biases], backend))
+            (g, t["x"].detach(), t["down_weight"].detach(), db, t["up_weight"].detach(), hidden, "silu", 0.5,
+             not parallel, [True, True, biases, True, biases], backend))
 
 
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])
