@@ -1,7 +1,8 @@
 """Triton kernels, one module per op, each registering itself as the ``triton`` backend of
 its op through :func:`peftops.backends.register_impl` when imported.
 
-Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora`). Ops without kernels yet run on
+Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora`), ``bottleneck_adapter``
+(:mod:`peftops.kernels.adapter`); shared rank-r building blocks in :mod:`peftops.kernels._lowrank`. Ops without kernels yet run on
 the reference backend under ``auto``; naming ``triton`` for them raises
 :class:`peftops.backends.BackendUnavailableError`.
 
@@ -12,4 +13,4 @@ decoration time), so set it before importing peftops to run the kernels on CPU t
 import importlib.util
 
 if importlib.util.find_spec("triton") is not None:
-    from . import lora  # noqa: F401  (registers the triton backend of lora_linear)
+    from . import adapter, lora  # noqa: F401  (each registers the triton backend of its op)

@@ -40,6 +40,12 @@ DEFAULTS: dict[str, dict[Optional[int], dict]] = {
         8: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=3),
         None: dict(BLOCK_M=64, BLOCK_K=64, num_warps=4, num_stages=2),
     },
+    # The bottleneck adapter's row kernels: a row block's rank-r hidden on chip, d in column blocks.
+    "rows": {
+        9: dict(BLOCK_M=64, BLOCK_D=128, num_warps=4, num_stages=3),
+        8: dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=3),
+        None: dict(BLOCK_M=64, BLOCK_D=64, num_warps=4, num_stages=2),
+    },
     # dA = (gB)^T dropout(x), dB = g^T u, dW = g^T x: reductions over tokens, split over m.
     "tn": {
         9: dict(BLOCK_P=64, BLOCK_Q=128, BLOCK_M=64, num_warps=8, num_stages=3),
@@ -51,6 +57,7 @@ DEFAULTS: dict[str, dict[Optional[int], dict]] = {
 INTERPRETER: dict[str, dict] = {
     "gemm": dict(BLOCK_M=32, BLOCK_N=32, BLOCK_K=32, GROUP_M=2, num_warps=1, num_stages=1),
     "down": dict(BLOCK_M=32, BLOCK_K=32, num_warps=1, num_stages=1),
+    "rows": dict(BLOCK_M=32, BLOCK_D=32, num_warps=1, num_stages=1),
     "tn": dict(BLOCK_P=32, BLOCK_Q=32, BLOCK_M=32, num_warps=1, num_stages=1),
 }
 

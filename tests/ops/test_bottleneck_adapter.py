@@ -74,26 +74,32 @@ def test_opcheck(device, backend, parallel, biases):
              not parallel, [True, True, biases, True, biases], backend))
 
 
+@pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("lead", [(0,), (3, 0)])
-def test_zero_size_batch(lead):
+def test_zero_size_batch(device, backend, lead):
     case = AdapterCase(lead=lead, d=5, rank=2, activation="gelu", parallel=True, down_bias=True, up_bias=True,
                        scale=1.0, layout="contiguous", seed=3)
-    t = case.inputs(torch.float32, "cpu")
-    y = peftops.bottleneck_adapter(t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], residual=t["residual"])
+    t = case.inputs(torch.float32, device)
+    with use(backend):
+        y = peftops.bottleneck_adapter(t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"],
+                                       residual=t["residual"])
     assert y.shape == (*lead, 5)
     y.sum().backward()
     assert t["x"].grad.shape == t["x"].shape and torch.count_nonzero(t["up_weight"].grad) == 0
 
 
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_compile_fullgraph_matches_eager(device, backend):
     case = AdapterCase(lead=(2, 7), d=24, rank=4, activation="gelu_tanh", parallel=True, down_bias=True,
                        up_bias=False, scale=0.5, layout="transposed", seed=4)
 
     def step(x, down_weight, down_bias, up_weight, up_bias, residual):
-        return torch.tanh(peftops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias,
-                                                     activation="gelu_tanh", scale=0.5, residual=residual))
+        with use(backend):
+            y = peftops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias,
+                                           activation="gelu_tanh", scale=0.5, residual=residual)
+        return torch.tanh(y)
 
-    (y0, g0), (y1, g1) = (grads_of(fn, case.inputs(torch.float32, "cpu")) for fn in (step, torch.compile(step, fullgraph=True)))
+    (y0, g0), (y1, g1) = (grads_of(fn, case.inputs(torch.float32, device)) for fn in (step, torch.compile(step, fullgraph=True)))
     assert_close(y1, y0, name="compiled output")
     for name in g0:
         assert_close(g1[name], g0[name], kind="bwd", name=f"compiled d{name}")

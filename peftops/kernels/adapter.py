@@ -1,0 +1,227 @@
+r"""Triton kernels for ``peftops.bottleneck_adapter``, registered as its ``triton`` backend.
+
+Forward, one kernel (``_forward_kernel``), for ``x: (T, d)``, ``Wd: (r, d)``, ``Wu: (d, r)``::
+
+    h = x Wd^T + bd           a row block's pre-activation, accumulated on chip over d
+    a = act(h)                in registers
+    y = res + s (a Wu^T + bu) one column block of d at a time, written once
+
+so x is read twice per row block (the second read, for the residual, mostly from L2) and y
+written once: the memory floor is one read of x and one write of y. ``h`` (T x r, float32)
+is stored for the backward, which then needs no pass over x to recompute it.
+
+Backward, for ``g = dL/dy``::
+
+    da  = s g Wu              _lowrank.down over g: (T, r)
+    dh  = da * act'(h)        T x r, elementwise
+    dx  = dh Wd (+ g serial)  _expand_kernel: the forward's second half, rows of dh
+    dWu = s g^T act(h)        _lowrank.tn: token reductions, float32 partials summed in order
+    dWd = dh^T x
+    dbu = s sum_T g,  dbd = sum_T dh
+
+Activation derivatives as in :mod:`peftops.reference.adapter`; tanh is written with exp so
+that the same code runs under the interpreter and on every Triton version.
+"""
+
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .. import reference
+from ..backends import OpImpl, register_impl
+from . import _config
+from ._common import dot_precision, empty, on_device
+from ._lowrank import _pow2, down, tn
+
+OP = "bottleneck_adapter"
+ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
+MAX_RANK = 256
+
+
+@triton.jit
+def _tanh(z):
+    return 2.0 / (1.0 + tl.exp(-2.0 * z)) - 1.0
+
+
+@triton.jit
+def _act(h, ACT: tl.constexpr):
+    """relu, gelu (erf), gelu_tanh, silu of a float32 tile; act(0) = 0 for all four, so padded
+    rank columns stay zero."""
+    if ACT == 0:
+        out = tl.maximum(h, 0.0)
+    elif ACT == 1:
+        out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
+    elif ACT == 2:  # 0.79788... = sqrt(2 / pi)
+        out = 0.5 * h * (1.0 + _tanh(0.7978845608028654 * (h + 0.044715 * h * h * h)))
+    else:
+        out = h / (1.0 + tl.exp(-h))
+    return out
+
+
+@triton.jit
+def _expand(
+    a, rows, W, BIAS, RES, OUT,
+    M, D, R,
+    stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
+    scale,
+    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """For the row block ``rows`` with rank-r activations ``a`` (BLOCK_M x BLOCK_R, input dtype):
+    ``OUT = RES + scale * (a W^T + BIAS)`` one column block at a time, ``W: (D, R)`` by strides."""
+    rs = tl.arange(0, BLOCK_R)[:, None]
+    for d0 in range(0, D, BLOCK_D):
+        cols = (d0 + tl.arange(0, BLOCK_D))[None, :]
+        w = tl.load(W + cols * stride_wd + rs * stride_wr, mask=(rs < R) & (cols < D), other=0.0)
+        z = tl.dot(a, w, input_precision=PRECISION)
+        if HAS_BIAS:
+            z += tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)
+        z = z * scale
+        mask = (rows < M) & (cols < D)
+        if HAS_RES:
+            z += tl.load(RES + rows * stride_rm + cols * stride_rd, mask=mask, other=0.0).to(tl.float32)
+        tl.store(OUT + rows * stride_om + cols * stride_od, z.to(OUT.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _forward_kernel(
+    X, WD, BD, WU, BU, RES, Y, H,
+    M, D, R,
+    stride_xm, stride_xd, stride_wdr, stride_wdd, stride_wud, stride_wur,
+    stride_rm, stride_rd, stride_ym, stride_yd, stride_hm, stride_hr,
+    scale,
+    HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, SERIAL: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """One row block: ``h = x Wd^T + bd`` over all of d, ``H = h``, then ``Y = res + s (act(h) Wu^T + bu)``."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    rs = tl.arange(0, BLOCK_R)[None, :]
+    h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for d0 in range(0, D, BLOCK_D):
+        ks = d0 + tl.arange(0, BLOCK_D)
+        x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xd, mask=(rows < M) & (ks[None, :] < D), other=0.0)
+        wt = tl.load(WD + rs * stride_wdr + ks[:, None] * stride_wdd, mask=(rs < R) & (ks[:, None] < D), other=0.0)
+        h = tl.dot(x, wt, h, input_precision=PRECISION)
+    if HAS_BD:
+        h += tl.load(BD + rs, mask=rs < R, other=0.0).to(tl.float32)
+    tl.store(H + rows * stride_hm + rs * stride_hr, h, mask=(rows < M) & (rs < R))
+    a = _act(h, ACT).to(X.dtype.element_ty)
+    if SERIAL:
+        _expand(a, rows, WU, BU, X, Y, M, D, R, stride_wud, stride_wur, stride_xm, stride_xd, stride_ym, stride_yd,
+                scale, HAS_BU, True, PRECISION, BLOCK_D, BLOCK_R)
+    else:
+        _expand(a, rows, WU, BU, RES, Y, M, D, R, stride_wud, stride_wur, stride_rm, stride_rd, stride_ym, stride_yd,
+                scale, HAS_BU, True, PRECISION, BLOCK_D, BLOCK_R)
+
+
+@triton.jit
+def _expand_kernel(
+    P, W, RES, OUT,
+    M, D, R,
+    stride_pm, stride_pr, stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
+    HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """``OUT = P W^T (+ RES)`` for ``P: (M, R)``, ``W: (D, R)``: the backward's dx."""
+    rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
+    rs = tl.arange(0, BLOCK_R)[None, :]
+    a = tl.load(P + rows * stride_pm + rs * stride_pr, mask=(rows < M) & (rs < R), other=0.0)
+    _expand(a, rows, W, W, RES, OUT, M, D, R, stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
+            1.0, False, HAS_RES, PRECISION, BLOCK_D, BLOCK_R)
+
+
+def _blocks(rank: int, device: torch.device, m: int, d: int) -> tuple[int, dict]:
+    cfg = _config.config(OP, "rows", device, m, d, d, rank)
+    block_r = _pow2(rank)
+    # The whole rank lives in registers: shrink the row block as r grows (~64 x 64 floats).
+    block_m = max(16, min(cfg.pop("BLOCK_M"), 4096 // block_r))
+    return block_r, dict(BLOCK_M=block_m, **cfg)
+
+
+def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
+    lead, d = x.shape[:-1], x.shape[-1]
+    rank = down_weight.shape[0]
+    x2 = x.reshape(-1, d)
+    res2 = residual.reshape(-1, d) if residual is not None else x2
+    m = x2.shape[0]
+    y = empty((m, d), dtype=x.dtype, device=x.device)
+    h = empty((m, rank), dtype=torch.float32, device=x.device)
+    if m:
+        block_r, cfg = _blocks(rank, x.device, m, d)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        with on_device(x.device):
+            _forward_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+                x2, down_weight, down_bias if down_bias is not None else x2, up_weight,
+                up_bias if up_bias is not None else x2, res2, y, h,
+                m, d, rank,
+                x2.stride(0), x2.stride(1), down_weight.stride(0), down_weight.stride(1),
+                up_weight.stride(0), up_weight.stride(1), res2.stride(0), res2.stride(1),
+                y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+                scale,
+                HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, SERIAL=residual is None,
+                ACT=ACT_CODES[activation], PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
+                num_warps=num_warps, num_stages=num_stages, **cfg,
+            )
+    return y.reshape(*lead, d), h.reshape(*lead, rank)
+
+
+def _expand_rows(p: Tensor, w: Tensor, res: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+    m, rank = p.shape
+    d = w.shape[0]
+    out = empty((m, d), dtype=out_dtype, device=p.device)
+    if m:
+        block_r, cfg = _blocks(rank, p.device, m, d)
+        num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
+        r2 = res if res is not None else out
+        _expand_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
+            p, w, r2, out, m, d, rank,
+            p.stride(0), p.stride(1), w.stride(0), w.stride(1), r2.stride(0), r2.stride(1), out.stride(0), out.stride(1),
+            HAS_RES=res is not None, PRECISION=dot_precision(p.dtype), BLOCK_R=block_r,
+            num_warps=num_warps, num_stages=num_stages, **cfg,
+        )
+    return out
+
+
+def _backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask: Sequence[bool]):
+    need_x, need_wd, need_bd, need_wu, need_bu = output_mask
+    d = x.shape[-1]
+    rank = down_weight.shape[0]
+    g = grad.reshape(-1, d)
+    x2 = x.reshape(-1, d)
+    h = hidden.reshape(-1, rank)
+    dx = dwd = dbd = dwu = dbu = None
+    with on_device(x.device):
+        if need_wu:
+            a = reference.activation(h, activation).to(x.dtype)
+            dwu = tn(g, a, scale=scale, out_dtype=up_weight.dtype, op=OP)
+        if need_bu:
+            dbu = (scale * g.sum(0, dtype=torch.float32)).to(grad.dtype)
+        if need_x or need_wd or need_bd:
+            da = down(g, up_weight, scale, 0.0, None, op=OP).to(h.dtype)
+            dh = da * reference.activation_grad(h, activation)
+            dh_lo = dh.to(x.dtype)
+            if need_x:
+                dx = _expand_rows(dh_lo, down_weight.T, g if serial else None, x.dtype).reshape(x.shape)
+            if need_wd:
+                dwd = tn(dh_lo, x2, out_dtype=down_weight.dtype, op=OP)
+            if need_bd:
+                dbd = dh.sum(0).to(grad.dtype)
+    return dx, dwd, dbd, dwu, dbu
+
+
+def _supports(x, down_weight, *rest) -> Optional[str]:
+    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
+    if down_weight.shape[0] > MAX_RANK:
+        return f"the triton kernels take ranks up to {MAX_RANK}, got {down_weight.shape[0]}"
+    if down_weight.numel() >= 2**31:
+        return f"the triton kernels take weights under 2**31 elements, got {tuple(down_weight.shape)}"
+    return None
+
+
+register_impl(OP, "triton", OpImpl(forward=_forward, backward=_backward, supports=_supports))

@@ -1,0 +1,136 @@
+"""The Triton bottleneck-adapter kernels (peftops.kernels.adapter): what the generic op tests
+in tests/ops/test_bottleneck_adapter.py do not reach. CPU runs use TRITON_INTERPRET=1."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftops
+from peftops import reference
+from peftops.testing import assert_close, check_fa_rule
+
+from ..ops.helpers import assert_matches, grads_of
+from ..ops.test_bottleneck_adapter import eager_truth
+from ..strategies import AdapterCase
+
+
+def triton_call(case: AdapterCase):
+    def fn(x, down_weight, down_bias, up_weight, up_bias, residual):
+        with peftops.use_backend("triton"):
+            return peftops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias,
+                                              activation=case.activation, scale=case.scale, residual=residual)
+    return fn
+
+
+@pytest.mark.parametrize("rank", [1, 100, 256])
+@pytest.mark.parametrize("parallel", [False, True])
+def test_ranks_up_to_256(rank, parallel):
+    """The whole rank sits in one register tile; large ranks shrink the row block."""
+    case = AdapterCase(lead=(3, 13), d=70, rank=rank, activation="silu", parallel=parallel, down_bias=True,
+                       up_bias=True, scale=0.5, layout="sliced", seed=rank)
+    assert_matches(triton_call(case), eager_truth(case), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}")
+
+
+def test_wide_feature_dim():
+    case = AdapterCase(lead=(5,), d=4099, rank=16, activation="gelu", parallel=False, down_bias=True,
+                       up_bias=False, scale=1.0, layout="contiguous", seed=1)
+    assert_matches(triton_call(case), eager_truth(case), case.inputs(torch.float16, "cpu"), torch.float16, what="d=4099")
+
+
+def test_saved_pre_activation_is_the_spec():
+    case = AdapterCase(lead=(9,), d=33, rank=6, activation="relu", parallel=True, down_bias=True,
+                       up_bias=True, scale=2.0, layout="transposed", seed=2)
+    t = case.inputs(torch.float16, "cpu", requires_grad=False)
+    args = (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "relu", 2.0)
+    y, hidden = torch.ops.peftops.bottleneck_adapter(*args, "triton")
+    assert hidden.dtype == torch.float32 and hidden.shape == (9, 6)
+    assert_close(hidden, reference.adapter_hidden(t["x"], t["down_weight"], t["down_bias"]), dtype=torch.float16)
+
+
+def test_rank_above_256_is_refused_by_name():
+    case = AdapterCase(lead=(2,), d=8, rank=257, activation="relu", parallel=False, down_bias=False,
+                       up_bias=False, scale=1.0, layout="contiguous", seed=3)
+    with pytest.raises(peftops.BackendUnavailableError, match="ranks up to 256, got 257"):
+        triton_call(case)(**case.inputs(torch.float32, "cpu"))
+
+
+def test_forward_and_backward_are_bitwise_deterministic():
+    case = AdapterCase(lead=(300,), d=48, rank=16, activation="gelu_tanh", parallel=True, down_bias=True,
+                       up_bias=True, scale=0.5, layout="contiguous", seed=4)
+    (y0, g0), (y1, g1) = (grads_of(triton_call(case), case.inputs(torch.float32, "cpu")) for _ in range(2))
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+def _real(tokens, d, rank, dtype, parallel=False, seed=0):
+    case = AdapterCase(lead=(tokens,), d=d, rank=rank, activation="gelu", parallel=parallel, down_bias=True,
+                       up_bias=True, scale=1.0, layout="contiguous", seed=seed)
+    return case, case.inputs(dtype, "cuda")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("tokens,d,rank,parallel", [(16384, 4096, 64, False), (16384, 4096, 16, True), (4096, 1024, 64, False)])
+def test_gpu_real_shapes_fa_error_rule(dtype, tokens, d, rank, parallel):
+    case, t = _real(tokens, d, rank, dtype, parallel)
+    out, grads = grads_of(triton_call(case), t)
+    f32 = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()}
+    ref_out, ref_grads = grads_of(eager_truth(case), f32)
+    low = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in t.items()}
+    low_out, low_grads = grads_of(eager_truth(case), low)
+    for name, got, ref, lp in [("y", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+        ok, err, budget = check_fa_rule(got, ref, lp)
+        assert ok, f"{name}: error {err:.3g} above the FA budget {budget:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_opcheck_compile_and_cuda_graph():
+    from torch.library import opcheck
+
+    case, t = _real(512, 1024, 64, torch.bfloat16, parallel=True, seed=1)
+    opcheck(torch.ops.peftops.bottleneck_adapter.default,
+            (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "gelu", 1.0, "triton"))
+    eager_out, eager_grads = grads_of(triton_call(case), t)
+    comp_out, comp_grads = grads_of(torch.compile(triton_call(case), fullgraph=True), t)
+    assert torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            grads_of(triton_call(case), t)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    g_out = torch.randn(512, 1024, device="cuda", dtype=torch.bfloat16)
+    with torch.cuda.graph(graph):
+        y = triton_call(case)(**t)
+        dx, dwd = torch.autograd.grad(y, (t["x"], t["down_weight"]), g_out)
+    _, fresh = _real(512, 1024, 64, torch.bfloat16, parallel=True, seed=2)
+    with torch.no_grad():
+        for k, v in t.items():
+            if v is not None:
+                v.copy_(fresh[k])
+    graph.replay()
+    want_y = triton_call(case)(**fresh)
+    want = torch.autograd.grad(want_y, (fresh["x"], fresh["down_weight"]), g_out)
+    torch.cuda.synchronize()
+    assert torch.equal(y, want_y) and torch.equal(dx, want[0]) and torch.equal(dwd, want[1])
+
+
+@pytest.mark.gpu
+def test_gpu_activation_past_two_to_the_31_elements():
+    tokens, d = (2**31) // 1024 + 3, 1024
+    x = torch.randn(tokens, d, device="cuda", dtype=torch.bfloat16)
+    wd = torch.randn(16, d, device="cuda", dtype=torch.bfloat16) / 32
+    wu = torch.randn(d, 16, device="cuda", dtype=torch.bfloat16) / 4
+    with peftops.use_backend("triton"):
+        y = peftops.bottleneck_adapter(x, wd, None, wu, None)
+    tail = x[-5:].float()
+    want = tail + F.linear(F.gelu(F.linear(tail, wd.float())), wu.float())
+    assert_close(y[-5:], want, dtype=torch.bfloat16)
