@@ -1,15 +1,22 @@
 #!/usr/bin/env bash
-# Everything a GPU session checks, in one command: the gpu-marked tests, then the LoRA
-# benchmarks (issue shapes, same-run baselines). Results land in $OUT (the device tool's
-# output folder) or benchmarks/out/. Run from the repo root: bash benchmarks/gpu_session.sh
+# Everything a GPU session checks, in one command: the gpu-marked tests (the CUDA extension is
+# built just in time by the first of them), a compute-sanitizer memcheck of the CUDA kernel,
+# then the LoRA and adapter benchmarks at the issues' shapes with same-run baselines. Results
+# land in $OUT (the device tool's output folder) or benchmarks/out/. From the repo root:
+#   bash benchmarks/gpu_session.sh
 set -uo pipefail
-export PYTHONPATH=. PYTHONUNBUFFERED=1
+export PYTHONPATH=. PYTHONUNBUFFERED=1 PEFTOPS_CACHE=${PEFTOPS_CACHE:-build/peftops-cache}
 OUT=${OUT:-benchmarks/out}
 mkdir -p "$OUT"
 nvidia-smi -L
 python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 status=0
 python -m pytest -m gpu tests -q -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log" || status=1
+compute-sanitizer --tool memcheck --error-exitcode 9 \
+    python -m pytest tests/kernels/test_cuda_adapter.py -q -p no:cacheprovider -k "smoke and gelu and 64-4096" \
+    2>&1 | tee "$OUT/memcheck.log" || status=1
 python -m benchmarks --ops lora_linear --providers 'peftops[triton]' hf-peft addmm linear \
-    --json "$OUT/lora_linear.json" 2>&1 | tee "$OUT/bench.log" || status=1
+    --json "$OUT/lora_linear.json" 2>&1 | tee "$OUT/bench_lora.log" || status=1
+python -m benchmarks --ops bottleneck_adapter --providers 'peftops*' 'compile(reference)' nn-eager copy \
+    --json "$OUT/bottleneck_adapter.json" 2>&1 | tee "$OUT/bench_adapter.log" || status=1
 exit $status

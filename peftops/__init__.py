@@ -7,7 +7,7 @@ Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 from . import backends, reference
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
 from .ops import bottleneck_adapter, lora_linear, prefix_attention
-from . import kernels  # noqa: F401  (registers the triton backend where triton is installed)
+from . import cuda_ext, kernels  # noqa: F401  (register the cuda and triton backends)
 from . import nn
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
 

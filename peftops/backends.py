@@ -15,16 +15,20 @@ The requested backend comes from :func:`use_backend` (innermost wins) or else fr
 ``PEFTOPS_BACKEND`` environment variable, read once when peftops is imported (so that a
 ``torch.compile``'d model can guard on it; change it at run time with :func:`use_backend`).
 ``auto`` picks, for the given inputs, the first backend in the op's preference order that
-is available, implements the op and supports the inputs. Naming a backend explicitly
+is available, implements the op and supports the inputs; on a GPU the order comes from
+measurements kept as data (``kernels/configs/auto.json``), else ``DEFAULT_CUDA_ORDER``. Naming a backend explicitly
 never falls back: if it cannot run the call, :class:`BackendUnavailableError` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
+import json
 import os
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Optional, Sequence
 
 import torch
@@ -106,8 +110,10 @@ def _triton_interpret() -> bool:
 
 
 @torch.compiler.assume_constant_result
-def _cuda_extension_built() -> bool:
-    return importlib.util.find_spec("peftops._C") is not None
+def _cuda_extension_status() -> str:
+    from .cuda_ext import why_unavailable
+
+    return why_unavailable() or ""
 
 
 def backend_status(backend: str, device: torch.device | str) -> Optional[str]:
@@ -130,9 +136,8 @@ def backend_status(backend: str, device: torch.device | str) -> Optional[str]:
     if backend == "cuda":
         if device.type != "cuda":
             return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
-        if not _cuda_extension_built():
-            return "the CUDA extension peftops._C is not built (see README: Install on GPU)"
-        return None
+        reason = _cuda_extension_status()
+        return reason or None
     raise AssertionError(backend)
 
 
@@ -186,9 +191,32 @@ def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> Opt
     return impl.supports(*args)
 
 
-def _auto_order(device: torch.device) -> Sequence[str]:
+#: Measured ``auto`` preferences, as data: ``{"entries": [{"op", "device", "order"}]}``, one
+#: entry per op and GPU name, written from benchmark runs (benchmarks/NOTES.md).
+AUTO_TABLE = Path(__file__).parent / "kernels" / "configs" / "auto.json"
+#: Without a measurement for this GPU: Triton first (tensor cores, no build step), then the
+#: CUDA extension (which may need a just-in-time build of minutes on first use).
+DEFAULT_CUDA_ORDER = ("triton", "cuda", "reference")
+
+
+@functools.lru_cache(maxsize=None)
+def _measured_orders() -> dict[tuple[str, str], tuple[str, ...]]:
+    if not AUTO_TABLE.exists():
+        return {}
+    doc = json.loads(AUTO_TABLE.read_text())
+    return {(e["op"], e["device"]): tuple(e["order"]) for e in doc["entries"]}
+
+
+@torch.compiler.assume_constant_result
+def _cuda_order(op: str, index: int) -> tuple[str, ...]:
+    return _measured_orders().get((op, torch.cuda.get_device_name(index)), DEFAULT_CUDA_ORDER)
+
+
+def _auto_order(op: str, device: torch.device) -> Sequence[str]:
     # The interpreter exists for testing; it is never the fastest choice on CPU.
-    return BACKENDS if device.type == "cuda" else ("reference",)
+    if device.type != "cuda":
+        return ("reference",)
+    return _cuda_order(op, device.index if device.index is not None else torch.cuda.current_device())
 
 
 def resolve_backend(op: str, device: torch.device, args: Sequence, requested: Optional[str] = None) -> str:
@@ -199,7 +227,7 @@ def resolve_backend(op: str, device: torch.device, args: Sequence, requested: Op
         if reason is not None:
             raise BackendUnavailableError(f"{op}: backend {requested!r} was requested but cannot run this call: {reason}")
         return requested
-    for backend in _auto_order(device):
+    for backend in _auto_order(op, device):
         if _why_not(op, backend, device, args) is None:
             return backend
     raise BackendUnavailableError(f"{op}: no backend supports this call on {device}")  # reference supports all
