@@ -27,9 +27,9 @@ def dot_precision(dtype: torch.dtype) -> str:
     """``tl.dot`` input precision: float32 inputs use TF32 only where PyTorch's own matmuls
     may (``torch.backends.cuda.matmul.allow_tf32``), so peftops is never less exact than the
     ``F.linear`` it replaces; 16-bit inputs are exact products either way."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
+    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32:
+        return "tf32"
+    return "ieee"  # (16-bit products are exact; some backends reject "tf32" for them)
 
 
 @contextlib.contextmanager

@@ -71,12 +71,14 @@ def file_name(device_name: str) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def _load(op: str, device_name: str) -> tuple[dict, ...]:
+def _load(op: str, device_name: str, dtype: str = "bfloat16") -> tuple[dict, ...]:
+    """Tuned entries for ``op`` on this GPU, if they were tuned in ``dtype`` (block sizes that
+    fit bfloat16 tiles need not fit float32 ones)."""
     path = CONFIG_DIR / op / file_name(device_name)
     if not path.exists():
         return ()
     doc = json.loads(path.read_text())
-    return tuple(doc["entries"])
+    return tuple(doc["entries"]) if doc.get("dtype", "bfloat16") == dtype else ()
 
 
 def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
@@ -94,13 +96,31 @@ def nearest(entries, kernel: str, m: int, n: int, k: int, r: int) -> Optional[di
     return min(same_shape, key=lambda e: abs(math.log2(e["m_bucket"] / bucket)))["config"]
 
 
-def config(op: str, kernel: str, device: torch.device, m: int, n: int, k: int, r: int) -> dict:
+def config(op: str, kernel: str, device: torch.device, m: int, n: int, k: int, r: int,
+           dtype: torch.dtype = torch.bfloat16) -> dict:
     """Meta-parameters for one launch (block sizes as constexprs, ``num_warps``, ``num_stages``)."""
     if device.type != "cuda" or interpreting():
         return dict(INTERPRETER[kernel])
-    tuned = nearest(_load(op, torch.cuda.get_device_name(device)), kernel, m, n, k, r)
+    tuned = nearest(_load(op, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch.")), kernel, m, n, k, r)
     if tuned is not None:
         return dict(tuned)
     major = torch.cuda.get_device_capability(device)[0]
     family = DEFAULTS[kernel]
-    return dict(family.get(major, family[None]))
+    cfg = dict(family.get(major, family[None]))
+    if dtype == torch.float32:  # twice the bytes per element: halve the reduction block
+        for key in ("BLOCK_K", "BLOCK_D"):
+            if key in cfg:
+                cfg[key] = max(16, cfg[key] // 2)
+    return cfg
+
+
+def fit_stages(cfg: dict, bytes_per_stage: int, device: torch.device) -> dict:
+    """Cut ``num_stages`` until the pipelined tiles fit the GPU's shared memory (with 10% for
+    the epilogue's layout conversions), so a tuned or default config never fails to launch."""
+    if device.type != "cuda" or interpreting():
+        return cfg
+    props = torch.cuda.get_device_properties(device)
+    limit = getattr(props, "shared_memory_per_block_optin", 99 * 1024)
+    while cfg["num_stages"] > 1 and 1.1 * cfg["num_stages"] * bytes_per_stage > limit:
+        cfg["num_stages"] -= 1
+    return cfg

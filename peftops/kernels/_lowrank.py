@@ -53,7 +53,8 @@ def _down_kernel(
         seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
+        # int64: x may be a column-major view whose feature stride is the token count.
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
         if HAS_DROPOUT:
             x = tl.where(_keep(seed, rows, ks[None, :], p), x, 0.0)
@@ -76,8 +77,9 @@ def _tn_kernel(
     Grid: (P blocks, Q blocks, splits of the token range). The caller sums the partials over
     ``s`` in a fixed order, which keeps the result deterministic.
     """
-    ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P))[None, :]
-    qs = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q))[None, :]
+    # int64: L and RT may be column-major views whose feature strides are the token count.
+    ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
+    qs = (tl.program_id(1) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
     split = tl.program_id(2)
     m_start = split.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
@@ -119,8 +121,9 @@ def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional
     out = empty((m, r), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(op, "down", x.device, m, r, k, r))
+    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(op, "down", x.device, m, r, k, r, x.dtype))
     block_r = min(_pow2(r), 128)
+    _config.fit_stages(opts, (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, block_r))
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     _down_kernel[grid](
@@ -140,9 +143,12 @@ def tn(left: Tensor, right: Tensor, *, scale: float = 1.0, dropout_p: float = 0.
     over the M tokens, split across programs into float32 partials summed in a fixed order."""
     m, p_dim = left.shape
     q_dim = right.shape[1]
-    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(op, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim)))
+    cfg, opts = _launch_meta(
+        dict(cfg) if cfg else _config.config(op, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim), left.dtype)
+    )
     cfg["BLOCK_P"] = min(cfg["BLOCK_P"], _pow2(p_dim))
     cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], _pow2(q_dim))
+    _config.fit_stages(opts, cfg["BLOCK_M"] * (cfg["BLOCK_P"] + cfg["BLOCK_Q"]) * left.element_size(), left.device)
     tiles = triton.cdiv(p_dim, cfg["BLOCK_P"]) * triton.cdiv(q_dim, cfg["BLOCK_Q"])
     # Enough programs to fill the GPU twice over, but each split keeps >= 4 row blocks of work.
     splits = max(1, min(triton.cdiv(2 * num_sms(left.device), tiles), triton.cdiv(m, 4 * cfg["BLOCK_M"])))

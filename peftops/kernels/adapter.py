@@ -76,7 +76,7 @@ def _expand(
     ``OUT = RES + scale * (a W^T + BIAS)`` one column block at a time, ``W: (D, R)`` by strides."""
     rs = tl.arange(0, BLOCK_R)[:, None]
     for d0 in range(0, D, BLOCK_D):
-        cols = (d0 + tl.arange(0, BLOCK_D))[None, :]
+        cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)[None, :]
         w = tl.load(W + cols * stride_wd + rs * stride_wr, mask=(rs < R) & (cols < D), other=0.0)
         z = tl.dot(a, w, input_precision=PRECISION)
         if HAS_BIAS:
@@ -103,7 +103,7 @@ def _forward_kernel(
     rs = tl.arange(0, BLOCK_R)[None, :]
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
     for d0 in range(0, D, BLOCK_D):
-        ks = d0 + tl.arange(0, BLOCK_D)
+        ks = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)
         x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xd, mask=(rows < M) & (ks[None, :] < D), other=0.0)
         wt = tl.load(WD + rs * stride_wdr + ks[:, None] * stride_wdd, mask=(rs < R) & (ks[:, None] < D), other=0.0)
         h = tl.dot(x, wt, h, input_precision=PRECISION)
@@ -135,11 +135,13 @@ def _expand_kernel(
             1.0, False, HAS_RES, PRECISION, BLOCK_D, BLOCK_R)
 
 
-def _blocks(rank: int, device: torch.device, m: int, d: int) -> tuple[int, dict]:
-    cfg = _config.config(OP, "rows", device, m, d, d, rank)
+def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype) -> tuple[int, dict]:
+    cfg = _config.config(OP, "rows", device, m, d, d, rank, dtype)
     block_r = _pow2(rank)
     # The whole rank lives in registers: shrink the row block as r grows (~64 x 64 floats).
     block_m = max(16, min(cfg.pop("BLOCK_M"), 4096 // block_r))
+    elem = torch.empty((), dtype=dtype).element_size()
+    _config.fit_stages(cfg, (block_m + block_r) * cfg["BLOCK_D"] * elem, device)
     return block_r, dict(BLOCK_M=block_m, **cfg)
 
 
@@ -152,12 +154,12 @@ def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation
     y = empty((m, d), dtype=x.dtype, device=x.device)
     h = empty((m, rank), dtype=torch.float32, device=x.device)
     if m:
-        block_r, cfg = _blocks(rank, x.device, m, d)
+        block_r, cfg = _blocks(rank, x.device, m, d, x.dtype)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         with on_device(x.device):
             _forward_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                x2, down_weight, down_bias if down_bias is not None else x2, up_weight,
-                up_bias if up_bias is not None else x2, res2, y, h,
+                x2, down_weight, down_bias.contiguous() if down_bias is not None else x2, up_weight,
+                up_bias.contiguous() if up_bias is not None else x2, res2, y, h,
                 m, d, rank,
                 x2.stride(0), x2.stride(1), down_weight.stride(0), down_weight.stride(1),
                 up_weight.stride(0), up_weight.stride(1), res2.stride(0), res2.stride(1),
@@ -175,7 +177,7 @@ def _expand_rows(p: Tensor, w: Tensor, res: Optional[Tensor], out_dtype: torch.d
     d = w.shape[0]
     out = empty((m, d), dtype=out_dtype, device=p.device)
     if m:
-        block_r, cfg = _blocks(rank, p.device, m, d)
+        block_r, cfg = _blocks(rank, p.device, m, d, p.dtype)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         r2 = res if res is not None else out
         _expand_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](

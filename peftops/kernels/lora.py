@@ -73,22 +73,23 @@ def _gemm_kernel(
 
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]
-    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
-        w = tl.load(W + ks[:, None] * stride_wk + cols * stride_wn, mask=(ks[:, None] < K) & (cols < N), other=0.0)
-        acc = tl.dot(x, w, acc, input_precision=PRECISION)
-
+    # The rank-r term first, as the accumulator's starting value: its loop is not pipelined
+    # (num_stages=1), so it costs no shared-memory buffers on top of the main loop's.
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for r0 in range(0, R, BLOCK_R):
+    for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rs = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(U + rows * stride_um + rs[None, :] * stride_ur, mask=(rows < M) & (rs[None, :] < R), other=0.0)
+        u = tl.load(U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur, mask=(rows < M) & (rs[None, :] < R), other=0.0)
         b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
         low = tl.dot(u, b, low, input_precision=PRECISION)
     if EPI_DROPOUT:
         low = tl.where(_keep(tl.load(SEED), rows, cols, p), low, 0.0)
-    acc += epi_scale * low
+    acc = epi_scale * low
+    for k0 in range(0, K, BLOCK_K):
+        # int64: x may be a column-major view whose feature stride is the token count.
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
+        x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
+        w = tl.load(W + ks[:, None] * stride_wk + cols * stride_wn, mask=(ks[:, None] < K) & (cols < N), other=0.0)
+        acc = tl.dot(x, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(OUT + rows * stride_om + cols * stride_on, acc.to(OUT.dtype.element_ty), mask=(rows < M) & (cols < N))
@@ -106,10 +107,11 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
     out = empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "gemm", x.device, m, n, k, r))
+    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "gemm", x.device, m, n, k, r, x.dtype))
+    _config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](
-        x, w_kn, u, b_rn, bias if bias is not None else x, out, seed if seed is not None else x,
+        x, w_kn, u, b_rn, bias.contiguous() if bias is not None else x, out, seed if seed is not None else x,
         m, n, k, r,
         x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), u.stride(0), u.stride(1),
         b_rn.stride(0), b_rn.stride(1), out.stride(0), out.stride(1),

@@ -49,6 +49,15 @@ def test_saved_pre_activation_is_the_spec():
     assert_close(hidden, reference.adapter_hidden(t["x"], t["down_weight"], t["down_bias"]), dtype=torch.float16)
 
 
+def test_strided_biases():
+    case = AdapterCase(lead=(11,), d=20, rank=6, activation="gelu", parallel=False, down_bias=False,
+                       up_bias=False, scale=0.5, layout="sliced", seed=5)
+    t = case.inputs(torch.float32, "cpu")
+    t["down_bias"] = torch.randn(12)[::2].detach().requires_grad_(True)
+    t["up_bias"] = torch.randn(40)[::2].detach().requires_grad_(True)
+    assert_matches(triton_call(case), eager_truth(case), t, torch.float32, what="strided biases")
+
+
 def test_rank_above_256_is_refused_by_name():
     case = AdapterCase(lead=(2,), d=8, rank=257, activation="relu", parallel=False, down_bias=False,
                        up_bias=False, scale=1.0, layout="contiguous", seed=3)

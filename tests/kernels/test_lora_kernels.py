@@ -44,6 +44,14 @@ def test_token_reduction_split_over_programs():
     assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="split reduction")
 
 
+def test_strided_bias_and_transposed_activations():
+    case = LoraCase(lead=(19,), in_f=24, out_f=12, rank=4, bias=False, scale=0.5, layout="transposed", seed=9)
+    t = case.inputs(torch.float32, "cpu")
+    t["bias"] = torch.randn(24)[::2].detach().requires_grad_(True)
+    assert t["bias"].stride() == (2,)
+    assert_matches(triton_call(0.5), merged_truth(0.5), t, torch.float32, what="strided bias")
+
+
 def test_rank_above_256_is_refused_by_name():
     case = LoraCase(lead=(2,), in_f=8, out_f=8, rank=257, bias=False, scale=1.0, layout="contiguous", seed=2)
     with pytest.raises(peftops.BackendUnavailableError, match="ranks up to 256, got 257"):
@@ -149,10 +157,18 @@ def test_gpu_real_shapes_fa_error_rule(dtype, in_f, out_f):
 
 
 @pytest.mark.gpu
-def test_gpu_float32_matches_reference_without_tf32():
-    torch.backends.cuda.matmul.allow_tf32 = False
-    t = _real_inputs(512, 1024, 768, 32, torch.float32)
-    assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="fp32 ieee")
+@pytest.mark.parametrize("allow_tf32", [False, True])
+@pytest.mark.parametrize("rank", [1, 33, 65, 129, 256])
+def test_gpu_float32_every_rank_fits_and_matches(monkeypatch, allow_tf32, rank):
+    """float32 tiles take twice the shared memory of bf16 ones: every rank must still launch.
+    With TF32 the products have float16's mantissa, hence that tolerance row."""
+    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
+    t = _real_inputs(512, 1024, 768, rank, torch.float32)
+    out, grads = grads_of(triton_call(2.0), t)
+    ref_out, ref_grads = grads_of(merged_truth(2.0), {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()})
+    assert_close(out, ref_out, dtype=torch.float32, tf32=allow_tf32, name="y")
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], dtype=torch.float32, kind="bwd", tf32=allow_tf32, name=name)
 
 
 @pytest.mark.gpu
