@@ -72,6 +72,21 @@ def leaf(t: Tensor) -> Tensor:
     return t.detach().requires_grad_(True)
 
 
+def maker(seed: int, dtype: torch.dtype, device):
+    """``mk(shape, std=1.0, layout="contiguous")``: tensors drawn in order from one seeded generator."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def mk(shape, std: float = 1.0, layout: str = "contiguous") -> Tensor:
+        return make_tensor(shape, dtype=dtype, device=device, gen=gen, layout=layout, std=std)
+
+    mk.gen = gen
+    return mk
+
+
+def leaves(t: dict[str, Optional[Tensor]], requires_grad: bool) -> dict[str, Optional[Tensor]]:
+    return {k: (leaf(v) if requires_grad and v is not None else v) for k, v in t.items()}
+
+
 # -- LoRA ---------------------------------------------------------------------------------
 
 @dataclass(frozen=True)
@@ -86,9 +101,7 @@ class LoraCase:
     seed: int
 
     def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
-        mk = lambda shape, std=1.0, layout="contiguous": make_tensor(  # noqa: E731
-            shape, dtype=dtype, device=device, gen=gen, layout=layout, std=std)
+        mk = maker(self.seed, dtype, device)
         t = {
             "x": mk((*self.lead, self.in_f), layout=self.layout),
             "weight": mk((self.out_f, self.in_f), 1 / math.sqrt(self.in_f)),
@@ -97,7 +110,7 @@ class LoraCase:
             "lora_b": mk((self.out_f, self.rank), 1 / math.sqrt(self.rank)),
             "bias": mk((self.out_f,)) if self.bias else None,
         }
-        return {k: (leaf(v) if requires_grad and v is not None else v) for k, v in t.items()}
+        return leaves(t, requires_grad)
 
 
 @st.composite
@@ -130,9 +143,7 @@ class AdapterCase:
     seed: int
 
     def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
-        mk = lambda shape, std=1.0, layout="contiguous": make_tensor(  # noqa: E731
-            shape, dtype=dtype, device=device, gen=gen, layout=layout, std=std)
+        mk = maker(self.seed, dtype, device)
         t = {
             "x": mk((*self.lead, self.d), layout=self.layout),
             "down_weight": mk((self.rank, self.d), 1 / math.sqrt(self.d)),
@@ -141,7 +152,7 @@ class AdapterCase:
             "up_bias": mk((self.d,)) if self.up_bias else None,
             "residual": mk((*self.lead, self.d), layout=self.layout) if self.parallel else None,
         }
-        return {k: (leaf(v) if requires_grad and v is not None else v) for k, v in t.items()}
+        return leaves(t, requires_grad)
 
 
 @st.composite
@@ -186,14 +197,13 @@ class AttentionCase:
         return self.hkv * self.group
 
     def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
-        gen = torch.Generator().manual_seed(self.seed)
-        mk = lambda shape, layout="contiguous": make_tensor(  # noqa: E731
-            shape, dtype=dtype, device=device, gen=gen, layout=layout)
+        mk = maker(self.seed, dtype, device)
+        gen = mk.gen
         b, s, d = self.batch, self.seq_len, self.head_dim
         t: dict[str, Optional[Tensor]] = {
-            "q": mk((b, self.hq, self.q_len, d), self.layout),
-            "k": mk((b, self.hkv, s, d), self.layout),
-            "v": mk((b, self.hkv, s, d), self.layout),
+            "q": mk((b, self.hq, self.q_len, d), layout=self.layout),
+            "k": mk((b, self.hkv, s, d), layout=self.layout),
+            "v": mk((b, self.hkv, s, d), layout=self.layout),
             "prefix_k": None,
             "prefix_v": None,
         }
@@ -201,7 +211,7 @@ class AttentionCase:
             lead = (self.hkv,) if self.prefix_mode == "shared" else (b, self.hkv)
             t["prefix_k"] = mk((*lead, self.prefix_len, d))
             t["prefix_v"] = mk((*lead, self.prefix_len, d))
-        t = {k: (leaf(v) if requires_grad and v is not None else v) for k, v in t.items()}
+        t = leaves(t, requires_grad)
         mask = None
         if self.padding != "none":
             mask = torch.rand(b, s, generator=gen) > 0.3
