@@ -97,23 +97,34 @@ def get_backend() -> str:
     return _check_name(_STATE.default, f"environment variable {ENV_VAR}")
 
 
-# Availability is a property of the process (what is installed and built), so it is computed
-# once and treated as a constant by torch.compile instead of being traced.
+# Availability is a property of the process (what is installed and built): computed once,
+# so eager calls do not re-scan the import path or PATH on every op, and treated as a
+# constant by torch.compile instead of being traced. TRITON_INTERPRET is fixed at kernel
+# import anyway, since triton.jit reads it when it decorates.
+_PROCESS_FACTS: dict[str, object] = {}
+
+
+def _fact(name: str, compute: Callable[[], object]):
+    if name not in _PROCESS_FACTS:
+        _PROCESS_FACTS[name] = compute()
+    return _PROCESS_FACTS[name]
+
+
 @torch.compiler.assume_constant_result
 def _triton_installed() -> bool:
-    return importlib.util.find_spec("triton") is not None
+    return _fact("triton_installed", lambda: importlib.util.find_spec("triton") is not None)
 
 
 @torch.compiler.assume_constant_result
 def _triton_interpret() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    return _fact("triton_interpret", lambda: os.environ.get("TRITON_INTERPRET", "0") == "1")
 
 
 @torch.compiler.assume_constant_result
 def _cuda_extension_status() -> str:
     from .cuda_ext import why_unavailable
 
-    return why_unavailable() or ""
+    return _fact("cuda_extension", lambda: why_unavailable() or "")
 
 
 def backend_status(backend: str, device: torch.device | str) -> Optional[str]:
