@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from .backends import OpImpl, register_impl
+from .backends import OpImpl, _triton_installed, register_impl
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -105,7 +105,7 @@ def _adapter_backward(*args):
 def _adapter_supports(x, down_weight, *rest) -> Optional[str]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():  # cached: this runs on every call, and under dynamo
         return "the cuda backend's backward runs the Triton kernels, and triton is not installed"
     return None  # whether the extension can be built is backend_status's (cached) question
 

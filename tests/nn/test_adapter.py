@@ -66,7 +66,9 @@ def test_fresh_adapter_is_exactly_identity_serial_and_adds_nothing_parallel(devi
     parallel = BottleneckAdapter(24, 6, activation=activation, scale=2.0, parallel=True, dtype=dtype).to(device)
     for ad in (serial, parallel):
         assert torch.count_nonzero(ad.up.weight) == 0 and torch.count_nonzero(ad.up.bias) == 0
-        assert torch.count_nonzero(ad.down.weight) == ad.down.weight.numel()  # the down projection is random
+        # The down projection is random. Not "every element nonzero": a 16-bit uniform init can
+        # round a draw to exactly 0 (torch 2.11's CUDA bf16 did, 3 of 144 elements).
+        assert torch.unique(ad.down.weight).numel() > ad.down.weight.numel() // 2
     x = randn(3, 5, 24, device=device, seed=1).to(dtype)
     res = randn(3, 5, 24, device=device, seed=2).to(dtype)
     # The up projection is zero, so the branch is exactly zero: no rounding at all.
