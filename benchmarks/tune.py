@@ -65,13 +65,15 @@ def do_bench_median(fn: Callable[[], object]) -> float:
 
 def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bool,
          time_fn: Callable[[Callable[[], object]], float] = do_bench_median,
-         candidate_fn: Callable[[str, bool], list[dict]] = candidates, log=print) -> list[dict]:
+         candidate_fn: Callable[[str, bool], list[dict]] = candidates, log=print,
+         kernels: Optional[Iterable[str]] = None) -> list[dict]:
     entries = []
     seen = set()
+    wanted = None if kernels is None else set(kernels)
     for tokens, in_f, out_f, rank in problems:
         for kernel, (m, n, k, r), run in launches(tokens, in_f, out_f, rank, dtype, device):
             key = (kernel, n, k, r, _config.m_bucket(m))
-            if key in seen:
+            if key in seen or (wanted is not None and kernel not in wanted):
                 continue
             seen.add(key)
             best: Optional[tuple[float, dict]] = None
@@ -106,13 +108,15 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer candidates")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--kernels", nargs="+", choices=["gemm", "down", "tn"], default=None,
+                        help="tune only these launches (the others keep their defaults)")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune.py: needs a CUDA device (timings under the interpreter mean nothing)", file=sys.stderr)
         return 2
     device = torch.device("cuda")
     problems = [(t, i, o, r) for t in args.tokens for i, o in LLAMA for r in args.ranks]
-    entries = tune(problems, torch.bfloat16, device, args.quick)
+    entries = tune(problems, torch.bfloat16, device, args.quick, kernels=args.kernels)
     print(f"wrote {write(entries, torch.cuda.get_device_name(device), args.out, torch.bfloat16)}")
     return 0
 

@@ -2,7 +2,8 @@
 
 The model is small on purpose (2 layers, hidden 32, 4 query heads over 2 key/value heads,
 vocabulary 48) so that a few dozen training steps on CPU take a second or two. Its
-attention goes through :func:`peftops.prefix_attention`, so prefix tuning exercises the op;
+attention is :class:`peftops.nn.PrefixSelfAttention` (so :func:`peftops.prefix_attention`),
+and prefix tuning exercises the op;
 each block has a slot for a :class:`peftops.nn.BottleneckAdapter` (serial, after the MLP,
 or parallel, around it); the model can own a :class:`peftops.nn.PrefixKV` feeding every
 layer's attention and a :class:`peftops.nn.PromptEmbedding` prepended to the token
@@ -23,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 import peftops
-from peftops.nn import BottleneckAdapter, PrefixKV, PromptEmbedding
+from peftops.nn import BottleneckAdapter, PrefixKV, PrefixSelfAttention, PromptEmbedding
 
 
 @dataclass(frozen=True)
@@ -41,29 +42,6 @@ class TinyConfig:
         return self.hidden // self.q_heads
 
 
-class Attention(nn.Module):
-    def __init__(self, cfg: TinyConfig) -> None:
-        super().__init__()
-        self.cfg = cfg
-        d = cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden, cfg.q_heads * d, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden, cfg.kv_heads * d, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden, cfg.kv_heads * d, bias=False)
-        self.o_proj = nn.Linear(cfg.q_heads * d, cfg.hidden, bias=True)
-
-    def forward(
-        self, x: Tensor, prefix: Optional[tuple[Tensor, Tensor]] = None, key_padding_mask: Optional[Tensor] = None
-    ) -> Tensor:
-        b, n, _ = x.shape
-        cfg, d = self.cfg, self.cfg.head_dim
-        q = self.q_proj(x).view(b, n, cfg.q_heads, d).transpose(1, 2)
-        k = self.k_proj(x).view(b, n, cfg.kv_heads, d).transpose(1, 2)
-        v = self.v_proj(x).view(b, n, cfg.kv_heads, d).transpose(1, 2)
-        pk, pv = prefix if prefix is not None else (None, None)
-        o = peftops.prefix_attention(q, k, v, pk, pv, causal=True, key_padding_mask=key_padding_mask)
-        return self.o_proj(o.transpose(1, 2).reshape(b, n, cfg.q_heads * d))
-
-
 class MLP(nn.Module):
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
@@ -78,7 +56,8 @@ class Block(nn.Module):
     def __init__(self, cfg: TinyConfig) -> None:
         super().__init__()
         self.ln1 = nn.LayerNorm(cfg.hidden)
-        self.attn = Attention(cfg)
+        # The library's attention block: the prefix tuning tests run through it.
+        self.attn = PrefixSelfAttention(cfg.hidden, cfg.q_heads, cfg.kv_heads, o_bias=True)
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.mlp = MLP(cfg)
         self.adapter: Optional[BottleneckAdapter] = None

@@ -43,17 +43,19 @@ def loss_fn(model, inputs, targets, mask=None):
 class Task:
     """A fixed held-out batch and a stream of training batches, optionally left-padded."""
 
-    def __init__(self, max_pad: int = 0, seed: int = 0) -> None:
+    def __init__(self, max_pad: int = 0, seed: int = 0, device: str = "cpu") -> None:
         self.cycle = task_cycle(CFG)
         self.max_pad = max_pad
+        self.device = device
         self.gen = torch.Generator().manual_seed(seed)
         self.eval_batch = self._batch(32, torch.Generator().manual_seed(10_000 + seed))
 
     def _batch(self, n: int, gen: torch.Generator):
         inputs, targets = task_batch(self.cycle, n, 16, gen)
+        mask = None
         if self.max_pad:
-            return left_pad(inputs, targets, self.max_pad, gen)
-        return inputs, targets, None
+            inputs, targets, mask = left_pad(inputs, targets, self.max_pad, gen)
+        return tuple(None if t is None else t.to(self.device) for t in (inputs, targets, mask))
 
     def next(self):
         return self._batch(16, self.gen)
@@ -203,6 +205,21 @@ def test_prefix_tuning(reparam_hidden, lr):
             model.prefix.merge_reparam()
             assert_close(model(inputs), trained_logits, name="logits after merge_reparam")
         assert [n for n, _ in model.prefix.named_parameters()] == ["prefix"]
+
+
+@pytest.mark.gpu
+def test_prefix_tuning_through_the_triton_kernel_on_gpu():
+    """The same training on CUDA with the backend pinned to ``triton`` (a pinned backend that
+    cannot run raises, so this cannot silently use the reference): the fused kernel's forward
+    and backward, shared prefix gradients summed over the batch, train the prefix."""
+    model = base_model().add_prefix(prefix_len=8).cuda()
+    peftops.mark_only_adapters_trainable(model)
+    task = Task(device="cuda")
+    before = snapshot(model)
+    with peftops.use_backend("triton"):
+        initial, final = train(model, task, steps=60, lr=0.1)
+    check_loss(initial, final, ratio=0.3, unigram_fraction=0.5)
+    check_only_adapters_changed(model, before, lambda n: n.startswith("prefix."))
 
 
 # -- prompt tuning ----------------------------------------------------------------------------

@@ -1,8 +1,9 @@
 r"""Prefix attention (``peftops.prefix_attention``): causal attention over ``[prefix ; sequence]``.
 
-Cases: Llama-3-8B attention, B=4, 32 query heads over 8 key/value heads (its grouped-query
-layout), L=2048, D=128, with prefixes of 64 and 256 tokens; and B=16, H=16 (no grouping),
-L=512, D=64, P=32. The prefix is shared by the batch, ``(Hkv, P, D)``, as prefix tuning trains
+Cases: B=4, H=32, L=2048, D=128 with prefixes of 64 and 256 tokens (the issue's shapes: one
+key/value head per query head, as the SDPA baselines it quotes); the same at P=64 with
+Llama-3-8B's grouped-query layout (8 key/value heads; the SDPA baselines then repeat each
+key/value head, as users do); and B=16, H=16, L=512, D=64, P=32. The prefix is shared by the batch, ``(Hkv, P, D)``, as prefix tuning trains
 it; the causal mask is aligned bottom-right (every query sees the whole prefix).
 
 Work, with V = L P + L (L + 1) / 2 visible (query, key) pairs per head::
@@ -30,8 +31,9 @@ from ._common import normal, real_shape_suites, register_op
 
 OP = "prefix_attention"
 CASES = {  # name -> (batch, heads, kv_heads, seq_len, head_dim, prefix_len)
+    "B4-H32-L2048-D128-P64": (4, 32, 32, 2048, 128, 64),
+    "B4-H32-L2048-D128-P256": (4, 32, 32, 2048, 128, 256),
     "B4-H32-KV8-L2048-D128-P64": (4, 32, 8, 2048, 128, 64),
-    "B4-H32-KV8-L2048-D128-P256": (4, 32, 8, 2048, 128, 256),
     "B16-H16-L512-D64-P32": (16, 16, 16, 512, 64, 32),
 }
 QUICK_CASE = "B16-H16-L512-D64-P32"

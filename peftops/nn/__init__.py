@@ -2,6 +2,7 @@
 
 from ._base import AdapterModule
 from .adapter import BottleneckAdapter
+from .attention import PrefixSelfAttention
 from .lora import LoRALinear
 from .prefix import PrefixKV, PromptEmbedding
 from .surgery import ParamCount, apply_lora, count_trainable, mark_only_adapters_trainable
@@ -12,6 +13,7 @@ __all__ = [
     "LoRALinear",
     "ParamCount",
     "PrefixKV",
+    "PrefixSelfAttention",
     "PromptEmbedding",
     "apply_lora",
     "count_trainable",

@@ -1,0 +1,77 @@
+"""Block-size sweep for the prefix-attention kernels at the issue's headline shape.
+
+    PYTHONPATH=. python benchmarks/sweep_attention.py [--json OUT.json]
+
+Times the forward kernel, then the backward (prep + dK/dV + dq kernels) with each candidate
+configuration for head dim 128 (``peftops.kernels.attention.CONFIGS[kernel][128]``), bf16,
+B=4, H=32, L=2048, P=64, causal; SDPA's causal forward without the prefix is timed in the
+same run as the yardstick. Medians of ``triton.testing.do_bench``. The winners are copied by
+hand into ``CONFIGS`` (with the run kept under ``benchmarks/results/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import torch
+import torch.nn.functional as F
+
+CANDIDATES = {
+    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
+            (128, 32, 4, 4), (64, 128, 4, 3)],
+    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
+             (64, 128, 4, 2)],
+    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)],
+}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--json")
+    args = parser.parse_args(argv)
+    if not torch.cuda.is_available():
+        print("sweep_attention.py: needs a CUDA device", file=sys.stderr)
+        return 2
+    import triton.testing
+
+    from peftops.kernels import attention as A
+
+    bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
+    g = torch.Generator(device="cuda").manual_seed(0)
+    r = lambda *s: torch.randn(*s, generator=g, device="cuda").bfloat16()  # noqa: E731
+    q, k, v, do = r(4, 32, 2048, 128), r(4, 32, 2048, 128), r(4, 32, 2048, 128), r(4, 32, 2048, 128)
+    pk, pv = r(32, 64, 128), r(32, 64, 128)
+    scale = 128**-0.5
+    results = {"sdpa_noprefix_fwd_ms": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
+    print(f"sdpa causal fwd, no prefix: {results['sdpa_noprefix_fwd_ms']:.4f} ms")
+    out, lse = A._forward(q, k, v, pk, pv, None, True, scale)
+    original = {kernel: dict(A.CONFIGS[kernel][128]) for kernel in CANDIDATES}
+    runs = {
+        "fwd": lambda: A._forward(q, k, v, pk, pv, None, True, scale),
+        "dkdv": lambda: A._backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [False, True, True, True, True]),
+        "dq": lambda: A._backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [True, False, False, False, False]),
+    }
+    for kernel, cands in CANDIDATES.items():
+        results[kernel] = []
+        for bm, bn, warps, stages in cands:
+            A.CONFIGS[kernel][128] = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+            try:
+                ms = bench(runs[kernel])
+            except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: not a candidate here
+                print(f"{kernel} {bm}x{bn} w{warps} s{stages}: {type(exc).__name__}")
+                continue
+            results[kernel].append({"BLOCK_M": bm, "BLOCK_N": bn, "num_warps": warps, "num_stages": stages, "ms": ms})
+            print(f"{kernel} {bm}x{bn} w{warps} s{stages}: {ms:.4f} ms")
+        A.CONFIGS[kernel][128] = original[kernel]
+        best = min(results[kernel], key=lambda e: e["ms"])
+        print(f"best {kernel}: {best}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

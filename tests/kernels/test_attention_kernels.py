@@ -1,0 +1,226 @@
+"""The Triton prefix-attention kernels: block boundaries, dead rows, determinism, the saved
+log-sum-exp, partial gradients; on a GPU the FlashAttention error rule at real shapes,
+compile, CUDA graphs and bitwise-reproducible backward.
+
+The hypothesis test over random cases is ``tests/ops/test_prefix_attention.py``, which runs
+the triton backend under the interpreter like every other backend."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import peftops
+from peftops import reference
+from peftops.testing import assert_close, check_fa_rule
+
+from ..ops.helpers import assert_matches, check_graph_replay, grads_of
+from ..ops.test_prefix_attention import loop_truth
+from ..strategies import AttentionCase
+
+GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
+
+
+def triton_call(case: AttentionCase):
+    def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
+        with peftops.use_backend("triton"):
+            return peftops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal,
+                                            key_padding_mask=key_padding_mask)
+    return fn
+
+
+def case_of(batch=2, hkv=1, group=2, q_len=5, seq_len=7, head_dim=16, prefix_len=3, prefix_mode="shared",
+            causal=True, padding="none", layout="contiguous", seed=0) -> AttentionCase:
+    return AttentionCase(batch=batch, hkv=hkv, group=group, q_len=q_len, seq_len=seq_len, head_dim=head_dim,
+                         prefix_len=prefix_len, prefix_mode=prefix_mode, causal=causal, padding=padding,
+                         layout=layout, seed=seed)
+
+
+# The interpreter's blocks are 16 x 16: these cross block edges on both sides of the causal
+# diagonal, with prefixes of 0, 1, a whole block and several blocks.
+@pytest.mark.parametrize("q_len,seq_len,prefix_len,group,prefix_mode,causal", [
+    (33, 33, 16, 1, "shared", True),     # L = S on a block edge + 1, a prefix of exactly one block
+    (1, 47, 64, 8, "per_row", True),     # a decode step: sees everything; GQA 8
+    (48, 17, 0, 2, "shared", True),      # L > S: the first 31 queries see no key at all (P = 0)
+    (17, 64, 1, 4, "shared", True),      # L < S, a one-token prefix
+    (31, 20, 35, 1, "per_row", False),   # not causal, a prefix spanning three blocks
+])
+def test_block_boundaries(q_len, seq_len, prefix_len, group, prefix_mode, causal):
+    case = case_of(batch=2, hkv=2, group=group, q_len=q_len, seq_len=seq_len, head_dim=24, prefix_len=prefix_len,
+                   prefix_mode=prefix_mode, causal=causal, padding="random", layout="transposed", seed=q_len)
+    assert_matches(triton_call(case), loop_truth(case), case.inputs(torch.float32, "cpu"), torch.float32,
+                   what=str(case))
+
+
+def test_rows_that_see_nothing_are_zeros_with_zero_gradients():
+    case = case_of(batch=2, hkv=1, group=2, q_len=19, seq_len=5, head_dim=8, prefix_len=0, prefix_mode="none",
+                   padding="whole_rows", seed=5)
+    t = case.inputs(torch.float32, "cpu")
+    t["key_padding_mask"][1] = True  # row 0 sees nothing; in row 1 only the causal mask hides keys
+    out, grads = grads_of(triton_call(case), t)
+    assert torch.isfinite(out).all() and all(torch.isfinite(g).all() for g in grads.values())
+    assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[1, :, :14]) == 0
+    assert torch.count_nonzero(grads["q"][0]) == 0 and torch.count_nonzero(grads["k"][0]) == 0
+    with torch.no_grad():
+        _, lse = torch.ops.peftops.prefix_attention(t["q"], t["k"], t["v"], None, None, t["key_padding_mask"], True,
+                                                    0.5, "triton")
+    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, :, :14]).all() and torch.isfinite(lse[1, :, 14:]).all()
+
+
+def test_saved_log_sum_exp_is_the_spec():
+    case = case_of(batch=2, hkv=2, group=2, q_len=21, seq_len=30, head_dim=33, prefix_len=18, padding="random", seed=6)
+    t = case.inputs(torch.float16, "cpu", requires_grad=False)
+    args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["key_padding_mask"], True, 0.2)
+    _, lse = torch.ops.peftops.prefix_attention(*args, "triton")
+    _, ref = reference.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True,
+                                        t["key_padding_mask"], 0.2)
+    assert lse.dtype == torch.float32
+    assert_close(lse, ref, dtype=torch.float16, name="lse")
+
+
+@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, False, True, False],
+                                  [False, False, True, False, True], [False, False, False, True, True]])
+def test_only_the_requested_gradients(mask):
+    case = case_of(batch=3, hkv=2, group=2, q_len=18, seq_len=20, head_dim=16, prefix_len=5, padding="random", seed=7)
+    t = case.inputs(torch.float32, "cpu", requires_grad=False)
+    with torch.no_grad():
+        args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["key_padding_mask"])
+        out, lse = torch.ops.peftops.prefix_attention(*args, True, 0.25, "triton")
+        g = torch.randn_like(out)
+        got = torch.ops.peftops.prefix_attention_backward(g, *args, out, lse, True, 0.25, mask, "triton")
+    want = reference.prefix_attention_backward(g, t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True,
+                                               t["key_padding_mask"], 0.25, mask)
+    for name, need, a, b in zip(GRAD_NAMES, mask, got, want):
+        assert (a is None) == (not need), name
+        if need:
+            assert_close(a, b, kind="bwd", name=f"d{name}")
+
+
+@pytest.mark.parametrize("batch,q_len,seq_len,prefix_len", [(0, 3, 4, 2), (2, 0, 4, 2), (2, 3, 0, 0), (2, 3, 0, 4)])
+def test_zero_sizes(batch, q_len, seq_len, prefix_len):
+    case = case_of(batch=batch, q_len=q_len, seq_len=seq_len, prefix_len=prefix_len, head_dim=8, seed=8)
+    t = case.inputs(torch.float32, "cpu")
+    out, grads = grads_of(triton_call(case), t)
+    def spec(q, k, v, prefix_k, prefix_v, key_padding_mask):
+        return reference.prefix_attention(q, k, v, prefix_k, prefix_v, case.causal, key_padding_mask)[0]
+
+    ref_out, ref_grads = grads_of(spec, t)
+    assert_close(out, ref_out)
+    for name in grads:
+        assert_close(grads[name], ref_grads[name], kind="bwd", name=name)
+
+
+def test_forward_and_backward_are_bitwise_deterministic():
+    case = case_of(batch=3, hkv=2, group=4, q_len=40, seq_len=40, head_dim=16, prefix_len=20, padding="random", seed=9)
+    (y0, g0), (y1, g1) = (grads_of(triton_call(case), case.inputs(torch.float32, "cpu")) for _ in range(2))
+    assert torch.equal(y0, y1)
+    for name in g0:
+        assert torch.equal(g0[name], g1[name]), name
+
+
+def test_head_dim_above_256_is_refused_by_name():
+    case = case_of(head_dim=257, seed=10)
+    with pytest.raises(peftops.BackendUnavailableError, match="head dims up to 256, got 257"):
+        triton_call(case)(**case.inputs(torch.float32, "cpu"))
+
+
+# -- GPU ---------------------------------------------------------------------------------------
+
+def lowp_truth(case: AttentionCase):
+    """The same attention written in plain PyTorch at the inputs' dtype (explicit concatenation,
+    mask, softmax): the FlashAttention rule's low-precision baseline."""
+    def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
+        batch, hq, q_len, d = q.shape
+        group = hq // k.shape[1]
+        keys, values, p_len = k, v, 0
+        if prefix_k is not None:
+            pk = prefix_k.expand(batch, -1, -1, -1) if prefix_k.dim() == 3 else prefix_k
+            pv = prefix_v.expand(batch, -1, -1, -1) if prefix_v.dim() == 3 else prefix_v
+            keys, values, p_len = torch.cat([pk, k], 2), torch.cat([pv, v], 2), pk.shape[2]
+        keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+        visible = reference.visible_mask(batch, q_len, k.shape[2], p_len, case.causal, key_padding_mask, q.device)
+        scores = (q @ keys.transpose(-1, -2)) * (1 / math.sqrt(d))
+        # A row that sees no key: softmax over nothing is NaN, and so would be its gradient.
+        alive = visible.any(-1, keepdim=True)
+        probs = torch.softmax(scores.masked_fill(~visible, -math.inf).masked_fill(~alive, 0.0), dim=-1)
+        return (probs * alive) @ values
+    return fn
+
+
+GPU_CASES = {
+    # name: (batch, hkv, group, q_len, seq_len, head_dim, prefix_len, prefix_mode, causal, padding)
+    "gqa4-D128-P64-shared": (2, 2, 4, 1000, 1000, 128, 64, "shared", True, "none"),
+    "D64-P33-per_row-padded": (2, 4, 1, 777, 1537, 64, 33, "per_row", True, "random"),
+    "decode-L1-P256": (4, 8, 1, 1, 2049, 128, 256, "shared", True, "none"),
+    "noncausal-D80-P0-whole_rows": (3, 2, 2, 300, 300, 80, 0, "shared", False, "whole_rows"),
+}
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("name", list(GPU_CASES))
+def test_gpu_real_shapes_fa_error_rule(name, dtype):
+    batch, hkv, group, q_len, seq_len, head_dim, prefix_len, prefix_mode, causal, padding = GPU_CASES[name]
+    case = case_of(batch=batch, hkv=hkv, group=group, q_len=q_len, seq_len=seq_len, head_dim=head_dim,
+                   prefix_len=prefix_len, prefix_mode=prefix_mode, causal=causal, padding=padding, seed=11)
+    t = case.inputs(dtype, "cuda")
+    out, grads = grads_of(triton_call(case), t)
+
+    def fresh(dt):
+        return {k: (v.detach().to(dt).requires_grad_(v.requires_grad) if v is not None and v.is_floating_point()
+                    else v) for k, v in t.items()}
+
+    ref_out, ref_grads = grads_of(loop_truth(case) if q_len == 1 else lowp_truth(case), fresh(torch.float32))
+    low_out, low_grads = grads_of(lowp_truth(case), fresh(dtype))
+    for what, got, ref, low in [("out", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+        ok, err, budget = check_fa_rule(got, ref, low)
+        assert ok, f"{name} {dtype} {what}: error {err:.3g} above the FA budget {budget:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_sdpa_top_left_causal_is_wrong_and_peftops_is_right():
+    case = case_of(batch=2, hkv=4, group=1, q_len=256, seq_len=256, head_dim=64, prefix_len=32, seed=12)
+    t = case.inputs(torch.bfloat16, "cuda", requires_grad=False)
+    ours = triton_call(case)(**t)
+    keys = torch.cat([t["prefix_k"].expand(2, -1, -1, -1), t["k"]], dim=2)
+    values = torch.cat([t["prefix_v"].expand(2, -1, -1, -1), t["v"]], dim=2)
+    top_left = F.scaled_dot_product_attention(t["q"], keys, values, is_causal=True)
+    f32 = {k: (v.float() if v is not None and v.is_floating_point() else v) for k, v in t.items()}
+    truth = lowp_truth(case)(**f32)
+    assert (top_left.float() - truth).abs().max() > 0.1, "SDPA is_causal on the concatenation should be wrong"
+    ok, err, budget = check_fa_rule(ours, truth, lowp_truth(case)(**t))
+    assert ok, f"error {err:.3g} above the FA budget {budget:.3g}"
+
+
+@pytest.mark.gpu
+def test_gpu_compile_and_cuda_graph():
+    case = case_of(batch=2, hkv=2, group=2, q_len=300, seq_len=300, head_dim=64, prefix_len=40, padding="random",
+                   layout="transposed", seed=13)
+    t = case.inputs(torch.bfloat16, "cuda")
+    eager_out, eager_grads = grads_of(triton_call(case), t)
+    comp_out, comp_grads = grads_of(torch.compile(triton_call(case), fullgraph=True), t)
+    assert torch.equal(eager_out, comp_out)
+    for name in eager_grads:
+        assert torch.equal(eager_grads[name], comp_grads[name]), name
+    fresh = dataclasses.replace(case, seed=14).inputs(torch.bfloat16, "cuda")
+    fresh["key_padding_mask"] = t["key_padding_mask"]  # copied in place: same dtype and shape
+    check_graph_replay(triton_call(case), t, fresh)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("prefix_mode", ["shared", "per_row"])
+def test_gpu_backward_is_bitwise_reproducible(prefix_mode):
+    """No atomics: the key-block programs own their dK/dV, the query-block programs their dq,
+    and a shared prefix's batch sum runs in a fixed order."""
+    case = case_of(batch=4, hkv=4, group=2, q_len=1024, seq_len=1024, head_dim=128, prefix_len=64,
+                   prefix_mode=prefix_mode, seed=15)
+    t = case.inputs(torch.bfloat16, "cuda")
+    runs = [grads_of(triton_call(case), t, seed=1) for _ in range(3)]
+    for out, grads in runs[1:]:
+        assert torch.equal(out, runs[0][0])
+        for name in grads:
+            assert torch.equal(grads[name], runs[0][1][name]), name
