@@ -8,13 +8,17 @@
 #   profile    per-kernel times of one training step per op (benchmarks/profile_ops.py)
 #   sweep      block-size sweep of the attention kernels (benchmarks/sweep_attention.py)
 #   tune       LoRA GEMM configs at 8192 tokens (benchmarks/tune.py), JSON under $OUT/configs
+#   tune_adapter
+#              the adapter's row-kernel configs at the issue's shapes, JSON under $OUT/configs and
+#              copied into peftops/kernels/configs/ on this machine, so later stages use them
+# GPU_TESTS narrows the tests stage (pytest paths/args; default: all of tests/).
 # Results land in $OUT (the device tool's output folder) or benchmarks/out/; test output in
 # gpu_tests.log, everything else in session.log. From the repo root:
 #   bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PEFTOPS_CACHE=${PEFTOPS_CACHE:-build/peftops-cache}
 OUT=${OUT:-benchmarks/out}
-STAGES=${STAGES:-tests memcheck lora adapter attention profile sweep tune}
+STAGES=${STAGES:-tests memcheck tune_adapter lora adapter attention profile sweep tune}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 status=0
@@ -26,7 +30,7 @@ python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', tr
 if has tests; then
     # Triton compiles on the host: spread the tests over workers when pytest-xdist is there.
     par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}")
-    timeout "${GPU_TEST_SECONDS:-250}" python3 -m pytest -m gpu tests -q -rfE -p no:cacheprovider $par \
+    timeout "${GPU_TEST_SECONDS:-300}" python3 -m pytest -m gpu ${GPU_TESTS:-tests} -q -rfE -p no:cacheprovider $par \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || status=1
 fi
 run() {  # run SECONDS CMD...: one stage, its output appended to the session log
@@ -36,6 +40,11 @@ run() {  # run SECONDS CMD...: one stage, its output appended to the session log
 }
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest tests/kernels/test_cuda_adapter.py -q -p no:cacheprovider -k "smoke and gelu and 64-4096"
+if has tune_adapter; then
+    run 120 python3 benchmarks/tune.py --op bottleneck_adapter --quick --out "$OUT/configs"
+    mkdir -p peftops/kernels/configs/bottleneck_adapter
+    cp "$OUT"/configs/bottleneck_adapter/*.json peftops/kernels/configs/bottleneck_adapter/ || status=1
+fi
 has lora && run 180 python3 -m benchmarks --ops lora_linear --providers 'peftops[triton]' hf-peft addmm linear \
     --json "$OUT/lora_linear.json"
 has adapter && run 90 python3 -m benchmarks --ops bottleneck_adapter --providers 'peftops*' 'compile(reference)' \

@@ -1,7 +1,8 @@
-"""Offline tuning of the LoRA kernels' block configurations, written as data.
+"""Offline tuning of the LoRA and adapter kernels' block configurations, written as data.
 
     python benchmarks/tune.py                      # on a GPU: every Llama-3-8B shape, ranks 16/64
     python benchmarks/tune.py --out DIR --quick    # fewer candidates
+    python benchmarks/tune.py --op bottleneck_adapter   # the adapter's row kernels, issue shapes
 
 For each problem ``(tokens, in, out, r)`` and each launch the op makes (the forward GEMM and
 down projection, the backward's dx GEMM, down projection and token reductions), every
@@ -37,6 +38,9 @@ def candidates(kernel: str, quick: bool) -> list[dict]:
     if kernel == "down":
         grid = itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
         return [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=s) for m, k, w, s in grid]
+    if kernel == "rows":  # the adapter's row kernels: small row blocks keep x's re-read in L2
+        grid = itertools.product((16, 32, 64), (64, 128, 256), (4, 8), (3,) if quick else (2, 3, 4))
+        return [dict(BLOCK_M=m, BLOCK_D=d, num_warps=w, num_stages=s) for m, d, w, s in grid]
     if kernel == "tn":
         grid = itertools.product((32, 64, 128), (64, 128), (32, 64, 128), (4, 8), (2, 3))
         return [dict(BLOCK_P=p, BLOCK_Q=q, BLOCK_M=m, num_warps=w, num_stages=s) for p, q, m, w, s in grid]
@@ -57,6 +61,19 @@ def launches(tokens: int, in_f: int, out_f: int, rank: int, dtype, device) -> It
     yield "tn", (tokens, out_f, rank, rank), lambda cfg: L.tn(grad, u, out_dtype=dtype, cfg=cfg)
 
 
+ADAPTER_PROBLEMS = [(16384, 4096, 4096, 64), (16384, 4096, 4096, 16), (4096, 1024, 1024, 64)]
+
+
+def adapter_launches(tokens: int, d: int, _d: int, rank: int, dtype, device):
+    """The adapter's forward (its row kernel; the backward's dx uses the same config)."""
+    from peftops.kernels import adapter as AK
+
+    g = torch.Generator(device=device).manual_seed(0)
+    rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
+    x, wd, bd, wu, bu = rnd(tokens, d), rnd(rank, d) * d**-0.5, rnd(rank), rnd(d, rank) * rank**-0.5, rnd(d)
+    yield "rows", (tokens, d, d, rank), lambda cfg: AK._forward(x, wd, bd, wu, bu, None, "gelu", 1.0, cfg=cfg)
+
+
 def do_bench_median(fn: Callable[[], object]) -> float:
     import triton.testing
 
@@ -66,12 +83,12 @@ def do_bench_median(fn: Callable[[], object]) -> float:
 def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bool,
          time_fn: Callable[[Callable[[], object]], float] = do_bench_median,
          candidate_fn: Callable[[str, bool], list[dict]] = candidates, log=print,
-         kernels: Optional[Iterable[str]] = None) -> list[dict]:
+         kernels: Optional[Iterable[str]] = None, launches_fn=None) -> list[dict]:
     entries = []
     seen = set()
     wanted = None if kernels is None else set(kernels)
     for tokens, in_f, out_f, rank in problems:
-        for kernel, (m, n, k, r), run in launches(tokens, in_f, out_f, rank, dtype, device):
+        for kernel, (m, n, k, r), run in (launches_fn or launches)(tokens, in_f, out_f, rank, dtype, device):
             key = (kernel, n, k, r, _config.m_bucket(m))
             if key in seen or (wanted is not None and kernel not in wanted):
                 continue
@@ -93,10 +110,10 @@ def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bo
     return entries
 
 
-def write(entries: list[dict], device_name: str, out_dir: Path, dtype) -> Path:
-    path = out_dir / "lora_linear" / _config.file_name(device_name)
+def write(entries: list[dict], device_name: str, out_dir: Path, dtype, op: str = "lora_linear") -> Path:
+    path = out_dir / op / _config.file_name(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device_name, "op": "lora_linear", "dtype": str(dtype).removeprefix("torch."),
+    doc = {"device": device_name, "op": op, "dtype": str(dtype).removeprefix("torch."),
            "torch": torch.__version__, "entries": entries}
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
@@ -108,6 +125,7 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer candidates")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
+    parser.add_argument("--op", choices=["lora_linear", "bottleneck_adapter"], default="lora_linear")
     parser.add_argument("--kernels", nargs="+", choices=["gemm", "down", "tn"], default=None,
                         help="tune only these launches (the others keep their defaults)")
     args = parser.parse_args(argv)
@@ -115,9 +133,13 @@ def main(argv=None) -> int:
         print("tune.py: needs a CUDA device (timings under the interpreter mean nothing)", file=sys.stderr)
         return 2
     device = torch.device("cuda")
-    problems = [(t, i, o, r) for t in args.tokens for i, o in LLAMA for r in args.ranks]
-    entries = tune(problems, torch.bfloat16, device, args.quick, kernels=args.kernels)
-    print(f"wrote {write(entries, torch.cuda.get_device_name(device), args.out, torch.bfloat16)}")
+    name = torch.cuda.get_device_name(device)
+    if args.op == "bottleneck_adapter":
+        entries = tune(ADAPTER_PROBLEMS, torch.bfloat16, device, args.quick, launches_fn=adapter_launches)
+    else:
+        problems = [(t, i, o, r) for t in args.tokens for i, o in LLAMA for r in args.ranks]
+        entries = tune(problems, torch.bfloat16, device, args.quick, kernels=args.kernels)
+    print(f"wrote {write(entries, name, args.out, torch.bfloat16, args.op)}")
     return 0
 
 

@@ -5,7 +5,8 @@ Tuned configurations live in ``configs/<op>/<device name>.json`` (the device nam
 ``benchmarks/tune.py`` on that GPU. Each entry is keyed by kernel, exact ``(n, k, r)`` and a
 bucket of the token count ``m`` (the next power of two, clamped to [16, 65536]), so a new
 token count never triggers tuning: the lookup takes the exact ``(n, k, r)`` if tuned, else
-the nearest one in log space, then the nearest ``m`` bucket. A device with no file uses its
+the nearest one in log space, then the nearest ``m`` bucket within a factor of 4 (farther
+away the defaults serve). A device with no file uses its
 family's defaults (by compute capability major). Nothing autotunes at run time, so a call
 inside CUDA-graph capture never benchmarks.
 """
@@ -85,15 +86,25 @@ def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
     return sum(abs(math.log2(max(x, 1) / max(y, 1))) for x, y in zip(a, b))
 
 
+#: A tuned entry serves token counts within this many powers of two of its own bucket.
+MAX_BUCKET_OCTAVES = 2
+
+
 def nearest(entries, kernel: str, m: int, n: int, k: int, r: int) -> Optional[dict]:
-    """The tuned config for the nearest ``(n, k, r)``, then the nearest ``m`` bucket."""
+    """The tuned config for the nearest ``(n, k, r)``, then the nearest ``m`` bucket (None when
+    that bucket is more than ``MAX_BUCKET_OCTAVES`` away)."""
     mine = [e for e in entries if e["kernel"] == kernel]
     if not mine:
         return None
     best_shape = min(mine, key=lambda e: _distance((e["n"], e["k"], e["r"]), (n, k, r)))
     same_shape = [e for e in mine if (e["n"], e["k"], e["r"]) == (best_shape["n"], best_shape["k"], best_shape["r"])]
     bucket = m_bucket(m)
-    return min(same_shape, key=lambda e: abs(math.log2(e["m_bucket"] / bucket)))["config"]
+    best = min(same_shape, key=lambda e: abs(math.log2(e["m_bucket"] / bucket)))
+    if abs(math.log2(best["m_bucket"] / bucket)) > MAX_BUCKET_OCTAVES:
+        # Block sizes tuned for 8192 tokens can starve the GPU at 512 (a 128 x 256 tile gives
+        # 64 programs for 132 SMs): that far from any tuned count, the defaults are the safer bet.
+        return None
+    return best["config"]
 
 
 def config(op: str, kernel: str, device: torch.device, m: int, n: int, k: int, r: int,

@@ -135,8 +135,10 @@ def _expand_kernel(
             1.0, False, HAS_RES, PRECISION, BLOCK_D, BLOCK_R)
 
 
-def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype) -> tuple[int, dict]:
-    cfg = _config.config(OP, "rows", device, m, d, d, rank, dtype)
+def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype,
+            cfg: Optional[dict] = None) -> tuple[int, dict]:
+    """``(BLOCK_R, meta)`` for the row kernels; ``cfg`` overrides the lookup (the tuner's candidates)."""
+    cfg = dict(cfg) if cfg is not None else _config.config(OP, "rows", device, m, d, d, rank, dtype)
     block_r = _pow2(rank)
     # The whole rank lives in registers: shrink the row block as r grows (~64 x 64 floats).
     block_m = max(16, min(cfg.pop("BLOCK_M"), 4096 // block_r))
@@ -145,7 +147,7 @@ def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype)
     return block_r, dict(BLOCK_M=block_m, **cfg)
 
 
-def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
+def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, *, cfg: Optional[dict] = None):
     lead, d = x.shape[:-1], x.shape[-1]
     rank = down_weight.shape[0]
     x2 = x.reshape(-1, d)
@@ -154,7 +156,7 @@ def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation
     y = empty((m, d), dtype=x.dtype, device=x.device)
     h = empty((m, rank), dtype=torch.float32, device=x.device)
     if m:
-        block_r, cfg = _blocks(rank, x.device, m, d, x.dtype)
+        block_r, cfg = _blocks(rank, x.device, m, d, x.dtype, cfg)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         with on_device(x.device):
             _forward_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](

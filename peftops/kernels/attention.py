@@ -56,21 +56,24 @@ LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 #: Block sizes per kernel and head-dim class (``BLOCK_D <= 64``, ``128``, ``256``) on Hopper
-#: and newer (compute capability 9+), and for older GPUs. float32 halves BLOCK_N.
+#: and newer (compute capability 9+), and for older GPUs. float32 halves BLOCK_N. The D=128
+#: entries are the fastest of ``benchmarks/sweep_attention.py`` on an H100 (bf16, B=4, H=32,
+#: L=2048, P=64: results/NVIDIA-H100-80GB-HBM3-2026-11-23-attention-sweep-run2.json); the
+#: others are scaled from them, unmeasured.
 CONFIGS = {
     "fwd": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+        128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
         256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     },
     "dkdv": {
         64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-        128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
         256: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
     },
     "dq": {
         64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
         256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
     },
 }
@@ -168,15 +171,17 @@ def _fwd_keys(
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
                        HEAD_DIM, BLOCK_D, MASKED)
-        t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
+        # Raw scores: the scale goes into the max (per row) and into one FMA per element below
+        # (qk_scale > 0, so -inf stays -inf and the max commutes with it).
+        s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED:
-            t = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), t, float("-inf"))
+            s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
         elif HAS_KPM:
-            t = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), t, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(t, 1))
+            s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf (NaN).
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-        p = tl.exp2(t - m_safe[:, None])
+        p = tl.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
         v = _load_rows(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
@@ -594,6 +599,8 @@ def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
 def _supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> Optional[str]:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {q.dtype}"
+    if not scale > 0:
+        return f"the triton kernels take scale > 0 (the softmax max is taken before scaling), got {scale}"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"the triton kernels take head dims up to {MAX_HEAD_DIM}, got {q.shape[-1]}"
     for name, t in (("q", q), ("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)):

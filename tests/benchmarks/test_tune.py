@@ -42,3 +42,23 @@ def test_tuner_refuses_to_run_without_a_gpu(capsys, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)  # the same answer on a GPU machine
     assert tune.main([]) == 2
     assert "needs a CUDA device" in capsys.readouterr().err
+
+
+def test_adapter_tuning_runs_the_row_kernel_with_each_candidate_and_writes_its_op(tmp_path):
+    seen = []
+
+    def candidates(kernel, quick):
+        assert kernel == "rows"
+        return [dict(BLOCK_M=32, BLOCK_D=32, num_warps=1, num_stages=1), dict(BLOCK_M=16, BLOCK_D=16, num_warps=1, num_stages=1)]
+
+    def fake_time(fn):
+        y, h = fn()
+        seen.append((y.shape, h.shape))
+        return float(len(seen))  # the first candidate is the fastest
+
+    entries = tune.tune([(40, 24, 24, 4)], torch.float32, torch.device("cpu"), quick=True, time_fn=fake_time,
+                        candidate_fn=candidates, log=lambda *a: None, launches_fn=tune.adapter_launches)
+    assert seen == [((40, 24), (40, 4))] * 2
+    assert [(e["kernel"], e["n"], e["k"], e["r"], e["config"]["BLOCK_M"]) for e in entries] == [("rows", 24, 24, 4, 32)]
+    path = tune.write(entries, "Test GPU", tmp_path, torch.float32, "bottleneck_adapter")
+    assert json.loads(path.read_text())["op"] == "bottleneck_adapter" and path.parent.name == "bottleneck_adapter"

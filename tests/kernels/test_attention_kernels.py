@@ -224,3 +224,10 @@ def test_gpu_backward_is_bitwise_reproducible(prefix_mode):
         assert torch.equal(out, runs[0][0])
         for name in grads:
             assert torch.equal(grads[name], runs[0][1][name]), name
+
+
+def test_non_positive_scale_is_refused_by_name():
+    case = case_of(seed=16)
+    t = case.inputs(torch.float32, "cpu")
+    with peftops.use_backend("triton"), pytest.raises(peftops.BackendUnavailableError, match="scale > 0"):
+        peftops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], scale=-0.5)

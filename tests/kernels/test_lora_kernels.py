@@ -104,6 +104,9 @@ def test_config_lookup_nearest_shape_then_nearest_token_bucket():
     assert _config.nearest(entries, "gemm", 8192, 12000, 4096, 16) == {"BLOCK_M": 256}  # nearest (n, k, r)
     assert _config.nearest(entries, "gemm", 8192, 4096, 4096, 64) == {"BLOCK_M": 128}
     assert _config.nearest(entries, "tn", 8192, 4096, 4096, 16) is None
+    # Tuned at 8192 tokens only: 2048 still uses it, 512 (four octaves away) gets the defaults.
+    assert _config.nearest(entries, "gemm", 2048, 14336, 4096, 16) == {"BLOCK_M": 256}
+    assert _config.nearest(entries, "gemm", 512, 14336, 4096, 16) is None
     assert [_config.m_bucket(m) for m in (1, 16, 17, 8192, 8193, 10**6)] == [16, 16, 32, 8192, 16384, 65536]
 
 
