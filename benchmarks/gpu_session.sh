@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command (device time is scarce: one call does it all).
-# Stages, in order (choose with STAGES="..."; default all):
+# Stages, in this order (choose with STAGES="..."; default all; the tuning stages run before the
+# benchmarks that use their results):
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA adapter kernel
 #   lora adapter attention
 #              the benchmarks of each op at its issue's shapes, with same-run baselines
 #   profile    per-kernel times of one training step per op (benchmarks/profile_ops.py)
-#   sweep      block-size sweep of the attention kernels (benchmarks/sweep_attention.py)
+#   sweep      block-size sweep of the attention kernels (benchmarks/sweep_attention.py), the
+#              winners written under $OUT/configs and copied into peftops/kernels/configs/
 #   tune       LoRA GEMM configs at 8192 tokens (benchmarks/tune.py), JSON under $OUT/configs
 #   tune_adapter
 #              the adapter's row-kernel configs at the shapes, JSON under $OUT/configs and
@@ -18,7 +20,7 @@
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PEFTOPS_CACHE=${PEFTOPS_CACHE:-build/peftops-cache}
 OUT=${OUT:-benchmarks/out}
-STAGES=${STAGES:-tests memcheck tune_adapter lora adapter attention profile sweep tune}
+STAGES=${STAGES:-tests memcheck tune_adapter sweep lora adapter attention profile tune}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 status=0
@@ -45,6 +47,11 @@ if has tune_adapter; then
     mkdir -p peftops/kernels/configs/bottleneck_adapter
     cp "$OUT"/configs/bottleneck_adapter/*.json peftops/kernels/configs/bottleneck_adapter/ || status=1
 fi
+if has sweep; then
+    run 150 python3 benchmarks/sweep_attention.py --json "$OUT/sweep_attention.json" --configs-out "$OUT/configs"
+    mkdir -p peftops/kernels/configs/prefix_attention
+    cp "$OUT"/configs/prefix_attention/*.json peftops/kernels/configs/prefix_attention/ || status=1
+fi
 has lora && run 180 python3 -m benchmarks --ops lora_linear --providers 'peftops[triton]' hf-peft addmm linear \
     --json "$OUT/lora_linear.json"
 has adapter && run 90 python3 -m benchmarks --ops bottleneck_adapter --providers 'peftops*' 'compile(reference)' \
@@ -52,6 +59,5 @@ has adapter && run 90 python3 -m benchmarks --ops bottleneck_adapter --providers
 has attention && run 120 python3 -m benchmarks --ops prefix_attention --providers 'peftops[triton]' sdpa-cat \
     sdpa-noprefix --json "$OUT/prefix_attention.json"
 has profile && run 60 python3 benchmarks/profile_ops.py --json "$OUT/profile.json"
-has sweep && run 120 python3 benchmarks/sweep_attention.py --json "$OUT/sweep_attention.json"
 has tune && run 120 python3 benchmarks/tune.py --quick --tokens 8192 --ranks 16 --kernels gemm --out "$OUT/configs"
 exit $status

@@ -5,8 +5,8 @@
 Times the forward kernel, then the backward (prep + dK/dV + dq kernels) with each candidate
 configuration for head dim 128 (``peftops.kernels.attention.CONFIGS[kernel][128]``), bf16,
 B=4, H=32, L=2048, P=64, causal; SDPA's causal forward without the prefix is timed in the
-same run as the yardstick. Medians of ``triton.testing.do_bench``. The winners are copied by
-hand into ``CONFIGS`` (with the run kept under ``benchmarks/results/``).
+same run as the yardstick. Medians of ``triton.testing.do_bench``. ``--configs-out`` writes the
+winners as the data file the kernels read (``peftops/kernels/configs/prefix_attention/``).
 """
 
 from __future__ import annotations
@@ -18,18 +18,21 @@ import sys
 import torch
 import torch.nn.functional as F
 
+# Run 2 swept a first grid (results/...-attention-sweep-run2.json); these are its winners and
+# their neighbours, plus the dK/dV shapes that compile without register spills (a review of
+# the sm_90 cubins: 64 x 128 x 8 warps spills 112 B per thread at 2 stages).
 CANDIDATES = {
-    "fwd": [(128, 64, 8, 3), (128, 64, 8, 4), (128, 128, 8, 3), (128, 128, 8, 2), (128, 64, 4, 3), (64, 64, 4, 3),
-            (128, 32, 4, 4), (64, 128, 4, 3)],
-    "dkdv": [(64, 128, 8, 2), (64, 128, 8, 3), (32, 128, 4, 3), (32, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2),
-             (64, 128, 4, 2)],
-    "dq": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3)],
+    "fwd": [(64, 64, 4, 3), (64, 64, 4, 4), (64, 64, 4, 2), (128, 64, 8, 3), (64, 128, 4, 3), (64, 32, 4, 4)],
+    "dkdv": [(64, 128, 8, 3), (64, 64, 8, 3), (32, 128, 8, 3), (64, 128, 8, 1), (128, 128, 8, 2), (64, 64, 4, 2)],
+    "dq": [(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 3), (128, 64, 8, 4)],
 }
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
+    parser.add_argument("--configs-out", help="also write the winners as DIR/prefix_attention/<GPU>.json, "
+                        "the file peftops.kernels.attention reads")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_attention.py: needs a CUDA device", file=sys.stderr)
@@ -70,6 +73,22 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)
+    if args.configs_out:
+        from pathlib import Path
+
+        from peftops.kernels import _config
+
+        name = torch.cuda.get_device_name()
+        entries = []
+        for kernel in CANDIDATES:
+            best = dict(min(results[kernel], key=lambda e: e["ms"]))
+            ms = best.pop("ms")
+            entries.append({"kernel": kernel, "block_d": 128, "dtype": "bfloat16", "config": best, "ms": ms})
+        path = Path(args.configs_out) / "prefix_attention" / _config.file_name(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"device": name, "op": "prefix_attention", "torch": torch.__version__,
+                                    "shape": "B4 H32 L2048 D128 P64 causal", "entries": entries}, indent=1) + "\n")
+        print(f"wrote {path}")
     return 0
 
 

@@ -40,6 +40,8 @@ Offsets of the batch and head are int64; inside one (b, h) slice they are int32,
 
 from __future__ import annotations
 
+import functools
+import json
 from typing import Optional, Sequence
 
 import torch
@@ -48,6 +50,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
+from . import _config as _cfg
 from ._common import dot_precision, empty, interpreting, on_device
 
 OP = "prefix_attention"
@@ -56,7 +59,8 @@ LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
 
 #: Block sizes per kernel and head-dim class (``BLOCK_D <= 64``, ``128``, ``256``) on Hopper
-#: and newer (compute capability 9+), and for older GPUs. float32 halves BLOCK_N. The D=128
+#: and newer (compute capability 9+), and for older GPUs, unless the GPU has a swept file
+#: (``configs/prefix_attention/<GPU>.json``). float32 halves BLOCK_N. The D=128
 #: entries are the fastest of ``benchmarks/sweep_attention.py`` on an H100 (bf16, B=4, H=32,
 #: L=2048, P=64: results/NVIDIA-H100-80GB-HBM3-2026-11-23-attention-sweep-run2.json); the
 #: others are scaled from them, unmeasured.
@@ -93,9 +97,23 @@ CONFIGS_PRE_HOPPER = {
 INTERPRETER = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 
 
+@functools.lru_cache(maxsize=None)
+def _tuned(device_name: str) -> dict:
+    """``{(kernel, block_d, dtype): config}`` from ``configs/prefix_attention/<GPU>.json``
+    (written by ``benchmarks/sweep_attention.py`` on that GPU), or empty."""
+    path = _cfg.CONFIG_DIR / OP / _cfg.file_name(device_name)
+    if not path.exists():
+        return {}
+    doc = json.loads(path.read_text())
+    return {(e["kernel"], e["block_d"], e["dtype"]): e["config"] for e in doc["entries"]}
+
+
 def _config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda" or interpreting():
         return dict(INTERPRETER)
+    tuned = _tuned(torch.cuda.get_device_name(device)).get((kernel, max(64, block_d), str(dtype).removeprefix("torch.")))
+    if tuned is not None:
+        return dict(tuned)
     table = CONFIGS if torch.cuda.get_device_capability(device)[0] >= 9 else CONFIGS_PRE_HOPPER
     cfg = dict(table[kernel][max(64, block_d)])
     if dtype == torch.float32:  # twice the bytes per element
@@ -179,8 +197,12 @@ def _fwd_keys(
         elif HAS_KPM:
             s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf (NaN).
-        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        if MASKED or HAS_KPM:
+            # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf (NaN).
+            # Unmasked blocks give every row a finite score, so they skip this.
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_safe = m_new
         p = tl.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
@@ -316,8 +338,8 @@ def _dkdv_kernel(
     stride_mb,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HQ, HKV, GROUP, L, N_KEYS, c, qk_scale, scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
+    HQ, HKV, L, N_KEYS, c, qk_scale, scale,
+    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """One block of N_KEYS keys (the sequence's, or the prefix's with CAUSAL and HAS_KPM off)
@@ -345,7 +367,8 @@ def _dkdv_kernel(
     else:
         lo = 0
         full = 0
-    for g in range(0, GROUP):
+    # GROUP is a compile-time constant: a run-time trip count here cost registers (spills).
+    for g in tl.static_range(GROUP):
         h = (hk * GROUP + g).to(tl.int64)
         q = Q + b * stride_qb + h * stride_qh
         do = DO + b * stride_gb + h * stride_gh
@@ -376,8 +399,7 @@ def _dq_keys(
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
     HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    """Accumulate one query block's dq (unscaled) over the key blocks ``[start, end)``. A key
-    past the bound loads k = v = 0, so its ``dS k`` term is zero without a mask."""
+    """Accumulate one query block's dq (unscaled) over the key blocks ``[start, end)``."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
         k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
@@ -386,11 +408,10 @@ def _dq_keys(
                        HEAD_DIM, BLOCK_D, MASKED)
         t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(t - lse2[:, None])
-        if HAS_KPM:
+        if MASKED or HAS_KPM:
+            # Past the key bound k = v = 0, but p = 2^(-lse) can overflow (lse very negative)
+            # and inf * 0 is NaN: mask it like the causal diagonal, not by the zeros alone.
             p = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), p, 0.0)
-        elif CAUSAL:
-            if MASKED:
-                p = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), p, 0.0)
         dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
         ds = p * (dp - delta[:, None])
         dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
@@ -469,7 +490,9 @@ def _prefix_args(k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Opt
 def _mask_args(key_padding_mask: Optional[Tensor], k: Tensor):
     if key_padding_mask is None:
         return k, 0, False  # a stand-in pointer, never read
-    return key_padding_mask.view(torch.uint8), key_padding_mask.stride(0), True
+    # The kernels index a row of the mask as KPM + j: make the key stride 1 (B x S bytes).
+    mask = key_padding_mask.contiguous().view(torch.uint8)
+    return mask, mask.stride(0), True
 
 
 def _block_d(head_dim: int) -> int:
@@ -507,13 +530,15 @@ def _launch_dkdv(q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_k
     hkv = keys.shape[-3]
     cfg = _config("dkdv", block_d, q.dtype, q.device)
     meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    # A short prefix (P = 64 under BLOCK_N = 128) would leave half of every tile idle.
+    cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(n_keys)))
     grid = (triton.cdiv(n_keys, cfg["BLOCK_N"]), batch * hkv)
     sk, sv, sdk, sdv = batch_strides
     _dkdv_kernel[grid](
         q, keys, values, do, lse2, delta, kpm, dk, dv,
         *q.stride(), *sk, *sv, *do.stride(), stride_mb, *sdk, *sdv,
-        hq, hkv, hq // hkv, q_len, n_keys, c, scale * LOG2E, scale,
-        CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=head_dim, BLOCK_D=block_d,
+        hq, hkv, q_len, n_keys, c, scale * LOG2E, scale,
+        GROUP=hq // hkv, CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=head_dim, BLOCK_D=block_d,
         PRECISION=dot_precision(q.dtype), **cfg, **meta,
     )
 

@@ -231,3 +231,38 @@ def test_non_positive_scale_is_refused_by_name():
     t = case.inputs(torch.float32, "cpu")
     with peftops.use_backend("triton"), pytest.raises(peftops.BackendUnavailableError, match="scale > 0"):
         peftops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], scale=-0.5)
+
+
+# numpy (the interpreter) warns about the overflowing probabilities the kernels then discard.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("causal,prefix_len", [(True, 3), (False, 0)])
+def test_very_negative_scores_past_the_key_bound_give_no_nan(dtype, causal, prefix_len):
+    """Every score about -100 (lse about -100): a key past the bound of a partial block loads
+    k = v = 0 and gets p = 2^(-lse2) = inf unless masked, and inf * 0 = NaN in dq."""
+    case = case_of(batch=1, hkv=1, group=1, q_len=5, seq_len=5, head_dim=16, prefix_len=prefix_len, causal=causal,
+                   seed=17)
+    t = case.inputs(dtype, "cpu")
+    with torch.no_grad():
+        t["q"].copy_(torch.ones_like(t["q"]) + 0.01 * t["q"])
+        t["k"].copy_(-torch.ones_like(t["k"]) + 0.01 * t["k"])
+        if t["prefix_k"] is not None:
+            t["prefix_k"].copy_(-torch.ones_like(t["prefix_k"]))
+
+    def fn(**kw):
+        with peftops.use_backend("triton"):
+            return peftops.prefix_attention(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], causal=causal,
+                                            scale=6.25 if dtype == torch.float32 else 0.75)
+    out, grads = grads_of(fn, t)
+    assert torch.isfinite(out).all()
+    for name, g in grads.items():
+        assert torch.isfinite(g).all(), name
+
+
+def test_strided_key_padding_mask():
+    case = case_of(batch=3, hkv=1, group=2, q_len=9, seq_len=21, head_dim=16, prefix_len=4, padding="random", seed=18)
+    t = case.inputs(torch.float32, "cpu")
+    strided = t["key_padding_mask"].t().contiguous().t()
+    assert not strided.is_contiguous()
+    t_strided = dict(t, key_padding_mask=strided)
+    assert_matches(triton_call(case), loop_truth(case), t_strided, torch.float32, what="strided mask")
