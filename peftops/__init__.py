@@ -1,12 +1,13 @@
 """peftops: fused kernels for parameter-efficient fine-tuning.
 
-Functional ops: :func:`lora_linear`, :func:`bottleneck_adapter`, :func:`prefix_attention`.
+Functional ops: :func:`lora_linear`, :func:`multi_lora_linear`, :func:`bottleneck_adapter`,
+:func:`prefix_attention`.
 Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 """
 
 from . import backends, reference
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
-from .ops import bottleneck_adapter, lora_linear, prefix_attention
+from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention
 from . import cuda_ext, kernels  # noqa: F401  (register the cuda and triton backends)
 from . import nn
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
@@ -23,6 +24,7 @@ __all__ = [
     "get_backend",
     "lora_linear",
     "mark_only_adapters_trainable",
+    "multi_lora_linear",
     "nn",
     "prefix_attention",
     "reference",

@@ -4,18 +4,31 @@ from ._base import AdapterModule
 from .adapter import BottleneckAdapter
 from .attention import PrefixSelfAttention
 from .lora import LoRALinear
+from .multi_lora import MultiLoRALinear
 from .prefix import PrefixKV, PromptEmbedding
-from .surgery import ParamCount, apply_lora, count_trainable, mark_only_adapters_trainable
+from .surgery import (
+    ParamCount,
+    add_adapter,
+    apply_lora,
+    count_trainable,
+    mark_only_adapters_trainable,
+    remove_adapter,
+    set_batch_adapters,
+)
 
 __all__ = [
     "AdapterModule",
     "BottleneckAdapter",
     "LoRALinear",
+    "MultiLoRALinear",
     "ParamCount",
     "PrefixKV",
     "PrefixSelfAttention",
     "PromptEmbedding",
+    "add_adapter",
     "apply_lora",
     "count_trainable",
     "mark_only_adapters_trainable",
+    "remove_adapter",
+    "set_batch_adapters",
 ]

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple, Union
+from typing import Iterable, NamedTuple, Optional, Union
 
 from torch import nn
 
 from ._base import AdapterModule
 from .lora import LoRALinear
+from .multi_lora import MultiLoRALinear
 
 
 class ParamCount(NamedTuple):
@@ -42,9 +43,14 @@ def apply_lora(
     dropout: float = 0.0,
     *,
     use_rslora: bool = False,
+    capacity: Optional[int] = None,
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` children by :class:`LoRALinear` in place, freeze every
     other parameter, and return ``model``.
+
+    With ``capacity``, the children become :class:`MultiLoRALinear` layers with ``capacity``
+    adapter slots of rank up to ``r`` and no adapter yet: add adapters to every such layer with
+    :func:`add_adapter` (``alpha`` and ``use_rslora`` are then given there, per adapter).
 
     ``target_modules`` is, as in HF PEFT, either a regex matched against the full module
     name, or names matched exactly or as the last dotted components (``"q_proj"`` matches
@@ -61,7 +67,7 @@ def apply_lora(
             raise TypeError(f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {target_modules!r}")
     # remove_duplicate=False: a module registered under two names (tied) is swapped under both.
     all_modules = list(model.named_modules(remove_duplicate=False))
-    inside_lora = {name + "." for name, m in all_modules if isinstance(m, LoRALinear)}
+    inside_lora = {name + "." for name, m in all_modules if isinstance(m, (LoRALinear, MultiLoRALinear))}
     matched = [(name, m) for name, m in all_modules if name and _matches(name, target_modules)]
     if not matched:
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
@@ -70,15 +76,19 @@ def apply_lora(
             f"(nn.Linear modules: {', '.join(linears[:12]) or 'none'}{', ...' if len(linears) > 12 else ''})"
         )
     for name, module in matched:
-        if isinstance(module, LoRALinear):
-            raise ValueError(f"apply_lora: target_modules: {name!r} already is a LoRALinear")
+        if isinstance(module, (LoRALinear, MultiLoRALinear)):
+            raise ValueError(f"apply_lora: target_modules: {name!r} already is a {type(module).__name__}")
         if any(name.startswith(p) for p in inside_lora):
             raise ValueError(f"apply_lora: target_modules: {name!r} is part of a LoRALinear, not a base layer")
         if type(module) is not nn.Linear:
             raise TypeError(f"apply_lora: target_modules: {name!r} expected an nn.Linear, got {type(module).__name__}")
-    wrapped: dict[int, LoRALinear] = {}
+    wrapped: dict[int, nn.Module] = {}
     for name, module in matched:
-        if id(module) not in wrapped:
+        if id(module) in wrapped:
+            pass
+        elif capacity is not None:
+            wrapped[id(module)] = MultiLoRALinear.from_linear(module, capacity=capacity, r_max=r, dropout=dropout)
+        else:
             wrapped[id(module)] = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapped[id(module)])
@@ -109,3 +119,36 @@ def count_trainable(model: nn.Module) -> ParamCount:
         trainable=sum(p.numel() for p in seen.values() if p.requires_grad),
         total=sum(p.numel() for p in seen.values()),
     )
+
+
+def add_adapter(model: nn.Module, name: str, r: int, alpha: float, *, use_rslora: bool = False) -> nn.Module:
+    """Add adapter ``name`` to every :class:`MultiLoRALinear` of ``model`` (all get the same slot
+    index, since they fill their slots in the same order) and return ``model``."""
+    layers = _multi_layers("add_adapter", model)
+    slots = {layer.add_adapter(name, r, alpha, use_rslora=use_rslora) for layer in layers}
+    if len(slots) != 1:
+        raise RuntimeError(f"add_adapter: the layers put {name!r} in different slots {sorted(slots)}: "
+                           "add and remove adapters through the model, not layer by layer")
+    return model
+
+
+def remove_adapter(model: nn.Module, name: str) -> nn.Module:
+    for layer in _multi_layers("remove_adapter", model):
+        layer.remove_adapter(name)
+    return model
+
+
+def set_batch_adapters(model: nn.Module, ids) -> nn.Module:
+    """Every :class:`MultiLoRALinear` of ``model`` uses ``ids`` (names, slots, None, or a tensor)
+    for the following batches' rows."""
+    for layer in _multi_layers("set_batch_adapters", model):
+        layer.set_batch_adapters(ids)
+    return model
+
+
+def _multi_layers(owner: str, model: nn.Module) -> list:
+    _module(owner, model)
+    layers = list({id(m): m for m in model.modules() if isinstance(m, MultiLoRALinear)}.values())
+    if not layers:
+        raise ValueError(f"{owner}: model: expected MultiLoRALinear layers (apply_lora(..., capacity=N)), got none")
+    return layers

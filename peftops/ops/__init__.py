@@ -4,5 +4,6 @@ registered with ``torch.library`` (schema, fake implementation, autograd)."""
 from .adapter import bottleneck_adapter
 from .attention import prefix_attention
 from .lora import lora_linear
+from .multi_lora import multi_lora_linear
 
-__all__ = ["bottleneck_adapter", "lora_linear", "prefix_attention"]
+__all__ = ["bottleneck_adapter", "lora_linear", "multi_lora_linear", "prefix_attention"]

@@ -17,6 +17,7 @@ from .adapter import (
 )
 from .attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
 from .lora import lora_activation, lora_linear, lora_linear_backward
+from .multi_lora import multi_lora_linear, multi_lora_linear_backward
 
 __all__ = [
     "ACTIVATIONS",
@@ -30,6 +31,8 @@ __all__ = [
     "lora_activation",
     "lora_linear",
     "lora_linear_backward",
+    "multi_lora_linear",
+    "multi_lora_linear_backward",
     "prefix_attention",
     "prefix_attention_backward",
     "visible_mask",

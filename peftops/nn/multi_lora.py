@@ -1,0 +1,170 @@
+"""``MultiLoRALinear``: one frozen linear layer serving many LoRA adapters in one batch."""
+
+from __future__ import annotations
+
+import math
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+
+from ..ops.multi_lora import multi_lora_linear
+from ._base import AdapterModule, finite, positive_int, strict_bool
+
+AdapterRef = Union[str, int, None]
+
+
+class MultiLoRALinear(AdapterModule):
+    r"""A drop-in ``nn.Linear`` with ``capacity`` LoRA adapter slots of rank up to ``r_max``.
+
+    ``add_adapter(name, r, alpha)`` fills a free slot (A kaiming-uniform, B zeros, as HF PEFT),
+    ``remove_adapter(name)`` clears it. The slots are fixed-size Parameters
+    (``lora_A: (capacity, r_max, in)``, ``lora_B: (capacity, out, r_max)``) and the per-slot
+    scale and rank are buffers updated in place, so adding or removing an adapter changes no
+    shape: a ``torch.compile``d model does not recompile. Each batch names its adapters per row
+    or per token: ``forward(x, adapter_ids)`` (names, slot indices, ``None`` for the base layer, or
+    an integer tensor with ``-1`` for the base layer), or once with :meth:`set_batch_adapters`.
+
+    Gradients: each adapter's slot gets exactly the gradient of its own tokens; the slots of
+    adapters absent from the batch get zeros (an optimizer with weight decay or momentum still
+    moves them: use per-adapter optimizers or mask their updates if that matters).
+    """
+
+    def __init__(
+        self, in_features: int, out_features: int, capacity: int, r_max: int, bias: bool = True,
+        dropout: float = 0.0, *, device=None, dtype=None,
+    ) -> None:
+        base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        super().__init__()
+        self._setup(base.weight, base.bias, capacity, r_max, dropout)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, capacity: int, r_max: int, dropout: float = 0.0) -> "MultiLoRALinear":
+        """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"MultiLoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
+        layer = cls.__new__(cls)
+        AdapterModule.__init__(layer)
+        layer._setup(linear.weight, linear.bias, capacity, r_max, dropout)
+        return layer
+
+    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], capacity, r_max, dropout) -> None:
+        owner = type(self).__name__
+        self.capacity = positive_int(owner, "capacity", capacity)
+        self.r_max = positive_int(owner, "r_max", r_max)
+        dropout = finite(owner, "dropout", dropout)
+        if not 0.0 <= dropout < 1.0:
+            raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {dropout}")
+        self.lora_dropout = dropout
+        self.out_features, self.in_features = weight.shape
+        self.weight = weight
+        self.bias = bias
+        f = {"device": weight.device, "dtype": weight.dtype}
+        self.lora_A = nn.Parameter(torch.zeros(self.capacity, self.r_max, self.in_features, **f))
+        self.lora_B = nn.Parameter(torch.zeros(self.capacity, self.out_features, self.r_max, **f))
+        self.register_buffer("scales", torch.zeros(self.capacity, device=weight.device, dtype=torch.float32))
+        self.register_buffer("ranks", torch.ones(self.capacity, device=weight.device, dtype=torch.int64))
+        self._slots: dict[str, int] = {}
+        self._batch_ids: Optional[Tensor] = None
+
+    # -- adapters ---------------------------------------------------------------------------
+
+    @property
+    def adapters(self) -> dict[str, int]:
+        """Adapter name -> slot index, for the slots in use."""
+        return dict(self._slots)
+
+    @torch.no_grad()
+    def add_adapter(self, name: str, r: int, alpha: float, *, use_rslora: bool = False) -> int:
+        """Put a fresh adapter in the first free slot and return the slot index."""
+        owner = f"{type(self).__name__}.add_adapter"
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
+        if name in self._slots:
+            raise ValueError(f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})")
+        r = positive_int(owner, "r", r)
+        if r > self.r_max:
+            raise ValueError(f"{owner}: r: expected at most r_max={self.r_max}, got {r}")
+        alpha = finite(owner, "alpha", alpha)
+        use_rslora = strict_bool(owner, "use_rslora", use_rslora)
+        free = sorted(set(range(self.capacity)) - set(self._slots.values()))
+        if not free:
+            raise ValueError(f"{owner}: all {self.capacity} slots are in use ({sorted(self._slots)}); remove one first")
+        slot = free[0]
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        a = torch.empty(r, self.in_features, device=self.lora_A.device, dtype=self.lora_A.dtype)
+        nn.init.kaiming_uniform_(a, a=math.sqrt(5))
+        self.lora_A[slot, :r].copy_(a)
+        self.scales[slot] = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.ranks[slot] = r
+        self._slots[name] = slot
+        return slot
+
+    @torch.no_grad()
+    def remove_adapter(self, name: str) -> None:
+        """Free ``name``'s slot (its parameters are zeroed; shapes do not change)."""
+        slot = self.adapter_id(name)
+        self.lora_A[slot].zero_()
+        self.lora_B[slot].zero_()
+        self.scales[slot] = 0.0
+        self.ranks[slot] = 1
+        del self._slots[name]
+
+    def adapter_id(self, name: str) -> int:
+        if name not in self._slots:
+            raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; have {sorted(self._slots)}")
+        return self._slots[name]
+
+    def adapter_ids(self, refs: Sequence[AdapterRef], device=None) -> Tensor:
+        """Names / slot indices / ``None`` (base layer) -> an int64 id tensor on ``device``."""
+        used = set(self._slots.values())
+        out = []
+        for ref in refs:
+            if ref is None:
+                out.append(-1)
+            elif isinstance(ref, str):
+                out.append(self.adapter_id(ref))
+            elif isinstance(ref, int) and not isinstance(ref, bool):
+                if ref != -1 and ref not in used:
+                    raise ValueError(f"{type(self).__name__}: adapter id {ref} is not a slot in use ({sorted(used)})")
+                out.append(ref)
+            else:
+                raise TypeError(f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}")
+        return torch.tensor(out, dtype=torch.int64, device=self.weight.device if device is None else device)
+
+    def set_batch_adapters(self, ids: Union[Tensor, Sequence[AdapterRef], None]) -> None:
+        """The adapters of the next batches' rows (or tokens), until set again; None clears."""
+        if ids is None or isinstance(ids, Tensor):
+            self._batch_ids = ids
+        else:
+            self._batch_ids = self.adapter_ids(list(ids))
+
+    def get_extra_state(self) -> dict:
+        # The slot names travel with the state dict, so a loaded layer knows its adapters.
+        return {"slots": dict(self._slots)}
+
+    def set_extra_state(self, state: dict) -> None:
+        self._slots = dict(state["slots"])
+
+    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+        yield self.lora_A
+        yield self.lora_B
+
+    # -- forward ----------------------------------------------------------------------------
+
+    def forward(self, input: Tensor, adapter_ids: Union[Tensor, Sequence[AdapterRef], None] = None) -> Tensor:
+        ids = self._batch_ids if adapter_ids is None else adapter_ids
+        if ids is None:
+            raise ValueError(f"{type(self).__name__}: adapter_ids: expected the batch's adapters (forward argument "
+                             "or set_batch_adapters), got none")
+        if not isinstance(ids, Tensor):
+            ids = self.adapter_ids(list(ids), device=input.device)
+        return multi_lora_linear(
+            input, self.weight, self.lora_A, self.lora_B, ids, scales=self.scales.to(input.device),
+            bias=self.bias, ranks=self.ranks, dropout_p=self.lora_dropout, training=self.training,
+        )
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
+                f"r_max={self.r_max}, adapters={self._slots}")

@@ -1,0 +1,207 @@
+"""``peftops.multi_lora_linear``: validation, backend dispatch, ``torch.library`` registration.
+
+One frozen layer, ``N`` LoRA adapters in fixed-capacity slots, one batch: each token (or each
+row of a ``(B, L, in)`` batch) names its adapter. Only the ``reference`` backend implements it
+so far; kernels are issue 6's remaining work.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import reference
+from ..backends import OpImpl, register_impl, resolve_backend
+from ..reference import multi_lora as spec
+from . import _validate as check
+from ._registry import run_backward, run_forward
+
+OP = "multi_lora_linear"
+
+
+# Works on 2-D ``x: (T, in)`` with per-token ids; the public function flattens and expands.
+# Returns ``(y, u)``, ``u: (T, r_max)`` the rank-r activations (saved for dB, not differentiable).
+@torch.library.custom_op("peftops::multi_lora_linear", mutates_args=())
+def _multi_lora_linear(
+    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_ids: Tensor, scales: Tensor,
+    bias: Optional[Tensor], ranks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], backend: str,
+) -> tuple[Tensor, Tensor]:
+    return run_forward(OP, backend, x.device, x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,
+                       dropout_p, seed)
+
+
+@_multi_lora_linear.register_fake
+def _(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed, backend):
+    return x.new_empty((x.shape[0], weight.shape[0])), x.new_empty((x.shape[0], lora_a.shape[1]))
+
+
+@torch.library.custom_op(
+    "peftops::multi_lora_linear_backward",
+    mutates_args=(),
+    schema="(Tensor grad, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor adapter_ids, Tensor scales, "
+    "Tensor? ranks, Tensor lora_u, float dropout_p, Tensor? seed, bool[] output_mask, str backend) "
+    "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
+)
+def _multi_lora_linear_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
+                                output_mask, backend):
+    return run_backward(OP, backend, x.device, grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u,
+                        dropout_p, seed, output_mask)
+
+
+@_multi_lora_linear_backward.register_fake
+def _(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask, backend):
+    like = (x, weight, lora_a, lora_b, grad.new_empty(grad.shape[-1]))
+    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed, backend = inputs
+    _, lora_u = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, seed)
+    ctx.dropout_p, ctx.backend = dropout_p, backend
+    ctx.mark_non_differentiable(lora_u)
+
+
+def _backward(ctx, grad, grad_u):
+    x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, seed = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    grads = _multi_lora_linear_backward(
+        grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, ctx.dropout_p, seed,
+        [need[0], need[1], need[2], need[3], need[6]], ctx.backend,
+    )
+    dx, dw, da, db, dbias = grads
+    return dx, dw, da, db, None, None, dbias, None, None, None, None
+
+
+_multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+# -- the reference backend ----------------------------------------------------------------
+
+def _keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+    if dropout_p == 0.0:
+        return None
+    return reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
+
+
+def _reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
+    return spec.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,
+                                  _keep_mask(x, dropout_p, seed), dropout_p)
+
+
+def _reference_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
+                        output_mask):
+    # The spec recomputes the rank-r activation in float32 rather than use the saved lora_u.
+    return spec.multi_lora_linear_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks,
+                                           _keep_mask(x, dropout_p, seed), dropout_p, output_mask)
+
+
+register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
+
+
+# -- the public op ------------------------------------------------------------------------
+
+def _check_index_values(name: str, t: Tensor, low: int, high: int, what: str) -> None:
+    """Host-side range check, one synchronisation. Skipped while ``torch.compile`` traces (a
+    data-dependent branch would break the graph); out-of-range ids then mean "no adapter" in
+    every backend, never an out-of-bounds read."""
+    if t.numel() == 0 or torch.compiler.is_compiling():
+        return
+    bad = (t < low) | (t > high)
+    if bool(bad.any()):
+        first = t[bad][0].item()
+        raise ValueError(f"{OP}: {name}: expected {what} in [{low}, {high}], got {first}")
+
+
+def multi_lora_linear(
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    adapter_ids: Tensor,
+    *,
+    scales: Tensor,
+    bias: Optional[Tensor] = None,
+    ranks: Optional[Tensor] = None,
+    dropout_p: float = 0.0,
+    training: bool = True,
+) -> Tensor:
+    r"""A LoRA layer whose tokens each use their own adapter (the spec:
+    :mod:`peftops.reference.multi_lora`).
+
+    ``y_t = x_t W^T + b + s_a * dropout(x_t) A_a[:r_a]^T B_a[:, :r_a]^T`` with ``a = adapter_ids``
+    of token t; ``a = -1`` means the base layer only.
+
+    Args:
+        x: ``(T, in)``, or ``(B, L, in)`` (any leading dims).
+        weight: ``(out, in)`` frozen base weight. bias: ``(out,)`` or ``None``.
+        lora_a: ``(N, r_max, in)`` the adapters' A, stacked in slots.
+        lora_b: ``(N, out, r_max)`` the adapters' B.
+        adapter_ids: integer, one id per token (``x.shape[:-1]``) or one per row of the first
+            dimension (``(B,)`` for ``x: (B, L, in)``); values in ``[-1, N)``.
+        scales: ``(N,)`` float, each adapter's ``alpha / r``; constants (no gradient).
+        ranks: ``(N,)`` integer in ``[1, r_max]`` or ``None`` (every adapter uses ``r_max``): an
+            adapter uses its first ``ranks[a]`` slots; the rest neither compute nor learn.
+        dropout_p, training: LoRA dropout on the low-rank path, as :func:`peftops.lora_linear`.
+
+    Returns ``(..., out)`` in the dtype of x. Differentiable w.r.t. x, weight, lora_a, lora_b
+    and bias; every adapter gets exactly the gradient its own tokens give it, absent adapters
+    get zeros. Ids and ranks are range-checked on the host (one synchronisation) in eager mode.
+    """
+    check.tensor(OP, "x", x)
+    check.min_dims(OP, "x", x, 2)
+    check.tensor(OP, "weight", weight, 2)
+    check.tensor(OP, "lora_a", lora_a, 3)
+    check.tensor(OP, "lora_b", lora_b, 3)
+    check.tensor(OP, "adapter_ids", adapter_ids, floating=False)
+    check.tensor(OP, "scales", scales, 1)
+    if bias is not None:
+        check.tensor(OP, "bias", bias, 1)
+    if ranks is not None:
+        check.tensor(OP, "ranks", ranks, 1, floating=False)
+    for name, t in (("adapter_ids", adapter_ids), ("ranks", ranks)):
+        if t is not None and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
+            raise TypeError(f"{OP}: {name}: expected an integer tensor, got {t.dtype}")
+    if scales.requires_grad:
+        raise ValueError(f"{OP}: scales: expected a constant tensor (requires_grad=False), got one that requires grad")
+    dropout_p = check.probability(OP, "dropout_p", dropout_p)
+    training = check.boolean(OP, "training", training)
+    x, weight, lora_a, lora_b, bias = check.autocast(x.device.type, x, weight, lora_a, lora_b, bias)
+    check.same_dtype_device(OP, "x", x, (("weight", weight), ("lora_a", lora_a), ("lora_b", lora_b), ("bias", bias)))
+    for name, t in (("adapter_ids", adapter_ids), ("scales", scales), ("ranks", ranks)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{OP}: {name}: expected device {x.device} (the device of x), got {t.device}")
+
+    in_f, out_f = x.shape[-1], weight.shape[0]
+    num, r_max = lora_a.shape[0], lora_a.shape[1]
+    check.shape(OP, "weight", weight, (None, in_f), f"(out, in) with in={in_f} from x")
+    check.shape(OP, "lora_a", lora_a, (None, None, in_f), f"(N, r_max, in) with in={in_f} from x")
+    check.shape(OP, "lora_b", lora_b, (num, out_f, r_max),
+                f"(N, out, r_max) with N={num}, r_max={r_max} from lora_a, out={out_f} from weight")
+    check.shape(OP, "scales", scales, (num,), f"(N,) with N={num} from lora_a")
+    if bias is not None:
+        check.shape(OP, "bias", bias, (out_f,), f"(out,) with out={out_f} from weight")
+    if ranks is not None:
+        check.shape(OP, "ranks", ranks, (num,), f"(N,) with N={num} from lora_a")
+    lead = x.shape[:-1]
+    if tuple(adapter_ids.shape) == tuple(lead):
+        ids = adapter_ids.reshape(-1)
+    elif x.dim() >= 3 and tuple(adapter_ids.shape) == tuple(lead[:1]):
+        ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
+    else:
+        raise ValueError(f"{OP}: adapter_ids: expected shape {tuple(lead)} (one per token) or "
+                         f"{tuple(lead[:1])} (one per row, for x with 3+ dims), got {tuple(adapter_ids.shape)}")
+    _check_index_values("adapter_ids", ids, -1, num - 1, "adapter ids (-1 = base layer only)")
+    if ranks is not None:
+        _check_index_values("ranks", ranks, 1, r_max, "ranks")
+
+    x2 = x.reshape(-1, in_f)
+    ids = ids.contiguous()
+    p = dropout_p if training else 0.0
+    seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64) if p > 0.0 else None
+    args = (x2, weight, lora_a, lora_b, ids, scales, bias, ranks, p, seed)
+    backend = resolve_backend(OP, x.device, args)
+    y, _ = _multi_lora_linear(*args, backend)
+    return y.reshape(*lead, out_f)

@@ -1,0 +1,184 @@
+"""peftops.multi_lora_linear: every token with its own adapter, against per-adapter LoRA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torch.library import opcheck
+
+import peftops
+from peftops import reference
+from peftops.testing import assert_close
+
+from .helpers import as_float64, assert_matches, grads_of
+
+OP = "multi_lora_linear"
+
+
+def make(seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2):
+    gen = torch.Generator().manual_seed(seed)
+    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
+    ids = torch.randint(0, num, (tokens,), generator=gen)
+    ids[torch.rand(tokens, generator=gen) < base_only] = -1
+    t = {
+        "x": rnd(tokens, in_f).requires_grad_(),
+        "weight": (rnd(out_f, in_f) / in_f**0.5).requires_grad_(),
+        "lora_a": (rnd(num, r_max, in_f) / in_f**0.5).requires_grad_(),
+        "lora_b": (rnd(num, out_f, r_max) / r_max**0.5).requires_grad_(),  # random, not the zero init
+        "bias": rnd(out_f).requires_grad_() if bias else None,
+        "adapter_ids": ids,
+        "scales": (torch.rand(num, generator=gen) * 2 + 0.25).to(dtype),
+        "ranks": torch.randint(1, r_max + 1, (num,), generator=gen) if ranks else None,
+    }
+    return t
+
+
+def op_call(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
+    return peftops.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales=scales, bias=bias, ranks=ranks)
+
+
+def per_adapter_truth(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
+    """Independent formulation: the base layer for every token, then each adapter's own
+    ``peftops.reference.lora_linear`` on its own tokens, with its rank sliced explicitly."""
+    y = x @ weight.T + (bias if bias is not None else 0)
+    rows = []
+    for t in range(x.shape[0]):
+        a = int(adapter_ids[t])
+        if a < 0:
+            rows.append(y[t])
+            continue
+        r = int(ranks[a]) if ranks is not None else lora_a.shape[1]
+        delta = (x[t] @ lora_a[a, :r].T) @ lora_b[a, :, :r].T * scales[a]
+        rows.append(y[t] + delta)
+    # Keep A and B in the graph when no token uses an adapter: their gradient is then zeros.
+    return (torch.stack(rows) if rows else y) + 0 * (lora_a.sum() + lora_b.sum())
+
+
+@given(
+    seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 24), in_f=st.integers(1, 20), out_f=st.integers(1, 20),
+    num=st.integers(1, 6), r_max=st.integers(1, 8), ranks=st.booleans(), bias=st.booleans(),
+    base_only=st.sampled_from([0.0, 0.3, 1.0]),
+)
+def test_matches_per_token_adapters_forward_and_gradients(seed, tokens, in_f, out_f, num, r_max, ranks, bias, base_only):
+    t = make(seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only)
+    assert_matches(op_call, per_adapter_truth, t, torch.float32, what=f"T={tokens} N={num} r_max={r_max}")
+
+
+def test_reference_backward_matches_autograd():
+    t = make(1, 30, 12, 10, 4, 6, dtype=torch.float64)
+    keep = torch.rand(30, 12, generator=torch.Generator().manual_seed(2)) > 0.25
+    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], t["ranks"], keep, 0.25)
+    y, _ = reference.multi_lora_linear(*args)
+    g = torch.randn_like(y)
+    want = torch.autograd.grad(y, (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"]), g)
+    got = reference.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
+                                               t["scales"], t["ranks"], keep, 0.25, [True] * 5)
+    for name, a, b in zip(("dx", "dW", "dA", "dB", "db"), got, want):
+        assert_close(a, b, kind="bwd", name=name)
+
+
+def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows():
+    """A mixed batch against separate per-adapter runs of ``peftops.lora_linear`` (each on its
+    own rows only): the same dA and dB per adapter, zeros for the adapters absent from the batch."""
+    t = make(3, 40, 16, 12, 6, 8, dtype=torch.float64)
+    ids = t["adapter_ids"]
+    ids[ids == 5] = 2  # adapter 5 is absent from the batch
+    g = torch.randn(40, 12, dtype=torch.float64)
+    y = op_call(**t)
+    da, db = torch.autograd.grad(y, (t["lora_a"], t["lora_b"]), g)
+    for a in range(6):
+        rows = ids == a
+        r = int(t["ranks"][a])
+        if not rows.any():
+            assert torch.count_nonzero(da[a]) == 0 and torch.count_nonzero(db[a]) == 0, f"absent adapter {a}"
+            continue
+        a_own = t["lora_a"][a, :r].detach().clone().requires_grad_()
+        b_own = t["lora_b"][a, :, :r].detach().clone().requires_grad_()
+        own = peftops.lora_linear(t["x"][rows].detach(), t["weight"].detach(), a_own, b_own,
+                                  scale=float(t["scales"][a]), bias=t["bias"].detach())
+        want_a, want_b = torch.autograd.grad(own, (a_own, b_own), g[rows])
+        assert_close(da[a, :r], want_a, kind="bwd", name=f"dA[{a}]")
+        assert_close(db[a, :, :r], want_b, kind="bwd", name=f"dB[{a}]")
+        assert torch.count_nonzero(da[a, r:]) == 0 and torch.count_nonzero(db[a, :, r:]) == 0, "rank padding"
+
+
+def test_one_adapter_for_every_token_is_lora_linear():
+    t = make(4, 17, 9, 7, 3, 4, ranks=False)
+    t["adapter_ids"] = torch.full((17,), 1)
+    want = peftops.lora_linear(t["x"], t["weight"], t["lora_a"][1], t["lora_b"][1], scale=float(t["scales"][1]),
+                               bias=t["bias"])
+    assert_close(op_call(**t), want)
+
+
+def test_per_row_ids_for_batched_input():
+    t = make(5, 12, 8, 6, 3, 4)
+    x3 = t["x"].detach().reshape(3, 4, 8)
+    row_ids = torch.tensor([2, -1, 0])
+    got = peftops.multi_lora_linear(x3, t["weight"], t["lora_a"], t["lora_b"], row_ids, scales=t["scales"],
+                                    bias=t["bias"], ranks=t["ranks"])
+    per_token = row_ids.repeat_interleave(4)
+    want = peftops.multi_lora_linear(x3.reshape(12, 8), t["weight"], t["lora_a"], t["lora_b"], per_token,
+                                     scales=t["scales"], bias=t["bias"], ranks=t["ranks"])
+    assert torch.equal(got.reshape(12, -1), want)
+
+
+def test_dropout_eval_is_exact_and_gradcheck_with_dropout():
+    t = make(6, 9, 5, 4, 3, 3, dtype=torch.float64)
+    args = {k: v for k, v in t.items()}
+    no_drop = op_call(**args)
+    evald = peftops.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
+                                      scales=t["scales"], bias=t["bias"], ranks=t["ranks"], dropout_p=0.5,
+                                      training=False)
+    assert torch.equal(no_drop, evald)
+
+    def fn(x, lora_a, lora_b):
+        torch.manual_seed(0)  # the same mask on every call gradcheck makes
+        return peftops.multi_lora_linear(x, t["weight"], lora_a, lora_b, t["adapter_ids"], scales=t["scales"],
+                                         ranks=t["ranks"], dropout_p=0.4)
+
+    assert torch.autograd.gradcheck(fn, (t["x"], t["lora_a"], t["lora_b"]))
+
+
+@pytest.mark.parametrize("ids,match", [
+    (torch.tensor([0, 3]), r"adapter_ids: expected adapter ids \(-1 = base layer only\) in \[-1, 2\], got 3"),
+    (torch.tensor([-2, 0]), r"adapter_ids: .* got -2"),
+    (torch.tensor([0.0, 1.0]), "adapter_ids: expected an integer tensor"),
+    (torch.tensor([0, 1, 2]), r"adapter_ids: expected shape \(2,\)"),
+])
+def test_bad_adapter_ids_are_refused_by_name(ids, match):
+    t = make(7, 2, 4, 3, 3, 2)
+    t["adapter_ids"] = ids
+    with pytest.raises((ValueError, TypeError), match=match):
+        op_call(**t)
+
+
+def test_bad_ranks_scales_and_shapes_are_refused_by_name():
+    t = make(8, 4, 4, 3, 3, 2)
+    with pytest.raises(ValueError, match=r"ranks: expected ranks in \[1, 2\], got 3"):
+        op_call(**dict(t, ranks=torch.tensor([1, 3, 2])))
+    with pytest.raises(ValueError, match="scales: expected a constant tensor"):
+        op_call(**dict(t, scales=t["scales"].clone().requires_grad_()))
+    with pytest.raises(ValueError, match=r"lora_b: expected shape \(3, 3, 2\)"):
+        op_call(**dict(t, lora_b=torch.randn(3, 3, 5)))
+
+
+def test_opcheck():
+    t = make(9, 6, 5, 4, 3, 3)
+    d = as_float64(t)
+    args = (d["x"], d["weight"], d["lora_a"], d["lora_b"], t["adapter_ids"], t["scales"].double(), d["bias"],
+            t["ranks"], 0.0, None, "reference")
+    opcheck(torch.ops.peftops.multi_lora_linear.default, args)
+
+
+def test_compile_fullgraph_matches_eager():
+    t = make(10, 11, 6, 5, 4, 3)
+
+    def step(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
+        return torch.tanh(op_call(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks))
+
+    (y0, g0), (y1, g1) = (grads_of(fn, t) for fn in (step, torch.compile(step, fullgraph=True)))
+    assert_close(y1, y0, name="compiled output")
+    for name in g0:
+        assert_close(g1[name], g0[name], kind="bwd", name=f"compiled d{name}")
