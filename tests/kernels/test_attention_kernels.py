@@ -8,6 +8,7 @@ the triton backend under the interpreter like every other backend."""
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 
 import pytest
@@ -120,6 +121,20 @@ def test_forward_and_backward_are_bitwise_deterministic():
     assert torch.equal(y0, y1)
     for name in g0:
         assert torch.equal(g0[name], g1[name]), name
+
+
+def test_shipped_config_files_are_well_formed_and_read():
+    from peftops.kernels import _config
+    from peftops.kernels import attention as A
+
+    paths = list((_config.CONFIG_DIR / "prefix_attention").glob("*.json"))
+    for path in paths:
+        doc = json.loads(path.read_text())
+        tuned = A._tuned.__wrapped__(doc["device"])
+        assert len(tuned) == len(doc["entries"]) > 0, path
+        for (kernel, block_d, dtype), cfg in tuned.items():
+            assert kernel in A.CONFIGS and block_d in A.CONFIGS[kernel] and dtype in ("bfloat16", "float16", "float32")
+            assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}, path
 
 
 def test_head_dim_above_256_is_refused_by_name():
