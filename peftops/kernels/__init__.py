@@ -2,7 +2,8 @@
 its op through :func:`peftops.backends.register_impl` when imported.
 
 Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora`), ``bottleneck_adapter``
-(:mod:`peftops.kernels.adapter`), ``prefix_attention`` (:mod:`peftops.kernels.attention`);
+(:mod:`peftops.kernels.adapter`), ``prefix_attention`` (:mod:`peftops.kernels.attention`),
+``multi_lora_linear`` (:mod:`peftops.kernels.multi_lora`, the segmented path);
 shared rank-r building blocks in :mod:`peftops.kernels._lowrank`.
 
 Kernel modules read ``TRITON_INTERPRET`` when they are imported (``triton.jit`` decides at
@@ -12,4 +13,4 @@ decoration time), so set it before importing peftops to run the kernels on CPU t
 import importlib.util
 
 if importlib.util.find_spec("triton") is not None:
-    from . import adapter, attention, lora  # noqa: F401  (each registers the triton backend of its op)
+    from . import adapter, attention, lora, multi_lora  # noqa: F401  (each registers the triton backend of its op)

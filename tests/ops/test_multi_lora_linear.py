@@ -12,12 +12,18 @@ import peftops
 from peftops import reference
 from peftops.testing import assert_close
 
-from .helpers import as_float64, assert_matches, grads_of
+from .helpers import as_float64, assert_matches, backend_params, grads_of, use
 
 OP = "multi_lora_linear"
 
 
-def make(seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2):
+def make(seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2,
+         device="cpu"):
+    t = _make(seed, tokens, in_f, out_f, num, r_max, dtype, ranks, bias, base_only)
+    return {k: (None if v is None else v.detach().to(device).requires_grad_(v.requires_grad)) for k, v in t.items()}
+
+
+def _make(seed, tokens, in_f, out_f, num, r_max, dtype, ranks, bias, base_only):
     gen = torch.Generator().manual_seed(seed)
     rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
     ids = torch.randint(0, num, (tokens,), generator=gen)
@@ -39,6 +45,13 @@ def op_call(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
     return peftops.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales=scales, bias=bias, ranks=ranks)
 
 
+def backend_call(backend):
+    def fn(**kw):
+        with use(backend):
+            return op_call(**kw)
+    return fn
+
+
 def per_adapter_truth(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
     """Independent formulation: the base layer for every token, then each adapter's own
     ``peftops.reference.lora_linear`` on its own tokens, with its rank sliced explicitly."""
@@ -56,14 +69,53 @@ def per_adapter_truth(x, weight, lora_a, lora_b, bias, adapter_ids, scales, rank
     return (torch.stack(rows) if rows else y) + 0 * (lora_a.sum() + lora_b.sum())
 
 
+DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
 @given(
-    seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 24), in_f=st.integers(1, 20), out_f=st.integers(1, 20),
-    num=st.integers(1, 6), r_max=st.integers(1, 8), ranks=st.booleans(), bias=st.booleans(),
-    base_only=st.sampled_from([0.0, 0.3, 1.0]),
+    seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 40), in_f=st.integers(1, 40), out_f=st.integers(1, 40),
+    num=st.integers(1, 6), r_max=st.integers(1, 20), ranks=st.booleans(), bias=st.booleans(),
+    base_only=st.sampled_from([0.0, 0.3, 1.0]), data=st.data(),
 )
-def test_matches_per_token_adapters_forward_and_gradients(seed, tokens, in_f, out_f, num, r_max, ranks, bias, base_only):
-    t = make(seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only)
-    assert_matches(op_call, per_adapter_truth, t, torch.float32, what=f"T={tokens} N={num} r_max={r_max}")
+def test_matches_per_token_adapters_forward_and_gradients(device, backend, seed, tokens, in_f, out_f, num, r_max, ranks,
+                                                          bias, base_only, data):
+    dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
+    if backend == "reference" and dtype != torch.float32:
+        dtype = torch.float32  # the spec is the same at every dtype; its kernels are what vary
+    t = make(seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only, device=device,
+             dtype=dtype)
+    assert_matches(backend_call(backend), per_adapter_truth, t, dtype, what=f"{backend} T={tokens} N={num} r_max={r_max}")
+
+
+@pytest.mark.parametrize("device,backend", [p for p in backend_params(OP) if "reference" not in p.id])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_kernel_dropout_is_the_same_mask_in_forward_and_backward(device, backend, dtype):
+    """With every A the identity (in = r_max), ``u = s * x_d`` reveals the kernel's mask; the spec
+    with that mask must then give the kernel's output and every gradient."""
+    t = make(11, 45, 12, 9, 3, 12, device=device, dtype=dtype, ranks=False)
+    with torch.no_grad():
+        t["lora_a"].copy_(torch.eye(12, dtype=dtype, device=device).expand(3, 12, 12))
+        t["x"].copy_(t["x"].sign() * (t["x"].abs() + 0.5))  # no zeros in x: u = 0 only where dropped
+    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], None, 0.4,
+            torch.tensor(1234, device=device))
+    y, u = torch.ops.peftops.multi_lora_linear(*args, backend)
+    has = t["adapter_ids"] >= 0
+    keep = (u != 0) | ~has[:, None]
+    rate = keep[has].float().mean().item()
+    assert 0.45 < rate < 0.75, f"keep rate {rate:.2f}, expected about 0.6"
+    want_y, want_u = reference.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
+                                                 t["scales"], t["bias"], None, keep, 0.4)
+    assert_close(y, want_y, dtype=dtype)
+    g = torch.randn_like(y)
+    got = torch.ops.peftops.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"],
+                                                       t["adapter_ids"], t["scales"], None, u, 0.4, args[-1],
+                                                       [True, False, True, True, False], backend)
+    want = reference.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
+                                                t["scales"], None, keep, 0.4, [True, False, True, True, False])
+    for name, a, b in zip(("dx", "dW", "dA", "dB"), got, want):
+        if b is not None:
+            assert_close(a, b, dtype=dtype, kind="bwd", name=name)
 
 
 def test_reference_backward_matches_autograd():
@@ -79,14 +131,16 @@ def test_reference_backward_matches_autograd():
         assert_close(a, b, kind="bwd", name=name)
 
 
-def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows():
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows(device, backend):
     """A mixed batch against separate per-adapter runs of ``peftops.lora_linear`` (each on its
     own rows only): the same dA and dB per adapter, zeros for the adapters absent from the batch."""
-    t = make(3, 40, 16, 12, 6, 8, dtype=torch.float64)
+    dtype = torch.float64 if backend == "reference" else torch.float32
+    t = make(3, 40, 16, 12, 6, 8, dtype=dtype, device=device)
     ids = t["adapter_ids"]
     ids[ids == 5] = 2  # adapter 5 is absent from the batch
-    g = torch.randn(40, 12, dtype=torch.float64)
-    y = op_call(**t)
+    g = torch.randn(40, 12, dtype=dtype, device=device)
+    y = backend_call(backend)(**t)
     da, db = torch.autograd.grad(y, (t["lora_a"], t["lora_b"]), g)
     for a in range(6):
         rows = ids == a
@@ -96,8 +150,9 @@ def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows():
             continue
         a_own = t["lora_a"][a, :r].detach().clone().requires_grad_()
         b_own = t["lora_b"][a, :, :r].detach().clone().requires_grad_()
-        own = peftops.lora_linear(t["x"][rows].detach(), t["weight"].detach(), a_own, b_own,
-                                  scale=float(t["scales"][a]), bias=t["bias"].detach())
+        with use("reference"):
+            own = peftops.lora_linear(t["x"][rows].detach(), t["weight"].detach(), a_own, b_own,
+                                      scale=float(t["scales"][a]), bias=t["bias"].detach())
         want_a, want_b = torch.autograd.grad(own, (a_own, b_own), g[rows])
         assert_close(da[a, :r], want_a, kind="bwd", name=f"dA[{a}]")
         assert_close(db[a, :, :r], want_b, kind="bwd", name=f"dB[{a}]")
