@@ -45,7 +45,8 @@ def _inputs(tokens, k, n, num, r_max, ranks, ids_kind):
             "lora_a": normal(gen, (num, r_max, k), k**-0.5, dtype, device),
             "lora_b": normal(gen, (num, n, r_max), r_max**-0.5, dtype, device),  # random, not the zero init
             "adapter_ids": ids,
-            "scales": torch.full((num,), 2.0, device=device),
+            # alpha / r differs between users' adapters: 1 to 3.
+            "scales": 1.0 + 2.0 * torch.rand(num, generator=gen, device=device),
             "ranks": None if ranks is None else torch.tensor(ranks, device=device).repeat(num // len(ranks) + 1)[:num],
         }
 
