@@ -46,7 +46,9 @@ def _inputs(tokens, k, n, num, r_max, ranks, ids_kind):
             "lora_b": normal(gen, (num, n, r_max), r_max**-0.5, dtype, device),  # random, not the zero init
             "adapter_ids": ids,
             # alpha / r differs between users' adapters: 1 to 3.
-            "scales": 1.0 + 2.0 * torch.rand(num, generator=gen, device=device),
+            "scales": torch.cat([torch.ones(1, device=device), 1.0 + 2.0 * torch.rand(num - 1, generator=gen,
+                                                                                       device=device)]),
+            "scale0": 1.0,  # lora-single's scale as a Python float: reading scales[0] back would sync
             "ranks": None if ranks is None else torch.tensor(ranks, device=device).repeat(num // len(ranks) + 1)[:num],
         }
 
@@ -78,7 +80,7 @@ def public(t: dict) -> torch.Tensor:
 
 def lora_single(t: dict) -> torch.Tensor:
     """The same tokens through one adapter (slot 0): the single-tenant cost the issue compares with."""
-    return peftops.lora_linear(t["x"], t["weight"], t["lora_a"][0], t["lora_b"][0], scale=float(t["scales"][0]))
+    return peftops.lora_linear(t["x"], t["weight"], t["lora_a"][0], t["lora_b"][0], scale=t["scale0"])
 
 
 def peft_loop(t: dict) -> torch.Tensor:

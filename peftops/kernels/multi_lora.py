@@ -5,7 +5,7 @@ permutation, and the sorted order is cut into *tiles* of at most BLOCK_M tokens 
 straddle two adapters (the base-only tokens, id -1, form one more group). Every kernel reads
 and writes tokens through the permutation (gathered rows, each contiguous in memory), so x, y
 and the gradients stay in the caller's order and nothing is copied. The tile table is built
-on the device from the ids (sort, bincount, cumsum, searchsorted) with a fixed upper bound on
+on the device from the ids (sort, scatter-add, cumsum, searchsorted) with a fixed upper bound on
 the number of tiles, ``cdiv(T, BLOCK_M) + N + 1``: no host synchronisation, CUDA graphs work.
 
 For a tile of adapter ``a`` with tokens ``t`` (``M_a`` its rank mask, ``s_a`` its scale)::
@@ -65,7 +65,9 @@ def _tiles(ids: Tensor, num_adapters: int, block_m: int) -> tuple[Tensor, Tensor
     t = ids.numel()
     group = torch.where((ids >= 0) & (ids < n), ids, torch.full_like(ids, n)).to(torch.int64)
     perm = torch.argsort(group, stable=True)
-    count = torch.bincount(group, minlength=n + 1)
+    # scatter_add into a fixed size, not bincount: bincount sizes its output from max(group),
+    # a device-to-host read that would break CUDA graph capture.
+    count = torch.zeros(n + 1, dtype=torch.int64, device=ids.device).scatter_add_(0, group, torch.ones_like(group))
     start = torch.cumsum(count, 0) - count
     per = (count + block_m - 1) // block_m
     tile_end = torch.cumsum(per, 0)

@@ -105,10 +105,12 @@ register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_refe
 
 def _check_index_values(name: str, t: Tensor, low: int, high: int, what: str) -> None:
     """Host-side range check, one synchronisation. Skipped while ``torch.compile`` traces (a
-    data-dependent branch would break the graph); out-of-range ids then mean "no adapter" in
-    every backend, never an out-of-bounds read."""
+    data-dependent branch would break the graph) and during CUDA graph capture; out-of-range
+    ids then mean "no adapter" in every backend, never an out-of-bounds read."""
     if t.numel() == 0 or torch.compiler.is_compiling():
         return
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return  # reading a value back would invalidate the capture: replays are unchecked
     bad = (t < low) | (t > high)
     if bool(bad.any()):
         first = t[bad][0].item()
