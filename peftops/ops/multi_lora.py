@@ -1,8 +1,8 @@
 """``peftops.multi_lora_linear``: validation, backend dispatch, ``torch.library`` registration.
 
 One frozen layer, ``N`` LoRA adapters in fixed-capacity slots, one batch: each token (or each
-row of a ``(B, L, in)`` batch) names its adapter. Only the ``reference`` backend implements it
-so far; kernels are issue 6's remaining work.
+row of a ``(B, L, in)`` batch) names its adapter. Backends: ``reference`` and ``triton``
+(:mod:`peftops.kernels.multi_lora`, the segmented path).
 """
 
 from __future__ import annotations
