@@ -23,7 +23,6 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-import peftops
 from peftops.nn import BottleneckAdapter, PrefixKV, PrefixSelfAttention, PromptEmbedding
 
 

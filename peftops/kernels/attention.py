@@ -192,9 +192,7 @@ def _fwd_keys(
         # Raw scores: the scale goes into the max (per row) and into one FMA per element below
         # (qk_scale > 0, so -inf stays -inf and the max commutes with it).
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
-        if MASKED:
-            s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
-        elif HAS_KPM:
+        if MASKED or HAS_KPM:
             s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if MASKED or HAS_KPM:

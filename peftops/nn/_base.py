@@ -36,6 +36,13 @@ def finite(owner: str, name: str, value: object) -> float:
     return float(value)
 
 
+def dropout_rate(owner: str, value: object) -> float:
+    rate = finite(owner, "dropout", value)
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {rate}")
+    return rate
+
+
 def strict_bool(owner: str, name: str, value: object) -> bool:
     # bool("False") is True: accept real bools only.
     if not isinstance(value, bool):

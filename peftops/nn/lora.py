@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..ops import lora_linear
-from ._base import AdapterModule, finite, positive_int, strict_bool
+from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
 
 
 class LoRALinear(AdapterModule):
@@ -59,9 +59,7 @@ class LoRALinear(AdapterModule):
         owner = type(self).__name__
         r = positive_int(owner, "r", r)
         alpha = finite(owner, "alpha", alpha)
-        dropout = finite(owner, "dropout", dropout)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {dropout}")
+        dropout = dropout_rate(owner, dropout)
         use_rslora = strict_bool(owner, "use_rslora", use_rslora)
         self.out_features, self.in_features = weight.shape
         self.weight = weight

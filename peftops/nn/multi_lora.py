@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.multi_lora import multi_lora_linear
-from ._base import AdapterModule, finite, positive_int, strict_bool
+from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
 
 AdapterRef = Union[str, int, None]
 
@@ -52,9 +52,7 @@ class MultiLoRALinear(AdapterModule):
         owner = type(self).__name__
         self.capacity = positive_int(owner, "capacity", capacity)
         self.r_max = positive_int(owner, "r_max", r_max)
-        dropout = finite(owner, "dropout", dropout)
-        if not 0.0 <= dropout < 1.0:
-            raise ValueError(f"{owner}: dropout: expected a value in [0, 1), got {dropout}")
+        dropout = dropout_rate(owner, dropout)
         self.lora_dropout = dropout
         self.out_features, self.in_features = weight.shape
         self.weight = weight

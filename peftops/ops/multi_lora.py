@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import reference
 from ..backends import OpImpl, register_impl, resolve_backend
 from ..reference import multi_lora as spec
 from . import _validate as check
 from ._registry import run_backward, run_forward
+from .lora import _keep_mask  # the same per-token mask as lora_linear's reference
 
 OP = "multi_lora_linear"
 
@@ -79,12 +79,6 @@ _multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
 # -- the reference backend ----------------------------------------------------------------
-
-def _keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
-    if dropout_p == 0.0:
-        return None
-    return reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
-
 
 def _reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
     return spec.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,

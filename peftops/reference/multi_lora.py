@@ -57,6 +57,11 @@ def _parts(x, lora_a, lora_b, adapter_ids, scales, ranks, keep, dropout_p, acc):
     return xd, a_t, b_t, s_t
 
 
+def _activation(xd: Tensor, a_t: Tensor, s_t: Tensor) -> Tensor:
+    """``u_t = s_a * (x_d,t A_a^T)``, the rank mask already in ``a_t``."""
+    return s_t[:, None] * torch.einsum("ti,tri->tr", xd, a_t)
+
+
 def multi_lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -77,7 +82,7 @@ def multi_lora_linear(
     checked against it)."""
     acc = acc_dtype(x.dtype)
     xd, a_t, b_t, s_t = _parts(x, lora_a, lora_b, adapter_ids, scales, ranks, keep, dropout_p, acc)
-    u = s_t[:, None] * torch.einsum("ti,tri->tr", xd, a_t)
+    u = _activation(xd, a_t, s_t)
     y = x.to(acc) @ weight.to(acc).T + torch.einsum("tr,tor->to", u, b_t)
     if bias is not None:
         y = y + bias.to(acc)
@@ -118,8 +123,7 @@ def multi_lora_linear_backward(
         per_token = v[:, :, None] * xd[:, None, :]  # (T, r_max, in)
         da = torch.zeros(lora_a.shape, dtype=acc, device=x.device).index_add_(0, index, per_token).to(lora_a.dtype)
     if need_b:
-        u = s_t[:, None] * torch.einsum("ti,tri->tr", xd, a_t)
-        per_token = g[:, :, None] * u[:, None, :]  # (T, out, r_max)
+        per_token = g[:, :, None] * _activation(xd, a_t, s_t)[:, None, :]  # (T, out, r_max)
         db = torch.zeros(lora_b.shape, dtype=acc, device=x.device).index_add_(0, index, per_token).to(lora_b.dtype)
     if need_bias:
         dbias = g.sum(0).to(grad.dtype)
