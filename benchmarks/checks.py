@@ -11,7 +11,7 @@ import torch
 
 from peftops.testing import close_report, tolerance
 
-from .inputs import _grad_args, make_grad_out
+from .inputs import grad_args, make_grad_out
 from .registry import Inputs, Op, Provider
 
 # ---------------------------------------------------------------------------------------------
@@ -44,7 +44,7 @@ def evaluate_reference(op: Op, inputs: Inputs, grad_names: Sequence[str], grad_o
     grad_out = make_grad_out(out, dtype, device, grad_out_seed)
     grads = None
     if need_grad:
-        grads = list(torch.autograd.grad(out, _grad_args(upcast, grad_names), grad_out.to(acc)))
+        grads = list(torch.autograd.grad(out, grad_args(upcast, grad_names), grad_out.to(acc)))
     return Expected(out.detach(), grads), grad_out
 
 
@@ -64,7 +64,7 @@ def check_provider(provider: Provider, inputs: Inputs, grad_out: torch.Tensor, g
         return fwd_problems, bwd_problems
     if not out.requires_grad:
         return fwd_problems, ["output: does not require grad (no gradient reaches any input)"]
-    grads = torch.autograd.grad(out, _grad_args(inputs, grad_names), grad_out, allow_unused=True)
+    grads = torch.autograd.grad(out, grad_args(inputs, grad_names), grad_out, allow_unused=True)
     for name, got, want in zip(grad_names, grads, expected.grads):
         if got is None:
             bwd_problems.append(f"d{name}: None (the output does not depend on it)")

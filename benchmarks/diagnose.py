@@ -53,9 +53,9 @@ def main() -> int:
     import triton.testing
 
     import peftops
-    from peftops.kernels import _config
-    from peftops.kernels import attention as AK
-    from peftops.kernels import lora as LK
+    from peftops.kernels import block_config
+    from peftops.kernels import prefix_attention as AK
+    from peftops.kernels import lora_linear as LK
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     dev, bf = torch.device("cuda"), torch.bfloat16
@@ -65,15 +65,15 @@ def main() -> int:
     x, w = r(8192, 4096), r(4096, 4096, std=4096**-0.5)
     a, b = r(16, 4096, std=4096**-0.5), r(4096, 16, std=0.25)
     u, g = r(8192, 16), r(8192, 4096)
-    print("gemm config:", _config.config("lora_linear", "gemm", dev, 8192, 4096, 4096, 16, bf))
+    print("gemm config:", block_config.config("lora_linear", "gemm", dev, 8192, 4096, 4096, 16, bf))
     xg, ag, bg = (t.clone().requires_grad_() for t in (x, a, b))
     y = peftops.lora_linear(xg, w, ag, bg, scale=2.0)
     rows = {
         "F.linear fwd": lambda: F.linear(x, w),
         "gemm kernel alone": lambda: LK.gemm(x, w.T, u, b.T, None),
-        "lora backend fwd (no custom op)": lambda: LK._forward(x, w, a, b, None, 2.0, 0.0, None),
+        "lora backend fwd (no custom op)": lambda: LK.forward(x, w, a, b, None, 2.0, 0.0, None),
         "lora public fwd (no grad)": lambda: peftops.lora_linear(x, w, a, b, scale=2.0),
-        "lora backend bwd (no autograd)": lambda: LK._backward(g, x, w, a, b, u, 2.0, 0.0, None,
+        "lora backend bwd (no autograd)": lambda: LK.backward(g, x, w, a, b, u, 2.0, 0.0, None,
                                                                 [True, False, True, True, False]),
         "lora autograd bwd": lambda: torch.autograd.grad(y, (xg, ag, bg), g, retain_graph=True),
     }
@@ -95,7 +95,7 @@ def main() -> int:
     scale = 128**-0.5
     attn = {
         "sdpa causal fwd (no prefix)": lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True),
-        "attention kernel fwd": lambda: AK._forward(q, k, v, pk, pv, None, True, scale),
+        "attention kernel fwd": lambda: AK.forward(q, k, v, pk, pv, None, True, scale),
         "attention public fwd": lambda: peftops.prefix_attention(q, k, v, pk, pv),
     }
     with torch.no_grad():

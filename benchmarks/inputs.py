@@ -51,7 +51,7 @@ def rotation_sets(set_bytes: int, device: torch.device) -> int:
     return max(1, min(MAX_ROTATION_SETS, math.ceil(2 * l2_cache_bytes(device) / max(set_bytes, 1))))
 
 
-def _grad_args(inputs: Inputs, names: Sequence[str]) -> list[torch.Tensor]:
+def grad_args(inputs: Inputs, names: Sequence[str]) -> list[torch.Tensor]:
     return [inputs[n] for n in names]
 
 
@@ -63,7 +63,7 @@ def _forward(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> torch.Tens
 def _forward_backward(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, grad_names: Sequence[str],
                       grad_out: torch.Tensor) -> tuple:
     out = fn(inputs)
-    return torch.autograd.grad(out, _grad_args(inputs, grad_names), grad_out, allow_unused=True)
+    return torch.autograd.grad(out, grad_args(inputs, grad_names), grad_out, allow_unused=True)
 
 
 def mode_steps(fn: Callable[[Inputs], torch.Tensor], sets: Sequence[Inputs], grad_outs: Sequence[torch.Tensor],
@@ -79,5 +79,5 @@ def mode_steps(fn: Callable[[Inputs], torch.Tensor], sets: Sequence[Inputs], gra
         return [functools.partial(_forward_backward, fn, t, grad_names, g) for t, g in zip(sets, grad_outs)]
     if mode == "bwd":
         backward = functools.partial(torch.autograd.grad, retain_graph=True, allow_unused=True)
-        return [functools.partial(backward, fn(t), _grad_args(t, grad_names), g) for t, g in zip(sets, grad_outs)]
+        return [functools.partial(backward, fn(t), grad_args(t, grad_names), g) for t, g in zip(sets, grad_outs)]
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")

@@ -3,7 +3,7 @@
     PYTHONPATH=. python benchmarks/sweep_attention.py [--json OUT.json]
 
 Times the forward kernel, then the backward (prep + dK/dV + dq kernels) with each candidate
-configuration for head dim 128 (``peftops.kernels.attention.CONFIGS[kernel][128]``), bf16,
+configuration for head dim 128 (``peftops.kernels.prefix_attention.CONFIGS[kernel][128]``), bf16,
 B=4, H=32, L=2048, P=64, causal; SDPA's causal forward without the prefix is timed in the
 same run as the yardstick. Medians of ``triton.testing.do_bench``. ``--configs-out`` writes the
 winners as the data file the kernels read (``peftops/kernels/configs/prefix_attention/``).
@@ -32,14 +32,14 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
     parser.add_argument("--configs-out", help="also write the winners as DIR/prefix_attention/<GPU>.json, "
-                        "the file peftops.kernels.attention reads")
+                        "the file peftops.kernels.prefix_attention reads")
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_attention.py: needs a CUDA device", file=sys.stderr)
         return 2
     import triton.testing
 
-    from peftops.kernels import attention as A
+    from peftops.kernels import prefix_attention as A
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -49,12 +49,12 @@ def main(argv=None) -> int:
     scale = 128**-0.5
     results = {"sdpa_noprefix_fwd_ms": bench(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True))}
     print(f"sdpa causal fwd, no prefix: {results['sdpa_noprefix_fwd_ms']:.4f} ms")
-    out, lse = A._forward(q, k, v, pk, pv, None, True, scale)
+    out, lse = A.forward(q, k, v, pk, pv, None, True, scale)
     original = {kernel: dict(A.CONFIGS[kernel][128]) for kernel in CANDIDATES}
     runs = {
-        "fwd": lambda: A._forward(q, k, v, pk, pv, None, True, scale),
-        "dkdv": lambda: A._backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [False, True, True, True, True]),
-        "dq": lambda: A._backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [True, False, False, False, False]),
+        "fwd": lambda: A.forward(q, k, v, pk, pv, None, True, scale),
+        "dkdv": lambda: A.backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [False, True, True, True, True]),
+        "dq": lambda: A.backward(do, q, k, v, pk, pv, None, out, lse, True, scale, [True, False, False, False, False]),
     }
     for kernel, cands in CANDIDATES.items():
         results[kernel] = []
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     if args.configs_out:
         from pathlib import Path
 
-        from peftops.kernels import _config
+        from peftops.kernels import block_config
 
         name = torch.cuda.get_device_name()
         entries = []
@@ -84,7 +84,7 @@ def main(argv=None) -> int:
             best = dict(min(results[kernel], key=lambda e: e["ms"]))
             ms = best.pop("ms")
             entries.append({"kernel": kernel, "block_d": 128, "dtype": "bfloat16", "config": best, "ms": ms})
-        path = Path(args.configs_out) / "prefix_attention" / _config.file_name(name)
+        path = Path(args.configs_out) / "prefix_attention" / block_config.file_name(name)
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({"device": name, "op": "prefix_attention", "torch": torch.__version__,
                                     "shape": "B4 H32 L2048 D128 P64 causal", "entries": entries}, indent=1) + "\n")

@@ -9,7 +9,7 @@ down projection, the backward's dx GEMM, down projection and token reductions), 
 candidate configuration is timed with ``triton.testing.do_bench`` (median) and the fastest is
 kept, keyed by the launch's own ``(n, k, r)`` and the token bucket, in
 ``<out>/lora_linear/<device>.json`` (default ``peftops/kernels/configs``), which
-:mod:`peftops.kernels._config` reads. Nothing tunes at run time.
+:mod:`peftops.kernels.block_config` reads. Nothing tunes at run time.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ from typing import Callable, Iterable, Optional
 
 import torch
 
-from peftops.kernels import _config
-from peftops.kernels import _lowrank as L
-from peftops.kernels import lora as K
+from peftops.kernels import block_config
+from peftops.kernels import lowrank as L
+from peftops.kernels import lora_linear as K
 
 LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
@@ -66,12 +66,12 @@ ADAPTER_PROBLEMS = [(16384, 4096, 4096, 64), (16384, 4096, 4096, 16), (4096, 102
 
 def adapter_launches(tokens: int, d: int, _d: int, rank: int, dtype, device):
     """The adapter's forward (its row kernel; the backward's dx uses the same config)."""
-    from peftops.kernels import adapter as AK
+    from peftops.kernels import bottleneck_adapter as AK
 
     g = torch.Generator(device=device).manual_seed(0)
     rnd = lambda *s: torch.randn(*s, generator=g, device=device, dtype=torch.float32).to(dtype)  # noqa: E731
     x, wd, bd, wu, bu = rnd(tokens, d), rnd(rank, d) * d**-0.5, rnd(rank), rnd(d, rank) * rank**-0.5, rnd(d)
-    yield "rows", (tokens, d, d, rank), lambda cfg: AK._forward(x, wd, bd, wu, bu, None, "gelu", 1.0, cfg=cfg)
+    yield "rows", (tokens, d, d, rank), lambda cfg: AK.forward(x, wd, bd, wu, bu, None, "gelu", 1.0, cfg=cfg)
 
 
 def do_bench_median(fn: Callable[[], object]) -> float:
@@ -89,7 +89,7 @@ def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bo
     wanted = None if kernels is None else set(kernels)
     for tokens, in_f, out_f, rank in problems:
         for kernel, (m, n, k, r), run in (launches_fn or launches)(tokens, in_f, out_f, rank, dtype, device):
-            key = (kernel, n, k, r, _config.m_bucket(m))
+            key = (kernel, n, k, r, block_config.m_bucket(m))
             if key in seen or (wanted is not None and kernel not in wanted):
                 continue
             seen.add(key)
@@ -105,13 +105,13 @@ def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bo
             if best is None:
                 raise RuntimeError(f"no candidate ran for {kernel} {(m, n, k, r)}")
             log(f"{kernel} m={m} n={n} k={k} r={r}: {best[0]:.4f} ms with {best[1]}")
-            entries.append({"kernel": kernel, "n": n, "k": k, "r": r, "m_bucket": _config.m_bucket(m),
+            entries.append({"kernel": kernel, "n": n, "k": k, "r": r, "m_bucket": block_config.m_bucket(m),
                             "config": best[1], "ms": best[0]})
     return entries
 
 
 def write(entries: list[dict], device_name: str, out_dir: Path, dtype, op: str = "lora_linear") -> Path:
-    path = out_dir / op / _config.file_name(device_name)
+    path = out_dir / op / block_config.file_name(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {"device": device_name, "op": op, "dtype": str(dtype).removeprefix("torch."),
            "torch": torch.__version__, "entries": entries}
@@ -121,7 +121,7 @@ def write(entries: list[dict], device_name: str, out_dir: Path, dtype, op: str =
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=_config.CONFIG_DIR)
+    parser.add_argument("--out", type=Path, default=block_config.CONFIG_DIR)
     parser.add_argument("--quick", action="store_true", help="fewer candidates")
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])

@@ -97,9 +97,9 @@ def _adapter_forward(x, down_weight, down_bias, up_weight, up_bias, residual, ac
 def _adapter_backward(*args):
     # The backward stays in Triton (tensor-core GEMMs and token reductions); the C++ side has
     # the forward only, as the issue allows unless a C++ backward measures faster.
-    from .kernels import adapter
+    from .kernels import bottleneck_adapter
 
-    return adapter._backward(*args)
+    return bottleneck_adapter.backward(*args)
 
 
 def _adapter_supports(x, down_weight, *rest) -> Optional[str]:

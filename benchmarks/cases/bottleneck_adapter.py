@@ -23,7 +23,7 @@ import torch.nn.functional as F
 import peftops
 
 from ..registry import QUICK_CPU, Case, Provider, Registry, Work
-from ._common import normal, real_shape_suites, register_op
+from .common import normal, real_shape_suites, register_op
 
 OP = "bottleneck_adapter"
 ACTIVATION = "gelu"

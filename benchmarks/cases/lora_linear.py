@@ -26,7 +26,7 @@ import torch.nn.functional as F
 import peftops
 
 from ..registry import FULL, QUICK_CPU, Case, Provider, Registry, Work
-from ._common import normal, real_shape_suites, register_op
+from .common import normal, real_shape_suites, register_op
 
 OP = "lora_linear"
 SCALE = 2.0

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 import peftops
 
 from ..registry import FULL, QUICK, QUICK_CPU, Case, Provider, Registry, Work
-from ._common import normal, register_op
+from .common import normal, register_op
 
 OP = "multi_lora_linear"
 

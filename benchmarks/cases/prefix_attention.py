@@ -27,7 +27,7 @@ from torch.nn.attention.bias import causal_lower_right
 import peftops
 
 from ..registry import QUICK_CPU, Case, Provider, Registry, Work
-from ._common import normal, real_shape_suites, register_op
+from .common import normal, real_shape_suites, register_op
 
 OP = "prefix_attention"
 CASES = {  # name -> (batch, heads, kv_heads, seq_len, head_dim, prefix_len)

@@ -1,10 +1,10 @@
 """Drop-in ``nn.Module``s and model surgery helpers."""
 
 from ._base import AdapterModule
-from .adapter import BottleneckAdapter
-from .attention import PrefixSelfAttention
-from .lora import LoRALinear
-from .multi_lora import MultiLoRALinear
+from .bottleneck_adapter import BottleneckAdapter
+from .prefix_attention import PrefixSelfAttention
+from .lora_linear import LoRALinear
+from .multi_lora_linear import MultiLoRALinear
 from .prefix import PrefixKV, PromptEmbedding
 from .surgery import (
     ParamCount,

@@ -8,8 +8,8 @@ from typing import Iterable, NamedTuple, Optional, Union
 from torch import nn
 
 from ._base import AdapterModule
-from .lora import LoRALinear
-from .multi_lora import MultiLoRALinear
+from .lora_linear import LoRALinear
+from .multi_lora_linear import MultiLoRALinear
 
 
 class ParamCount(NamedTuple):

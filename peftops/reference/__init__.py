@@ -6,8 +6,8 @@ with plain autograd; the ``*_backward`` functions write the gradient out explici
 kernel authors have a formula to match (and tests check it against autograd).
 """
 
-from ._common import dropout_keep_mask
-from .adapter import (
+from .common import dropout_keep_mask
+from .bottleneck_adapter import (
     ACTIVATIONS,
     activation,
     activation_grad,
@@ -15,9 +15,9 @@ from .adapter import (
     bottleneck_adapter,
     bottleneck_adapter_backward,
 )
-from .attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
-from .lora import lora_activation, lora_linear, lora_linear_backward
-from .multi_lora import multi_lora_linear, multi_lora_linear_backward
+from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
+from .lora_linear import lora_activation, lora_linear, lora_linear_backward
+from .multi_lora_linear import multi_lora_linear, multi_lora_linear_backward
 
 __all__ = [
     "ACTIVATIONS",

@@ -8,13 +8,13 @@ import json
 import torch
 
 from benchmarks import tune
-from peftops.kernels import _config
+from peftops.kernels import block_config
 
 
 def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(tmp_path):
     # Two interpreter-sized candidates per kernel; a fake clock makes the second one faster.
     def candidates(kernel, quick):
-        small = dict(_config.INTERPRETER[kernel])
+        small = dict(block_config.INTERPRETER[kernel])
         other = {k: (16 if k.startswith("BLOCK_") else v) for k, v in small.items()}
         return [small, other]
 
@@ -34,7 +34,7 @@ def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(t
     assert path == tmp_path / "lora_linear" / "Test_GPU_80GB.json"
     doc = json.loads(path.read_text())
     assert doc["device"] == "Test GPU 80GB" and doc["dtype"] == "float32"
-    got = _config.nearest(doc["entries"], "gemm", 40, 36, 48, 8)  # the forward GEMM: n = out, k = in
+    got = block_config.nearest(doc["entries"], "gemm", 40, 36, 48, 8)  # the forward GEMM: n = out, k = in
     assert got == next(e["config"] for e in entries if e["kernel"] == "gemm" and (e["n"], e["k"]) == (36, 48))
 
 

@@ -6,7 +6,7 @@ from typing import Optional
 
 from torch import Tensor, nn
 
-from ..ops.attention import prefix_attention
+from ..ops.prefix_attention import prefix_attention
 from ._base import positive_int, strict_bool
 
 

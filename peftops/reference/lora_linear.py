@@ -25,7 +25,7 @@ from typing import Optional, Sequence
 
 from torch import Tensor
 
-from ._common import acc_dtype
+from .common import acc_dtype
 
 
 def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:

@@ -1,4 +1,4 @@
-"""The bottleneck-adapter spec (peftops.reference.adapter): activation derivatives and the
+"""The bottleneck-adapter spec (peftops.reference.bottleneck_adapter): activation derivatives and the
 written-out backward against autograd."""
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 One frozen layer, ``N`` LoRA adapters in fixed-capacity slots, one batch: each token (or each
 row of a ``(B, L, in)`` batch) names its adapter. Backends: ``reference`` and ``triton``
-(:mod:`peftops.kernels.multi_lora`, the segmented path).
+(:mod:`peftops.kernels.multi_lora_linear`, the segmented path).
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import torch
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl, resolve_backend
-from ..reference import multi_lora as spec
-from . import _validate as check
-from ._registry import run_backward, run_forward
-from .lora import _keep_mask  # the same per-token mask as lora_linear's reference
+from .. import reference as spec
+from . import validate as check
+from .dispatch import run_backward, run_forward
+from .lora_linear import reference_keep_mask  # the same per-token mask as lora_linear's reference
 
 OP = "multi_lora_linear"
 
@@ -80,19 +80,19 @@ _multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the reference backend ----------------------------------------------------------------
 
-def _reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
+def reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
     return spec.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,
-                                  _keep_mask(x, dropout_p, seed), dropout_p)
+                                  reference_keep_mask(x, dropout_p, seed), dropout_p)
 
 
-def _reference_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
+def reference_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
                         output_mask):
     # The spec recomputes the rank-r activation in float32 rather than use the saved lora_u.
     return spec.multi_lora_linear_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks,
-                                           _keep_mask(x, dropout_p, seed), dropout_p, output_mask)
+                                           reference_keep_mask(x, dropout_p, seed), dropout_p, output_mask)
 
 
-register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
+register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))
 
 
 # -- the public op ------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def multi_lora_linear(
     training: bool = True,
 ) -> Tensor:
     r"""A LoRA layer whose tokens each use their own adapter (the spec:
-    :mod:`peftops.reference.multi_lora`).
+    :mod:`peftops.reference.multi_lora_linear`).
 
     ``y_t = x_t W^T + b + s_a * dropout(x_t) A_a[:r_a]^T B_a[:, :r_a]^T`` with ``a = adapter_ids``
     of token t; ``a = -1`` means the base layer only.

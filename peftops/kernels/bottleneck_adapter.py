@@ -12,14 +12,14 @@ is stored for the backward, which then needs no pass over x to recompute it.
 
 Backward, for ``g = dL/dy``::
 
-    da  = s g Wu              _lowrank.down over g: (T, r)
+    da  = s g Wu              lowrank.down over g: (T, r)
     dh  = da * act'(h)        T x r, elementwise
     dx  = dh Wd (+ g serial)  _expand_kernel: the forward's second half, rows of dh
-    dWu = s g^T act(h)        _lowrank.tn: token reductions, float32 partials summed in order
+    dWu = s g^T act(h)        lowrank.tn: token reductions, float32 partials summed in order
     dWd = dh^T x
     dbu = s sum_T g,  dbd = sum_T dh
 
-Activation derivatives as in :mod:`peftops.reference.adapter`; tanh is written with exp so
+Activation derivatives as in :mod:`peftops.reference.bottleneck_adapter`; tanh is written with exp so
 that the same code runs under the interpreter and on every Triton version.
 """
 
@@ -34,9 +34,9 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import OpImpl, register_impl
-from . import _config
-from ._common import dot_precision, empty, on_device
-from ._lowrank import _pow2, down, tn
+from . import block_config
+from .common import dot_precision, empty, on_device
+from .lowrank import pow2, down, tn
 
 OP = "bottleneck_adapter"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -138,16 +138,16 @@ def _expand_kernel(
 def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype,
             cfg: Optional[dict] = None) -> tuple[int, dict]:
     """``(BLOCK_R, meta)`` for the row kernels; ``cfg`` overrides the lookup (the tuner's candidates)."""
-    cfg = dict(cfg) if cfg is not None else _config.config(OP, "rows", device, m, d, d, rank, dtype)
-    block_r = _pow2(rank)
+    cfg = dict(cfg) if cfg is not None else block_config.config(OP, "rows", device, m, d, d, rank, dtype)
+    block_r = pow2(rank)
     # The whole rank lives in registers: shrink the row block as r grows (~64 x 64 floats).
     block_m = max(16, min(cfg.pop("BLOCK_M"), 4096 // block_r))
     elem = torch.empty((), dtype=dtype).element_size()
-    _config.fit_stages(cfg, (block_m + block_r) * cfg["BLOCK_D"] * elem, device)
+    block_config.fit_stages(cfg, (block_m + block_r) * cfg["BLOCK_D"] * elem, device)
     return block_r, dict(BLOCK_M=block_m, **cfg)
 
 
-def _forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, *, cfg: Optional[dict] = None):
+def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, *, cfg: Optional[dict] = None):
     lead, d = x.shape[:-1], x.shape[-1]
     rank = down_weight.shape[0]
     x2 = x.reshape(-1, d)
@@ -191,7 +191,7 @@ def _expand_rows(p: Tensor, w: Tensor, res: Optional[Tensor], out_dtype: torch.d
     return out
 
 
-def _backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask: Sequence[bool]):
+def backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask: Sequence[bool]):
     need_x, need_wd, need_bd, need_wu, need_bu = output_mask
     d = x.shape[-1]
     rank = down_weight.shape[0]
@@ -218,7 +218,7 @@ def _backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, sc
     return dx, dwd, dbd, dwu, dbu
 
 
-def _supports(x, down_weight, *rest) -> Optional[str]:
+def supports(x, down_weight, *rest) -> Optional[str]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if down_weight.shape[0] > MAX_RANK:
@@ -228,4 +228,4 @@ def _supports(x, down_weight, *rest) -> Optional[str]:
     return None
 
 
-register_impl(OP, "triton", OpImpl(forward=_forward, backward=_backward, supports=_supports))
+register_impl(OP, "triton", OpImpl(forward=forward, backward=backward, supports=supports))

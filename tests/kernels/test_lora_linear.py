@@ -1,4 +1,4 @@
-"""The Triton LoRA kernels (peftops.kernels.lora): what the generic op tests in
+"""The Triton LoRA kernels (peftops.kernels.lora_linear): what the generic op tests in
 tests/ops/test_lora_linear.py do not reach. On CPU they run under TRITON_INTERPRET=1; the
 ``gpu`` tests cover bf16, real shapes, CUDA graphs, streams and 64-bit offsets."""
 
@@ -12,8 +12,8 @@ import torch.nn.functional as F
 
 import peftops
 from peftops import reference
-from peftops.kernels import _config, _lowrank
-from peftops.kernels import lora as kernels
+from peftops.kernels import block_config, lowrank
+from peftops.kernels import lora_linear as kernels
 from peftops.testing import assert_close, check_fa_rule
 
 from ..ops.helpers import assert_matches, check_graph_replay, grads_of
@@ -40,7 +40,7 @@ def test_token_reduction_split_over_programs():
     """Enough tokens that dA, dB and dW are reduced by several programs (float32 partials)."""
     case = LoraCase(lead=(300,), in_f=33, out_f=17, rank=8, bias=False, scale=2.0, layout="transposed", seed=1)
     t = case.inputs(torch.float32, "cpu")
-    assert _lowrank.tn(t["x"].detach(), t["x"].detach(), out_dtype=torch.float32).shape == (33, 33)
+    assert lowrank.tn(t["x"].detach(), t["x"].detach(), out_dtype=torch.float32).shape == (33, 33)
     assert_matches(triton_call(2.0), merged_truth(2.0), t, torch.float32, what="split reduction")
 
 
@@ -99,15 +99,15 @@ def test_config_lookup_nearest_shape_then_nearest_token_bucket():
         {"kernel": "gemm", "n": 14336, "k": 4096, "r": 16, "m_bucket": 8192, "config": {"BLOCK_M": 256}},
         {"kernel": "down", "n": 16, "k": 4096, "r": 16, "m_bucket": 8192, "config": {"BLOCK_M": 32}},
     ]
-    assert _config.nearest(entries, "gemm", 8000, 4096, 4096, 16) == {"BLOCK_M": 128}
-    assert _config.nearest(entries, "gemm", 300, 4096, 4096, 16) == {"BLOCK_M": 64}
-    assert _config.nearest(entries, "gemm", 8192, 12000, 4096, 16) == {"BLOCK_M": 256}  # nearest (n, k, r)
-    assert _config.nearest(entries, "gemm", 8192, 4096, 4096, 64) == {"BLOCK_M": 128}
-    assert _config.nearest(entries, "tn", 8192, 4096, 4096, 16) is None
+    assert block_config.nearest(entries, "gemm", 8000, 4096, 4096, 16) == {"BLOCK_M": 128}
+    assert block_config.nearest(entries, "gemm", 300, 4096, 4096, 16) == {"BLOCK_M": 64}
+    assert block_config.nearest(entries, "gemm", 8192, 12000, 4096, 16) == {"BLOCK_M": 256}  # nearest (n, k, r)
+    assert block_config.nearest(entries, "gemm", 8192, 4096, 4096, 64) == {"BLOCK_M": 128}
+    assert block_config.nearest(entries, "tn", 8192, 4096, 4096, 16) is None
     # Tuned at 8192 tokens only: 2048 still uses it, 512 (four octaves away) gets the defaults.
-    assert _config.nearest(entries, "gemm", 2048, 14336, 4096, 16) == {"BLOCK_M": 256}
-    assert _config.nearest(entries, "gemm", 512, 14336, 4096, 16) is None
-    assert [_config.m_bucket(m) for m in (1, 16, 17, 8192, 8193, 10**6)] == [16, 16, 32, 8192, 16384, 65536]
+    assert block_config.nearest(entries, "gemm", 2048, 14336, 4096, 16) == {"BLOCK_M": 256}
+    assert block_config.nearest(entries, "gemm", 512, 14336, 4096, 16) is None
+    assert [block_config.m_bucket(m) for m in (1, 16, 17, 8192, 8193, 10**6)] == [16, 16, 32, 8192, 16384, 65536]
 
 
 def test_config_files_load_by_device_name(tmp_path, monkeypatch):
@@ -115,23 +115,23 @@ def test_config_files_load_by_device_name(tmp_path, monkeypatch):
     (tmp_path / "lora_linear").mkdir()
     doc = {"device": name, "entries": [{"kernel": "down", "n": 16, "k": 4096, "r": 16, "m_bucket": 8192,
                                          "config": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}]}
-    (tmp_path / "lora_linear" / _config.file_name(name)).write_text(json.dumps(doc))
-    monkeypatch.setattr(_config, "CONFIG_DIR", tmp_path)
-    _config._load.cache_clear()
+    (tmp_path / "lora_linear" / block_config.file_name(name)).write_text(json.dumps(doc))
+    monkeypatch.setattr(block_config, "CONFIG_DIR", tmp_path)
+    block_config._load.cache_clear()
     try:
-        assert _config.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
-        assert _config.nearest(_config._load("lora_linear", name), "down", 5000, 16, 4096, 16)["BLOCK_K"] == 128
-        assert _config._load("lora_linear", "some other GPU") == ()
+        assert block_config.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
+        assert block_config.nearest(block_config._load("lora_linear", name), "down", 5000, 16, 4096, 16)["BLOCK_K"] == 128
+        assert block_config._load("lora_linear", "some other GPU") == ()
     finally:
-        _config._load.cache_clear()
+        block_config._load.cache_clear()
 
 
 def test_shipped_config_files_are_well_formed():
     # The shape-keyed files of the LoRA and adapter kernels (attention's are tested with them).
-    for path in [*_config.CONFIG_DIR.glob("lora_linear/*.json"), *_config.CONFIG_DIR.glob("bottleneck_adapter/*.json")]:
+    for path in [*block_config.CONFIG_DIR.glob("lora_linear/*.json"), *block_config.CONFIG_DIR.glob("bottleneck_adapter/*.json")]:
         doc = json.loads(path.read_text())
         for e in doc["entries"]:
-            assert e["kernel"] in _config.DEFAULTS and set(e) >= {"n", "k", "r", "m_bucket", "config"}, path
+            assert e["kernel"] in block_config.DEFAULTS and set(e) >= {"n", "k", "r", "m_bucket", "config"}, path
 
 
 # -- GPU ---------------------------------------------------------------------------------------
@@ -221,7 +221,7 @@ def test_gpu_non_default_stream_and_second_device_context():
 @pytest.mark.gpu
 def test_gpu_auto_and_lora_linear_module_use_the_kernels():
     calls = []
-    real = kernels._forward
+    real = kernels.forward
     layer = peftops.nn.LoRALinear(256, 128, r=8, dtype=torch.bfloat16, device="cuda")
     x = torch.randn(4, 256, device="cuda", dtype=torch.bfloat16)
     args = (x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.bias, 2.0, 0.0, None)

@@ -37,7 +37,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype
+from .common import acc_dtype
 
 
 def default_scale(head_dim: int) -> float:

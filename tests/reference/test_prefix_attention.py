@@ -1,4 +1,4 @@
-"""The prefix-attention spec (peftops.reference.attention): the written-out backward against
+"""The prefix-attention spec (peftops.reference.prefix_attention): the written-out backward against
 autograd (the forward is checked against an explicit per-head loop in tests/ops)."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The Triton bottleneck-adapter kernels (peftops.kernels.adapter): what the generic op tests
+"""The Triton bottleneck-adapter kernels (peftops.kernels.bottleneck_adapter): what the generic op tests
 in tests/ops/test_bottleneck_adapter.py do not reach. CPU runs use TRITON_INTERPRET=1."""
 
 from __future__ import annotations

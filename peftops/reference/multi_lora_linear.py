@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 from torch import Tensor
 
-from ._common import acc_dtype
+from .common import acc_dtype
 
 
 def rank_mask(ranks: Optional[Tensor], num_adapters: int, r_max: int, device, dtype) -> Tensor:

@@ -22,7 +22,7 @@ since ``dL/du = g B``, ``dL/dA = s (g B)^T (x m / (1 - p))`` and ``dL/dB = g^T u
 Offsets along the token dimension (x, g, y, dx, u) are int64, so activations past 2**31
 elements address correctly; weights must stay under 2**31 elements.
 
-Dropout is counter-based (``_lowrank._keep``, keyed by seed, token and input feature): the
+Dropout is counter-based (``lowrank.keep_mask``, keyed by seed, token and input feature): the
 forward and both backward kernels that need the mask regenerate it: nothing is stored.
 
 Reductions over tokens are split over programs into float32 partial sums that PyTorch adds
@@ -39,9 +39,9 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from . import _config
-from ._common import dot_precision, empty, on_device
-from ._lowrank import _keep, _launch_meta, _pow2, down, tn
+from . import block_config
+from .common import dot_precision, empty, on_device
+from .lowrank import keep_mask, launch_meta, pow2, down, tn
 
 OP = "lora_linear"
 
@@ -82,7 +82,7 @@ def _gemm_kernel(
         b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
         low = tl.dot(u, b, low, input_precision=PRECISION)
     if EPI_DROPOUT:
-        low = tl.where(_keep(tl.load(SEED), rows, cols, p), low, 0.0)
+        low = tl.where(keep_mask(tl.load(SEED), rows, cols, p), low, 0.0)
     acc = epi_scale * low
     for k0 in range(0, K, BLOCK_K):
         # int64: x may be a column-major view whose feature stride is the token count.
@@ -107,8 +107,8 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
     out = empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out
-    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(OP, "gemm", x.device, m, n, k, r, x.dtype))
-    _config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
+    cfg, opts = launch_meta(dict(cfg) if cfg else block_config.config(OP, "gemm", x.device, m, n, k, r, x.dtype))
+    block_config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](
         x, w_kn, u, b_rn, bias.contiguous() if bias is not None else x, out, seed if seed is not None else x,
@@ -117,14 +117,14 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
         b_rn.stride(0), b_rn.stride(1), out.stride(0), out.stride(1),
         epi_scale, dropout_p,
         HAS_BIAS=bias is not None, EPI_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_R=min(_pow2(r), 64), **cfg, **opts,
+        BLOCK_R=min(pow2(r), 64), **cfg, **opts,
     )
     return out
 
 
 # -- the backend ------------------------------------------------------------------------------
 
-def _forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
+def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     with on_device(x.device):
@@ -133,7 +133,7 @@ def _forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     return y.reshape(*lead, weight.shape[0]), u.reshape(*lead, lora_a.shape[0])
 
 
-def _backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask: Sequence[bool]):
+def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask: Sequence[bool]):
     need_x, need_w, need_a, need_b, need_bias = output_mask
     n, k = weight.shape
     g = grad.reshape(-1, n)
@@ -156,7 +156,7 @@ def _backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, o
     return dx, dw, da, db_, dbias
 
 
-def _supports(x, weight, lora_a, *rest) -> Optional[str]:
+def supports(x, weight, lora_a, *rest) -> Optional[str]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if lora_a.shape[0] > 256:
@@ -167,4 +167,4 @@ def _supports(x, weight, lora_a, *rest) -> Optional[str]:
     return None
 
 
-register_impl(OP, "triton", OpImpl(forward=_forward, backward=_backward, supports=_supports))
+register_impl(OP, "triton", OpImpl(forward=forward, backward=backward, supports=supports))

@@ -10,8 +10,8 @@ from torch import Tensor
 from .. import reference
 from ..backends import OpImpl, register_impl, resolve_backend
 from ..reference import ACTIVATIONS
-from . import _validate as check
-from ._registry import run_backward, run_forward
+from . import validate as check
+from .dispatch import run_backward, run_forward
 
 OP = "bottleneck_adapter"
 
@@ -78,19 +78,19 @@ def _backward(ctx, grad, grad_hidden):
 _bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _reference_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
+def reference_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
     y = reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scale, residual)
     return y, reference.adapter_hidden(x, down_weight, down_bias)
 
 
-def _reference_backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask):
+def reference_backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask):
     # The spec recomputes the pre-activation from x rather than use the saved one.
     return reference.bottleneck_adapter_backward(
         grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask
     )
 
 
-register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
+register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))
 
 
 def bottleneck_adapter(

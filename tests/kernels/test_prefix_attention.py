@@ -124,10 +124,10 @@ def test_forward_and_backward_are_bitwise_deterministic():
 
 
 def test_shipped_config_files_are_well_formed_and_read():
-    from peftops.kernels import _config
-    from peftops.kernels import attention as A
+    from peftops.kernels import block_config
+    from peftops.kernels import prefix_attention as A
 
-    paths = list((_config.CONFIG_DIR / "prefix_attention").glob("*.json"))
+    paths = list((block_config.CONFIG_DIR / "prefix_attention").glob("*.json"))
     for path in paths:
         doc = json.loads(path.read_text())
         tuned = A._tuned.__wrapped__(doc["device"])

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from ._common import interpreting
+from .common import interpreting
 
 CONFIG_DIR = Path(__file__).parent / "configs"
 

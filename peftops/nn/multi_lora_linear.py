@@ -8,7 +8,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..ops.multi_lora import multi_lora_linear
+from ..ops.multi_lora_linear import multi_lora_linear
 from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
 
 AdapterRef = Union[str, int, None]

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import OpImpl, register_impl, resolve_backend
-from . import _validate as check
-from ._registry import run_backward, run_forward
+from . import validate as check
+from .dispatch import run_backward, run_forward
 
 OP = "lora_linear"
 
@@ -71,25 +71,25 @@ _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the reference backend ----------------------------------------------------------------
 
-def _keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+def reference_keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
     if dropout_p == 0.0:
         return None
     return reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
 
 
-def _reference_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
-    keep = _keep_mask(x, dropout_p, seed)
+def reference_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
+    keep = reference_keep_mask(x, dropout_p, seed)
     y = reference.lora_linear(x, weight, lora_a, lora_b, bias, scale, keep, dropout_p)
     return y, reference.lora_activation(x, lora_a, scale, keep, dropout_p)
 
 
-def _reference_backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask):
+def reference_backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask):
     # The spec recomputes the rank-r activation in float32 rather than use the saved lora_u.
-    keep = _keep_mask(x, dropout_p, seed)
+    keep = reference_keep_mask(x, dropout_p, seed)
     return reference.lora_linear_backward(grad, x, weight, lora_a, lora_b, scale, keep, dropout_p, output_mask)
 
 
-register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
+register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))
 
 
 # -- the public op ------------------------------------------------------------------------

@@ -9,8 +9,8 @@ from torch import Tensor
 
 from .. import reference
 from ..backends import OpImpl, register_impl, resolve_backend
-from . import _validate as check
-from ._registry import run_backward, run_forward
+from . import validate as check
+from .dispatch import run_backward, run_forward
 
 OP = "prefix_attention"
 
@@ -68,7 +68,7 @@ def _backward(ctx, grad_out, grad_lse):
 _prefix_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
-def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask):
+def reference_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask):
     # The spec recomputes the probabilities in float32 instead of trusting the saved
     # (rounded) output; kernels use out and lse as FlashAttention does.
     return reference.prefix_attention_backward(
@@ -76,11 +76,11 @@ def _reference_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask,
     )
 
 
-def _reference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def reference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     return reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
 
 
-register_impl(OP, "reference", OpImpl(forward=_reference_forward, backward=_reference_backward))
+register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))
 
 
 def prefix_attention(

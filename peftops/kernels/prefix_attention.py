@@ -35,7 +35,7 @@ result is bitwise reproducible. A shared prefix's gradient is written per batch 
 float32 buffer that PyTorch then sums in a fixed order.
 
 Offsets of the batch and head are int64; inside one (b, h) slice they are int32, which
-``_supports`` checks.
+``supports`` checks.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from . import _config as _cfg
-from ._common import dot_precision, empty, interpreting, on_device
+from . import block_config as _cfg
+from .common import dot_precision, empty, interpreting, on_device
 
 OP = "prefix_attention"
 LOG2E = 1.4426950408889634
@@ -108,7 +108,7 @@ def _tuned(device_name: str) -> dict:
     return {(e["kernel"], e["block_d"], e["dtype"]): e["config"] for e in doc["entries"]}
 
 
-def _config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
+def block_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda" or interpreting():
         return dict(INTERPRETER)
     tuned = _tuned(torch.cuda.get_device_name(device)).get((kernel, max(64, block_d), str(dtype).removeprefix("torch.")))
@@ -497,7 +497,7 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
     out = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -507,7 +507,7 @@ def _forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     pk, pv, spk, spv, prefix_len = _prefix_args(k, v, prefix_k, prefix_v)
     kpm, stride_mb, has_kpm = _mask_args(key_padding_mask, k)
     block_d = _block_d(head_dim)
-    cfg = _config("fwd", block_d, q.dtype, q.device)
+    cfg = block_config("fwd", block_d, q.dtype, q.device)
     meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
     with on_device(q.device):
@@ -526,7 +526,7 @@ def _launch_dkdv(q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_k
                  batch_strides, scale, block_d):
     batch, hq, q_len, head_dim = q.shape
     hkv = keys.shape[-3]
-    cfg = _config("dkdv", block_d, q.dtype, q.device)
+    cfg = block_config("dkdv", block_d, q.dtype, q.device)
     meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
     # A short prefix (P = 64 under BLOCK_N = 128) would leave half of every tile idle.
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(n_keys)))
@@ -541,7 +541,7 @@ def _launch_dkdv(q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_k
     )
 
 
-def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
+def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
               output_mask: Sequence[bool]):
     need_q, need_k, need_v, need_pk, need_pv = output_mask
     batch, hq, q_len, head_dim = q.shape
@@ -596,7 +596,7 @@ def _backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
                 dpv = dpv_rows if need_pv else None
         if need_q:
             pk, pv, spk, spv, _ = _prefix_args(k, v, prefix_k, prefix_v)
-            cfg = _config("dq", block_d, q.dtype, q.device)
+            cfg = block_config("dq", block_d, q.dtype, q.device)
             meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             _dq_kernel[(triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)](
                 q, k, v, pk, pv, kpm, grad_out, lse2, delta, dq,
@@ -619,7 +619,7 @@ def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
     return dq, dk, dv, dpk, dpv
 
 
-def _supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> Optional[str]:
+def supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> Optional[str]:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {q.dtype}"
     if not scale > 0:
@@ -632,4 +632,4 @@ def _supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> O
     return None
 
 
-register_impl(OP, "triton", OpImpl(forward=_forward, backward=_backward, supports=_supports))
+register_impl(OP, "triton", OpImpl(forward=forward, backward=backward, supports=supports))

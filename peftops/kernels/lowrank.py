@@ -17,12 +17,12 @@ import triton.language as tl
 from torch import Tensor
 from triton.language.random import uint_to_uniform_float
 
-from . import _config
-from ._common import dot_precision, empty, num_sms
+from . import block_config
+from .common import dot_precision, empty, num_sms
 
 
 @triton.jit
-def _keep(seed, rows, cols, p):
+def keep_mask(seed, rows, cols, p):
     """Dropout keep-mask for tokens ``rows`` (int64, [BM, 1]) and features ``cols`` ([1, BK])."""
     rows_b = rows + tl.zeros_like(cols).to(tl.int64)
     cols_b = cols.to(tl.int64) + tl.zeros_like(rows)
@@ -57,7 +57,7 @@ def _down_kernel(
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
         if HAS_DROPOUT:
-            x = tl.where(_keep(seed, rows, ks[None, :], p), x, 0.0)
+            x = tl.where(keep_mask(seed, rows, ks[None, :], p), x, 0.0)
         w = tl.load(W + ks[:, None] * stride_wk + ranks * stride_wr, mask=(ks[:, None] < K) & (ranks < R), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
     tl.store(OUT + rows * stride_om + ranks * stride_or, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < M) & (ranks < R))
@@ -92,7 +92,7 @@ def _tn_kernel(
         lt = tl.load(L + ms * stride_lm + ps * stride_lp, mask=in_rows & (ps < P), other=0.0)
         rt = tl.load(RT + ms * stride_rm + qs * stride_rq, mask=in_rows & (qs < Q), other=0.0)
         if HAS_DROPOUT:
-            rt = tl.where(_keep(seed, ms, qs, p), rt, 0.0)
+            rt = tl.where(keep_mask(seed, ms, qs, p), rt, 0.0)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
     out_p = tl.trans(ps)
     tl.store(OUT + split.to(tl.int64) * stride_os + out_p * stride_op + qs * stride_oq, acc * scale, mask=(out_p < P) & (qs < Q))
@@ -100,11 +100,11 @@ def _tn_kernel(
 
 # -- launchers ------------------------------------------------------------------------------
 
-def _pow2(n: int, lo: int = 16) -> int:
+def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
 
 
-def _launch_meta(cfg: dict) -> tuple[dict, dict]:
+def launch_meta(cfg: dict) -> tuple[dict, dict]:
     """Split a config into constexpr block sizes and launch options."""
     opts = {k: cfg.pop(k) for k in ("num_warps", "num_stages")}
     return cfg, opts
@@ -121,9 +121,9 @@ def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional
     out = empty((m, r), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    cfg, opts = _launch_meta(dict(cfg) if cfg else _config.config(op, "down", x.device, m, r, k, r, x.dtype))
-    block_r = min(_pow2(r), 128)
-    _config.fit_stages(opts, (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * x.element_size(), x.device)
+    cfg, opts = launch_meta(dict(cfg) if cfg else block_config.config(op, "down", x.device, m, r, k, r, x.dtype))
+    block_r = min(pow2(r), 128)
+    block_config.fit_stages(opts, (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, block_r))
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     _down_kernel[grid](
@@ -143,12 +143,12 @@ def tn(left: Tensor, right: Tensor, *, scale: float = 1.0, dropout_p: float = 0.
     over the M tokens, split across programs into float32 partials summed in a fixed order."""
     m, p_dim = left.shape
     q_dim = right.shape[1]
-    cfg, opts = _launch_meta(
-        dict(cfg) if cfg else _config.config(op, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim), left.dtype)
+    cfg, opts = launch_meta(
+        dict(cfg) if cfg else block_config.config(op, "tn", left.device, m, p_dim, q_dim, min(p_dim, q_dim), left.dtype)
     )
-    cfg["BLOCK_P"] = min(cfg["BLOCK_P"], _pow2(p_dim))
-    cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], _pow2(q_dim))
-    _config.fit_stages(opts, cfg["BLOCK_M"] * (cfg["BLOCK_P"] + cfg["BLOCK_Q"]) * left.element_size(), left.device)
+    cfg["BLOCK_P"] = min(cfg["BLOCK_P"], pow2(p_dim))
+    cfg["BLOCK_Q"] = min(cfg["BLOCK_Q"], pow2(q_dim))
+    block_config.fit_stages(opts, cfg["BLOCK_M"] * (cfg["BLOCK_P"] + cfg["BLOCK_Q"]) * left.element_size(), left.device)
     tiles = triton.cdiv(p_dim, cfg["BLOCK_P"]) * triton.cdiv(q_dim, cfg["BLOCK_Q"])
     # Enough programs to fill the GPU twice over, but each split keeps >= 4 row blocks of work.
     splits = max(1, min(triton.cdiv(2 * num_sms(left.device), tiles), triton.cdiv(m, 4 * cfg["BLOCK_M"])))

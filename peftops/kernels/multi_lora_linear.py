@@ -21,9 +21,9 @@ backward::
                        dB_a = sum_{t in a} g_t^T u_t                output block) walks its
                                                                    tokens in order: no atomics,
                                                                    absent adapters get zeros
-    dW = g^T x (the dense reduction of :mod:`._lowrank`), db = sum_t g
+    dW = g^T x (the dense reduction of :mod:`.lowrank`), db = sum_t g
 
-Dropout is the counter-based mask of :mod:`._lowrank`, keyed by the token's own index, so
+Dropout is the counter-based mask of :mod:`.lowrank`, keyed by the token's own index, so
 forward and backward regenerate the same mask. This is the segmented path (prefill and
 training: long runs of one adapter); a decode batch of one token per adapter runs it with
 one-token tiles, correct but re-reading W per tile (the gathered decode path is to come).
@@ -39,8 +39,8 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from ._common import dot_precision, empty, interpreting, on_device
-from ._lowrank import _keep, _pow2, tn
+from .common import dot_precision, empty, interpreting, on_device
+from .lowrank import keep_mask, pow2, tn
 
 OP = "multi_lora_linear"
 MAX_RANK = 128
@@ -123,7 +123,7 @@ def _seg_down_kernel(
                 ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)[None, :]
                 x = tl.load(X + tok * stride_xm + ks * stride_xk, mask=in_tile & (ks < K), other=0.0)
                 if HAS_DROPOUT:
-                    x = tl.where(_keep(seed, tok, ks, p), x, 0.0)
+                    x = tl.where(keep_mask(seed, tok, ks, p), x, 0.0)
                 kt = tl.trans(ks)
                 w = tl.load(W + a * stride_wa + kt * stride_wk + rs * stride_wr, mask=(kt < K) & (rs < rank), other=0.0)
                 acc = tl.dot(x, w, acc, input_precision=PRECISION)
@@ -156,7 +156,7 @@ def _seg_gemm_kernel(
                         mask=(rs[:, None] < R) & (cols < N), other=0.0)
             low = tl.dot(u, e, input_precision=PRECISION) * epi_scale
             if EPI_DROPOUT:
-                low = tl.where(_keep(tl.load(SEED), tok, cols, p), low, 0.0)
+                low = tl.where(keep_mask(tl.load(SEED), tok, cols, p), low, 0.0)
             acc += low
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -195,7 +195,7 @@ def _seg_tn_kernel(
         lt = tl.load(L + tok * stride_lm + ps * stride_lp, mask=rows & (ps < P), other=0.0)
         rt = tl.load(RT + tok * stride_rm + qs * stride_rq, mask=rows & (qs < Q), other=0.0)
         if HAS_DROPOUT:
-            rt = tl.where(_keep(seed, tok, qs, p), rt, 0.0)
+            rt = tl.where(keep_mask(seed, tok, qs, p), rt, 0.0)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
     out_p = tl.trans(ps)
     tl.store(OUT + a * stride_oa + out_p * stride_op + qs * stride_oq, (acc * scale).to(OUT.dtype.element_ty),
@@ -218,7 +218,7 @@ def _down(x, w, w_strides, scales, ranks, seed, dropout_p, tiles, r_max, cfg):
         x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
         dropout_p,
         HAS_RANKS=ranks is not None, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_pow2(r_max),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=pow2(r_max),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -236,7 +236,7 @@ def _gemm(x, w_kn, u, e, e_strides, bias, seed, dropout_p, epi_scale, tiles, n_o
         out.stride(0), out.stride(1),
         epi_scale, dropout_p,
         HAS_BIAS=bias is not None, EPI_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=_pow2(u.shape[1]),
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=pow2(u.shape[1]),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
     return out
@@ -246,7 +246,7 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
     perm, start, count, *_ = tiles
     t, p_dim = left.shape
     q_dim = right.shape[1]
-    block_p, block_q = min(64, _pow2(p_dim)), min(64, _pow2(q_dim))
+    block_p, block_q = min(64, pow2(p_dim)), min(64, pow2(q_dim))
     out = empty((n_adapters, p_dim, q_dim), dtype=out_dtype, device=left.device)
     _seg_tn_kernel[(n_adapters, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q))](
         left, right, out, seed if seed is not None else left, start, count, perm,
@@ -260,7 +260,7 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
     return out
 
 
-def _forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
+def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
     t, out_f, (n, r_max, _) = x.shape[0], weight.shape[0], lora_a.shape
     if t == 0:
         return empty((0, out_f), dtype=x.dtype, device=x.device), empty((0, r_max), dtype=x.dtype, device=x.device)
@@ -276,7 +276,7 @@ def _forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropou
     return y, u
 
 
-def _backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
+def backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
               output_mask: Sequence[bool]):
     need_x, need_w, need_a, need_b, need_bias = output_mask
     t, (n, r_max, in_f) = x.shape[0], lora_a.shape
@@ -306,7 +306,7 @@ def _backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_
     return dx, dw, da, db, dbias
 
 
-def _supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> Optional[str]:
+def supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> Optional[str]:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if lora_a.shape[1] > MAX_RANK:
@@ -316,4 +316,4 @@ def _supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropo
     return None
 
 
-register_impl(OP, "triton", OpImpl(forward=_forward, backward=_backward, supports=_supports))
+register_impl(OP, "triton", OpImpl(forward=forward, backward=backward, supports=supports))

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import acc_dtype
+from .common import acc_dtype
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 

@@ -1,4 +1,4 @@
-"""The LoRA spec (peftops.reference.lora): against the merged-weight formulation, and its
+"""The LoRA spec (peftops.reference.lora_linear): against the merged-weight formulation, and its
 written-out backward against autograd."""
 
 from __future__ import annotations
