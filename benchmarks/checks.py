@@ -4,8 +4,8 @@ gradients compared with it under :mod:`peftops.testing`'s tolerance policy.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import torch
 
@@ -18,20 +18,28 @@ from .registry import Inputs, Op, Provider
 # Correctness checks
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass
 class Expected:
     """The reference evaluated in float32 on input set 0: output and gradients."""
 
     out: torch.Tensor
-    grads: Optional[list[torch.Tensor]]
+    grads: list[torch.Tensor] | None
 
 
 def reference_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def evaluate_reference(op: Op, inputs: Inputs, grad_names: Sequence[str], grad_out_seed: int,
-                       dtype: torch.dtype, device: torch.device, need_grad: bool) -> tuple[Expected, torch.Tensor]:
+def evaluate_reference(
+    op: Op,
+    inputs: Inputs,
+    grad_names: Sequence[str],
+    grad_out_seed: int,
+    dtype: torch.dtype,
+    device: torch.device,
+    need_grad: bool,
+) -> tuple[Expected, torch.Tensor]:
     """Run the reference on float32 copies of ``inputs``; return it and the run-dtype ``grad_out``
     (drawn here because its shape is the reference output's)."""
     acc = reference_dtype(dtype)
@@ -48,8 +56,15 @@ def evaluate_reference(op: Op, inputs: Inputs, grad_names: Sequence[str], grad_o
     return Expected(out.detach(), grads), grad_out
 
 
-def check_provider(provider: Provider, inputs: Inputs, grad_out: torch.Tensor, grad_names: Sequence[str],
-                   expected: Expected, dtype: torch.dtype, device: torch.device) -> tuple[list[str], list[str]]:
+def check_provider(
+    provider: Provider,
+    inputs: Inputs,
+    grad_out: torch.Tensor,
+    grad_names: Sequence[str],
+    expected: Expected,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[list[str], list[str]]:
     """Compare the provider's output (and gradients, when the reference has them) with the
     reference under the tolerance policy. Returns the forward and the backward problems."""
     tf32 = device.type == "cuda" and dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
@@ -65,7 +80,7 @@ def check_provider(provider: Provider, inputs: Inputs, grad_out: torch.Tensor, g
     if not out.requires_grad:
         return fwd_problems, ["output: does not require grad (no gradient reaches any input)"]
     grads = torch.autograd.grad(out, grad_args(inputs, grad_names), grad_out, allow_unused=True)
-    for name, got, want in zip(grad_names, grads, expected.grads):
+    for name, got, want in zip(grad_names, grads, expected.grads, strict=False):
         if got is None:
             bwd_problems.append(f"d{name}: None (the output does not depend on it)")
             continue

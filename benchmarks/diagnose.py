@@ -54,8 +54,8 @@ def main() -> int:
 
     import peftops
     from peftops.kernels import block_config
-    from peftops.kernels import prefix_attention as AK
     from peftops.kernels import lora_linear as LK
+    from peftops.kernels import prefix_attention as AK
 
     bench = lambda fn: triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")  # noqa: E731
     dev, bf = torch.device("cuda"), torch.bfloat16
@@ -73,8 +73,9 @@ def main() -> int:
         "gemm kernel alone": lambda: LK.gemm(x, w.T, u, b.T, None),
         "lora backend fwd (no custom op)": lambda: LK.forward(x, w, a, b, None, 2.0, 0.0, None),
         "lora public fwd (no grad)": lambda: peftops.lora_linear(x, w, a, b, scale=2.0),
-        "lora backend bwd (no autograd)": lambda: LK.backward(g, x, w, a, b, u, 2.0, 0.0, None,
-                                                                [True, False, True, True, False]),
+        "lora backend bwd (no autograd)": lambda: LK.backward(
+            g, x, w, a, b, u, 2.0, 0.0, None, [True, False, True, True, False]
+        ),
         "lora autograd bwd": lambda: torch.autograd.grad(y, (xg, ag, bg), g, retain_graph=True),
     }
     for name, fn in rows.items():

@@ -37,9 +37,9 @@ import fnmatch
 import functools
 import itertools
 import sys
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Optional, Sequence
 
 import torch
 
@@ -81,19 +81,20 @@ EXIT_OK, EXIT_FAIL, EXIT_USAGE = 0, 1, 2
 # Running
 # ---------------------------------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class Selection:
     """What the command line asked for; ``None`` selects everything. A case runs if its op is
     selected, it belongs to ``suite`` and its name contains one of ``cases``."""
 
-    ops: Optional[Sequence[str]] = None
-    cases: Optional[Sequence[str]] = None  # substrings
-    providers: Optional[Sequence[str]] = None  # exact names or fnmatch globs
+    ops: Sequence[str] | None = None
+    cases: Sequence[str] | None = None  # substrings
+    providers: Sequence[str] | None = None  # exact names or fnmatch globs
     modes: Sequence[str] = MODES
     suite: str = FULL
 
 
-def _provider_selected(name: str, patterns: Optional[Sequence[str]]) -> bool:
+def _provider_selected(name: str, patterns: Sequence[str] | None) -> bool:
     return patterns is None or any(name == p or fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -103,8 +104,11 @@ def plan(registry: Registry, selection: Selection, device: torch.device) -> list
         unknown = sorted(set(selection.ops) - set(registry.ops))
         if unknown:
             raise UsageError(f"--ops: unknown {unknown}; registered: {sorted(registry.ops)}")
-    providers = {name: op.providers(device) for name, op in registry.ops.items()
-                 if selection.ops is None or name in selection.ops}
+    providers = {
+        name: op.providers(device)
+        for name, op in registry.ops.items()
+        if selection.ops is None or name in selection.ops
+    }
     work = []
     for case in registry.cases:
         if case.op not in providers or selection.suite not in case.suites:
@@ -121,8 +125,10 @@ def plan(registry: Registry, selection: Selection, device: torch.device) -> list
 
 def case_work(case: Case, provider: Provider, mode: str) -> Work:
     """Flops and elements of ``mode`` for this provider on this case (fwd+bwd is the sum)."""
+
     def one(direction: str) -> Work:
         return provider.work(case, direction) if provider.work is not None else case.work(direction)
+
     if mode == "fwd+bwd":
         return one("fwd") + one("bwd")
     return one(mode)
@@ -161,11 +167,26 @@ def _error(exc: BaseException) -> str:
 
 def _new_result(case: Case, provider: Provider, mode: str, dtype: torch.dtype) -> dict:
     return {
-        "op": case.op, "case": case.name, "mode": mode, "provider": provider.name,
-        "dtype": str(dtype).removeprefix("torch."), "params": case.params, "base": case.base,
-        "median_ms": None, "p20_ms": None, "p80_ms": None, "timer": None, "n_sets": None,
-        "flops": None, "bytes": None, "tflops": None, "gbps": None, "pct_gemm": None, "pct_copy": None,
-        "ratio_to_base": None, "check": None,
+        "op": case.op,
+        "case": case.name,
+        "mode": mode,
+        "provider": provider.name,
+        "dtype": str(dtype).removeprefix("torch."),
+        "params": case.params,
+        "base": case.base,
+        "median_ms": None,
+        "p20_ms": None,
+        "p80_ms": None,
+        "timer": None,
+        "n_sets": None,
+        "flops": None,
+        "bytes": None,
+        "tflops": None,
+        "gbps": None,
+        "pct_gemm": None,
+        "pct_copy": None,
+        "ratio_to_base": None,
+        "check": None,
     }
 
 
@@ -173,8 +194,16 @@ def _progress(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def _checks(provider: Provider, inputs: Inputs, grad_out: torch.Tensor, case: Case, expected: Expected,
-            modes: Sequence[str], dtype: torch.dtype, device: torch.device) -> dict[str, str]:
+def _checks(
+    provider: Provider,
+    inputs: Inputs,
+    grad_out: torch.Tensor,
+    case: Case,
+    expected: Expected,
+    modes: Sequence[str],
+    dtype: torch.dtype,
+    device: torch.device,
+) -> dict[str, str]:
     """The check column of each mode: the forward's problems for ``fwd``, the forward's and the
     gradients' for the others; ``n/a`` for an unchecked provider; ``error: ...`` if it raised."""
     if not provider.checked:
@@ -188,9 +217,18 @@ def _checks(provider: Provider, inputs: Inputs, grad_out: torch.Tensor, case: Ca
     return {m: verdict(fwd if m == "fwd" else fwd + bwd) for m in modes}
 
 
-def run_case(registry: Registry, case: Case, providers: list[Provider], modes: Sequence[str], device: torch.device,
-             dtype: torch.dtype, budget: Budget, ceilings: dict, graph_policy: str,
-             counter: Iterable[str]) -> list[dict]:
+def run_case(
+    registry: Registry,
+    case: Case,
+    providers: list[Provider],
+    modes: Sequence[str],
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: Budget,
+    ceilings: dict,
+    graph_policy: str,
+    counter: Iterable[str],
+) -> list[dict]:
     """Check and time every (provider, mode) of one case; never raises for a provider's fault."""
     op = registry.ops[case.op]
     need_grad = any(m != "fwd" for m in modes)
@@ -226,8 +264,13 @@ def run_case(registry: Registry, case: Case, providers: list[Provider], modes: S
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory: reported, the run goes on
                     result["check"] = _error(exc)
                 else:
-                    result.update(median_ms=timing.median_ms, p20_ms=timing.p20_ms, p80_ms=timing.p80_ms,
-                                  timer=timing.timer, n_sets=n_sets)
+                    result.update(
+                        median_ms=timing.median_ms,
+                        p20_ms=timing.p20_ms,
+                        p80_ms=timing.p80_ms,
+                        timer=timing.timer,
+                        n_sets=n_sets,
+                    )
                     derive(result, ceilings)
             results.append(result)
             ms = "-" if result["median_ms"] is None else f"{result['median_ms']:.4g} ms"
@@ -264,8 +307,16 @@ def _run_settings(device: torch.device, cpu_threads: int):
         yield
 
 
-def run(registry: Registry, work: list[tuple[Case, list[Provider]]], selection: Selection, device: torch.device,
-        dtype: torch.dtype, budget: Budget, graph_policy: str = "auto", cpu_threads: int = 1) -> dict:
+def run(
+    registry: Registry,
+    work: list[tuple[Case, list[Provider]]],
+    selection: Selection,
+    device: torch.device,
+    dtype: torch.dtype,
+    budget: Budget,
+    graph_policy: str = "auto",
+    cpu_threads: int = 1,
+) -> dict:
     """Measure the ceilings, then check and time every (case, provider) of ``work`` (from
     :func:`plan`) in the selection's modes. Returns the run as the JSON document (:func:`write_json`)."""
     total = sum(len(providers) for _, providers in work) * len(selection.modes)
@@ -276,8 +327,9 @@ def run(registry: Registry, work: list[tuple[Case, list[Provider]]], selection: 
         ceilings = measure_ceilings(device, dtype, budget)
         results = []
         for case, providers in work:
-            results += run_case(registry, case, providers, selection.modes, device, dtype, budget, ceilings,
-                                graph_policy, counter)
+            results += run_case(
+                registry, case, providers, selection.modes, device, dtype, budget, ceilings, graph_policy, counter
+            )
         env = environment(device)
     return {
         "schema": SCHEMA_VERSION,
@@ -295,7 +347,8 @@ def run(registry: Registry, work: list[tuple[Case, list[Provider]]], selection: 
 # Command line
 # ---------------------------------------------------------------------------------------------
 
-def _split(values: Optional[list[str]]) -> Optional[list[str]]:
+
+def _split(values: list[str] | None) -> list[str] | None:
     """``--ops a,b c`` -> ``[a, b, c]``."""
     if values is None:
         return None
@@ -316,17 +369,36 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", nargs="+", metavar="MODE", help=f"some of {', '.join(MODES)}")
     p.add_argument("--dtype", choices=sorted(DTYPES), help="default: bfloat16 on GPU, float32 on CPU")
     p.add_argument("--device", choices=("cpu", "cuda"), help="default: cuda if available, else cpu")
-    p.add_argument("--cuda-graph", choices=("auto", "on", "off"), default="auto",
-                   help=f"time with CUDA graphs (auto: cases whose ideal forward time is under {GRAPH_BELOW_MS} ms)")
-    p.add_argument("--threads", type=int, default=1, metavar="N",
-                   help="CPU only: torch intra-op threads while timing (default 1: steadier on shared cores)")
-    p.add_argument("--json", type=Path, metavar="PATH",
-                   help="where to write the run (default benchmarks/out/<device>-<time>.json)")
+    p.add_argument(
+        "--cuda-graph",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help=f"time with CUDA graphs (auto: cases whose ideal forward time is under {GRAPH_BELOW_MS} ms)",
+    )
+    p.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        metavar="N",
+        help="CPU only: torch intra-op threads while timing (default 1: steadier on shared cores)",
+    )
+    p.add_argument(
+        "--json", type=Path, metavar="PATH", help="where to write the run (default benchmarks/out/<device>-<time>.json)"
+    )
     p.add_argument("--plot", type=Path, metavar="DIR", help="write a PNG bar chart per op into DIR (needs matplotlib)")
-    p.add_argument("--compare", nargs="+", type=Path, metavar="RUN.json",
-                   help="OLD.json: run, then compare with OLD; OLD.json NEW.json: compare two saved runs, run nothing")
-    p.add_argument("--threshold", type=float, help="regression threshold on the median, as a fraction "
-                   f"(default {DEFAULT_THRESHOLD['cuda']} on CUDA, {DEFAULT_THRESHOLD['cpu']} on CPU)")
+    p.add_argument(
+        "--compare",
+        nargs="+",
+        type=Path,
+        metavar="RUN.json",
+        help="OLD.json: run, then compare with OLD; OLD.json NEW.json: compare two saved runs, run nothing",
+    )
+    p.add_argument(
+        "--threshold",
+        type=float,
+        help="regression threshold on the median, as a fraction "
+        f"(default {DEFAULT_THRESHOLD['cuda']} on CUDA, {DEFAULT_THRESHOLD['cpu']} on CPU)",
+    )
     p.add_argument("--force", action="store_true", help="compare runs from different devices anyway")
     p.add_argument("--list", action="store_true", help="list the selected cases and providers, run nothing")
     return p
@@ -338,8 +410,13 @@ def _selection(args: argparse.Namespace, device: torch.device) -> Selection:
     if bad:
         raise UsageError(f"--modes: unknown {bad}; expected some of {list(MODES)}")
     suite = FULL if not args.quick else (QUICK if device.type == "cuda" else QUICK_CPU)
-    return Selection(ops=_split(args.ops), cases=_split(args.cases), providers=_split(args.providers),
-                     modes=tuple(dict.fromkeys(modes)), suite=suite)
+    return Selection(
+        ops=_split(args.ops),
+        cases=_split(args.cases),
+        providers=_split(args.providers),
+        modes=tuple(dict.fromkeys(modes)),
+        suite=suite,
+    )
 
 
 def _run_and_report(args, registry: Registry) -> int:
@@ -390,7 +467,7 @@ def _run_and_report(args, registry: Registry) -> int:
     return code
 
 
-def main(argv: Optional[Sequence[str]] = None, registry: Optional[Registry] = None) -> int:
+def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
     """The command line, callable in-process: returns the exit code (0 ok, 1 fail, 2 usage)."""
     parser = build_parser()
     try:
@@ -409,6 +486,7 @@ def main(argv: Optional[Sequence[str]] = None, registry: Optional[Registry] = No
             return EXIT_FAIL if regressions else EXIT_OK
         if registry is None:
             from .cases import default_registry
+
             registry = default_registry()
         return _run_and_report(args, registry)
     except UsageError as exc:

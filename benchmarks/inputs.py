@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
@@ -19,6 +19,7 @@ GRAD_OUT_SEED = 10_000  # input set i is drawn with seed i, its grad_out with GR
 # ---------------------------------------------------------------------------------------------
 # Inputs and the steps of each mode
 # ---------------------------------------------------------------------------------------------
+
 
 def _tensors(inputs: Inputs) -> Iterable[torch.Tensor]:
     return (v for v in inputs.values() if isinstance(v, torch.Tensor))
@@ -60,14 +61,20 @@ def _forward(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs) -> torch.Tens
         return fn(inputs)
 
 
-def _forward_backward(fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, grad_names: Sequence[str],
-                      grad_out: torch.Tensor) -> tuple:
+def _forward_backward(
+    fn: Callable[[Inputs], torch.Tensor], inputs: Inputs, grad_names: Sequence[str], grad_out: torch.Tensor
+) -> tuple:
     out = fn(inputs)
     return torch.autograd.grad(out, grad_args(inputs, grad_names), grad_out, allow_unused=True)
 
 
-def mode_steps(fn: Callable[[Inputs], torch.Tensor], sets: Sequence[Inputs], grad_outs: Sequence[torch.Tensor],
-               grad_names: Sequence[str], mode: str) -> list[Step]:
+def mode_steps(
+    fn: Callable[[Inputs], torch.Tensor],
+    sets: Sequence[Inputs],
+    grad_outs: Sequence[torch.Tensor],
+    grad_names: Sequence[str],
+    mode: str,
+) -> list[Step]:
     """One zero-argument call per input set doing the timed work of ``mode``.
 
     ``bwd`` runs each forward here, once and untimed, and keeps its graph for repeated backwards.
@@ -76,8 +83,13 @@ def mode_steps(fn: Callable[[Inputs], torch.Tensor], sets: Sequence[Inputs], gra
     if mode == "fwd":
         return [functools.partial(_forward, fn, t) for t in sets]
     if mode == "fwd+bwd":
-        return [functools.partial(_forward_backward, fn, t, grad_names, g) for t, g in zip(sets, grad_outs)]
+        return [
+            functools.partial(_forward_backward, fn, t, grad_names, g) for t, g in zip(sets, grad_outs, strict=False)
+        ]
     if mode == "bwd":
         backward = functools.partial(torch.autograd.grad, retain_graph=True, allow_unused=True)
-        return [functools.partial(backward, fn(t), grad_args(t, grad_names), g) for t, g in zip(sets, grad_outs)]
+        return [
+            functools.partial(backward, fn(t), grad_args(t, grad_names), g)
+            for t, g in zip(sets, grad_outs, strict=False)
+        ]
     raise ValueError(f"mode: expected one of {MODES}, got {mode!r}")

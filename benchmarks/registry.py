@@ -7,8 +7,8 @@ Case files in :mod:`benchmarks.cases` fill a :class:`Registry`; tests build thei
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable, Optional
 
 import torch
 
@@ -43,7 +43,7 @@ class Work:
     flops: float
     elems: float
 
-    def __add__(self, other: "Work") -> "Work":
+    def __add__(self, other: Work) -> Work:
         return Work(self.flops + other.flops, self.elems + other.elems)
 
 
@@ -63,8 +63,8 @@ class Provider:
     name: str
     fn: Callable[[Inputs], torch.Tensor]
     checked: bool = True
-    work: Optional[Callable[["Case", str], Work]] = None
-    untimed: Optional[str] = None
+    work: Callable[[Case, str], Work] | None = None
+    untimed: str | None = None
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,7 @@ class Case:
     base: str
     params: dict = field(default_factory=dict)
     suites: frozenset = frozenset({FULL})
-    unchecked: Optional[str] = None
+    unchecked: str | None = None
 
 
 class Registry:

@@ -7,8 +7,8 @@ from __future__ import annotations
 import datetime
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from .registry import UsageError
 
@@ -24,7 +24,8 @@ DEFAULT_OUT_DIR = Path(__file__).resolve().parent / "out"
 # Output: table and JSON
 # ---------------------------------------------------------------------------------------------
 
-def _fmt(x: Optional[float], spec: str = ".4g") -> str:
+
+def _fmt(x: float | None, spec: str = ".4g") -> str:
     return "-" if x is None else format(x, spec)
 
 
@@ -41,7 +42,7 @@ def format_table(rows: list[list[str]], header: Sequence[str]) -> str:
     widths = [max(len(h), *(len(row[i]) for row in rows)) if rows else len(h) for i, h in enumerate(header)]
 
     def line(cells: Sequence[str]) -> str:
-        return "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()
+        return "  ".join(c.ljust(w) for c, w in zip(cells, widths, strict=False)).rstrip()
 
     return "\n".join([line(header), line(["-" * w for w in widths]), *(line(r) for r in rows)])
 
@@ -53,19 +54,44 @@ def results_table(run_doc: dict, check_width: int = 48) -> str:
     head = [
         f"{kind}: {device['name']}, dtype {run_doc['dtype']}",
         f"timer: {run_doc['timer']}",
-        (f"ceilings: {ceil['gemm']['what']}: {ceil['gemm']['tflops']:.4g} TFLOP/s; "
-         f"{ceil['copy']['what']}: {ceil['copy']['gbps']:.4g} GB/s"),
+        (
+            f"ceilings: {ceil['gemm']['what']}: {ceil['gemm']['tflops']:.4g} TFLOP/s; "
+            f"{ceil['copy']['what']}: {ceil['copy']['gbps']:.4g} GB/s"
+        ),
     ]
     rows = []
     for r in run_doc["results"]:
         check = r["check"] if len(r["check"]) <= check_width else r["check"][: check_width - 3] + "..."
-        rows.append([
-            r["op"], r["case"], r["mode"], r["provider"], _fmt(r["median_ms"]), _fmt(r["p20_ms"]), _fmt(r["p80_ms"]),
-            _fmt(r["tflops"], ".3g"), _fmt(r["gbps"], ".3g"), _ceiling_cell(r),
-            "-" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x", check,
-        ])
-    header = ["op", "case", "mode", "provider", f"median ms ({kind})", "p20", "p80", "TFLOP/s", "GB/s", "%ceiling",
-              "x base", "check"]
+        rows.append(
+            [
+                r["op"],
+                r["case"],
+                r["mode"],
+                r["provider"],
+                _fmt(r["median_ms"]),
+                _fmt(r["p20_ms"]),
+                _fmt(r["p80_ms"]),
+                _fmt(r["tflops"], ".3g"),
+                _fmt(r["gbps"], ".3g"),
+                _ceiling_cell(r),
+                "-" if r["ratio_to_base"] is None else f"{r['ratio_to_base']:.2f}x",
+                check,
+            ]
+        )
+    header = [
+        "op",
+        "case",
+        "mode",
+        "provider",
+        f"median ms ({kind})",
+        "p20",
+        "p80",
+        "TFLOP/s",
+        "GB/s",
+        "%ceiling",
+        "x base",
+        "check",
+    ]
     return "\n".join(head) + "\n\n" + format_table(rows, header)
 
 
@@ -97,6 +123,7 @@ def load_json(path: Path) -> dict:
 # Compare
 # ---------------------------------------------------------------------------------------------
 
+
 def _key(r: dict) -> tuple:
     return (r["op"], r["case"], r["mode"], r["provider"], r["dtype"])
 
@@ -122,7 +149,7 @@ def check_same_device(old_name: str, new_name: str, force: bool) -> None:
         )
 
 
-def compare_runs(old: dict, new: dict, threshold: Optional[float], force: bool) -> tuple[str, int]:
+def compare_runs(old: dict, new: dict, threshold: float | None, force: bool) -> tuple[str, int]:
     """Match results by (op, case, mode, provider, dtype); return a report and the number of
     regressions. Refuses runs from different devices unless ``force``."""
     check_same_device(old["device"]["name"], new["device"]["name"], force)
@@ -141,8 +168,15 @@ def compare_runs(old: dict, new: dict, threshold: Optional[float], force: bool) 
             change += f" [timer {o['timer']} -> {r['timer']}]"
         if kind != "same":
             notable[kind].append(f"{kind.upper()}: {' / '.join(key)}: {change}")
-        rows.append([*key, f"{o['median_ms']:.4g}", f"{r['median_ms']:.4g}", f"{r['median_ms'] / o['median_ms']:.3f}",
-                     "" if kind == "same" else kind])
+        rows.append(
+            [
+                *key,
+                f"{o['median_ms']:.4g}",
+                f"{r['median_ms']:.4g}",
+                f"{r['median_ms'] / o['median_ms']:.3f}",
+                "" if kind == "same" else kind,
+            ]
+        )
     only_new, only_old = len(new_by_key.keys() - old_by_key.keys()), len(old_by_key.keys() - new_by_key.keys())
     summary = (
         f"compared {len(rows)} results (threshold {threshold:.0%} on the median, and disjoint p20-p80 ranges): "
@@ -150,17 +184,25 @@ def compare_runs(old: dict, new: dict, threshold: Optional[float], force: bool) 
         + (f"; {only_new} only in the new run, {only_old} only in the old run" if only_new or only_old else "")
     )
     header = ["op", "case", "mode", "provider", "dtype", "old ms", "new ms", "new/old", "verdict"]
-    text = "\n".join([
-        f"old: {old['timestamp']} {old['device']['name']} (commit {old.get('git_commit')})",
-        f"new: {new['timestamp']} {new['device']['name']} (commit {new.get('git_commit')})",
-        "", format_table(rows, header), "", summary, *notable["regression"], *notable["improvement"],
-    ])
+    text = "\n".join(
+        [
+            f"old: {old['timestamp']} {old['device']['name']} (commit {old.get('git_commit')})",
+            f"new: {new['timestamp']} {new['device']['name']} (commit {new.get('git_commit')})",
+            "",
+            format_table(rows, header),
+            "",
+            summary,
+            *notable["regression"],
+            *notable["improvement"],
+        ]
+    )
     return text, len(notable["regression"])
 
 
 # ---------------------------------------------------------------------------------------------
 # Plots
 # ---------------------------------------------------------------------------------------------
+
 
 def _require_matplotlib():
     try:
@@ -189,7 +231,7 @@ def write_plots(run_doc: dict, out_dir: Path) -> list[Path]:
         relative = all(r["ratio_to_base"] is not None for r in rows)
         fig, axes = plt.subplots(1, len(modes), figsize=(max(6, 2 + 1.6 * len(cases)) * len(modes), 4.5), squeeze=False)
         width = 0.8 / len(providers)
-        for ax, mode in zip(axes[0], modes):
+        for ax, mode in zip(axes[0], modes, strict=False):
             for i, provider in enumerate(providers):
                 xs, ys, lo, hi = [], [], [], []
                 for j, case in enumerate(cases):

@@ -31,8 +31,11 @@ CANDIDATES = {
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json")
-    parser.add_argument("--configs-out", help="also write the winners as DIR/prefix_attention/<GPU>.json, "
-                        "the file peftops.kernels.prefix_attention reads")
+    parser.add_argument(
+        "--configs-out",
+        help="also write the winners as DIR/prefix_attention/<GPU>.json, "
+        "the file peftops.kernels.prefix_attention reads",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("sweep_attention.py: needs a CUDA device", file=sys.stderr)
@@ -86,8 +89,19 @@ def main(argv=None) -> int:
             entries.append({"kernel": kernel, "block_d": 128, "dtype": "bfloat16", "config": best, "ms": ms})
         path = Path(args.configs_out) / "prefix_attention" / block_config.file_name(name)
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps({"device": name, "op": "prefix_attention", "torch": torch.__version__,
-                                    "shape": "B4 H32 L2048 D128 P64 causal", "entries": entries}, indent=1) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "device": name,
+                    "op": "prefix_attention",
+                    "torch": torch.__version__,
+                    "shape": "B4 H32 L2048 D128 P64 causal",
+                    "entries": entries,
+                },
+                indent=1,
+            )
+            + "\n"
+        )
         print(f"wrote {path}")
     return 0
 

@@ -13,9 +13,10 @@ import os
 import platform
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 import torch
 
@@ -33,6 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # ---------------------------------------------------------------------------------------------
 # Devices, versions, provenance
 # ---------------------------------------------------------------------------------------------
+
 
 def default_device() -> torch.device:
     return torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -67,14 +69,14 @@ def release_memory(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def _package_version(name: str) -> Optional[str]:
+def _package_version(name: str) -> str | None:
     try:
         return importlib.metadata.version(name)
     except importlib.metadata.PackageNotFoundError:
         return None
 
 
-def _git(*args: str) -> Optional[str]:
+def _git(*args: str) -> str | None:
     try:
         done = subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, timeout=10)
     except (OSError, subprocess.SubprocessError):
@@ -106,6 +108,7 @@ def environment(device: torch.device) -> dict:
 # ---------------------------------------------------------------------------------------------
 # Timing
 # ---------------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class Budget:
@@ -237,6 +240,7 @@ def timer_description(device: torch.device) -> str:
 # Ceilings
 # ---------------------------------------------------------------------------------------------
 
+
 def _gemm_ceiling(device: torch.device, dtype: torch.dtype, budget: Budget) -> dict:
     n = 8192 if device.type == "cuda" else 1024  # 8192^3 takes seconds per call on a CPU
     gen = torch.Generator(device=device)
@@ -246,7 +250,9 @@ def _gemm_ceiling(device: torch.device, dtype: torch.dtype, budget: Budget) -> d
     timing = time_steps(lambda: [functools.partial(torch.mm, a, b)], device, budget, cuda_graph=False)
     return {
         "what": f"{str(dtype).removeprefix('torch.')} matmul {n}x{n}x{n}",
-        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+        "median_ms": timing.median_ms,
+        "p20_ms": timing.p20_ms,
+        "p80_ms": timing.p80_ms,
         "tflops": 2 * n**3 / (timing.median_ms * 1e-3) / 1e12,
     }
 
@@ -258,7 +264,9 @@ def _copy_ceiling(device: torch.device, budget: Budget) -> dict:
     timing = time_steps(lambda: [functools.partial(dst.copy_, src)], device, budget, cuda_graph=False)
     return {
         "what": f"copy of a {size // 2**20} MiB buffer (GB/s counts read + write)",
-        "median_ms": timing.median_ms, "p20_ms": timing.p20_ms, "p80_ms": timing.p80_ms,
+        "median_ms": timing.median_ms,
+        "p20_ms": timing.p20_ms,
+        "p80_ms": timing.p80_ms,
         "gbps": 2 * size / (timing.median_ms * 1e-3) / 1e9,
     }
 

@@ -15,17 +15,18 @@ kept, keyed by the launch's own ``(n, k, r)`` and the token bucket, in
 from __future__ import annotations
 
 import argparse
+import functools
 import itertools
 import json
 import sys
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Callable, Iterable, Optional
 
 import torch
 
 from peftops.kernels import block_config
-from peftops.kernels import lowrank as L
 from peftops.kernels import lora_linear as K
+from peftops.kernels import lowrank as L
 
 LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 
@@ -33,8 +34,11 @@ LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]  # (in, out)
 def candidates(kernel: str, quick: bool) -> list[dict]:
     if kernel == "gemm":
         grid = itertools.product((64, 128), (64, 128, 256), (32, 64), (4, 8), (3, 4) if quick else (2, 3, 4, 5))
-        return [dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s) for m, n, k, w, s in grid
-                if not (m == 128 and n == 256 and w == 4)]
+        return [
+            dict(BLOCK_M=m, BLOCK_N=n, BLOCK_K=k, GROUP_M=8, num_warps=w, num_stages=s)
+            for m, n, k, w, s in grid
+            if not (m == 128 and n == 256 and w == 4)
+        ]
     if kernel == "down":
         grid = itertools.product((32, 64, 128), (64, 128, 256), (4, 8), (2, 3, 4))
         return [dict(BLOCK_M=m, BLOCK_K=k, num_warps=w, num_stages=s) for m, k, w, s in grid]
@@ -80,10 +84,17 @@ def do_bench_median(fn: Callable[[], object]) -> float:
     return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
 
 
-def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bool,
-         time_fn: Callable[[Callable[[], object]], float] = do_bench_median,
-         candidate_fn: Callable[[str, bool], list[dict]] = candidates, log=print,
-         kernels: Optional[Iterable[str]] = None, launches_fn=None) -> list[dict]:
+def tune(
+    problems: Iterable[tuple[int, int, int, int]],
+    dtype,
+    device,
+    quick: bool,
+    time_fn: Callable[[Callable[[], object]], float] = do_bench_median,
+    candidate_fn: Callable[[str, bool], list[dict]] = candidates,
+    log=print,
+    kernels: Iterable[str] | None = None,
+    launches_fn=None,
+) -> list[dict]:
     entries = []
     seen = set()
     wanted = None if kernels is None else set(kernels)
@@ -93,10 +104,10 @@ def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bo
             if key in seen or (wanted is not None and kernel not in wanted):
                 continue
             seen.add(key)
-            best: Optional[tuple[float, dict]] = None
+            best: tuple[float, dict] | None = None
             for cfg in candidate_fn(kernel, quick):
                 try:
-                    ms = time_fn(lambda: run(cfg))
+                    ms = time_fn(functools.partial(run, cfg))
                 except Exception as exc:  # noqa: BLE001 - e.g. out of shared memory: not a candidate here
                     log(f"  skip {cfg}: {type(exc).__name__}")
                     continue
@@ -105,16 +116,30 @@ def tune(problems: Iterable[tuple[int, int, int, int]], dtype, device, quick: bo
             if best is None:
                 raise RuntimeError(f"no candidate ran for {kernel} {(m, n, k, r)}")
             log(f"{kernel} m={m} n={n} k={k} r={r}: {best[0]:.4f} ms with {best[1]}")
-            entries.append({"kernel": kernel, "n": n, "k": k, "r": r, "m_bucket": block_config.m_bucket(m),
-                            "config": best[1], "ms": best[0]})
+            entries.append(
+                {
+                    "kernel": kernel,
+                    "n": n,
+                    "k": k,
+                    "r": r,
+                    "m_bucket": block_config.m_bucket(m),
+                    "config": best[1],
+                    "ms": best[0],
+                }
+            )
     return entries
 
 
 def write(entries: list[dict], device_name: str, out_dir: Path, dtype, op: str = "lora_linear") -> Path:
     path = out_dir / op / block_config.file_name(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
-    doc = {"device": device_name, "op": op, "dtype": str(dtype).removeprefix("torch."),
-           "torch": torch.__version__, "entries": entries}
+    doc = {
+        "device": device_name,
+        "op": op,
+        "dtype": str(dtype).removeprefix("torch."),
+        "torch": torch.__version__,
+        "entries": entries,
+    }
     path.write_text(json.dumps(doc, indent=1) + "\n")
     return path
 
@@ -126,8 +151,13 @@ def main(argv=None) -> int:
     parser.add_argument("--tokens", type=int, nargs="+", default=[512, 8192])
     parser.add_argument("--ranks", type=int, nargs="+", default=[16, 64])
     parser.add_argument("--op", choices=["lora_linear", "bottleneck_adapter"], default="lora_linear")
-    parser.add_argument("--kernels", nargs="+", choices=["gemm", "down", "tn"], default=None,
-                        help="tune only these launches (the others keep their defaults)")
+    parser.add_argument(
+        "--kernels",
+        nargs="+",
+        choices=["gemm", "down", "tn"],
+        default=None,
+        help="tune only these launches (the others keep their defaults)",
+    )
     args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune.py: needs a CUDA device (timings under the interpreter mean nothing)", file=sys.stderr)

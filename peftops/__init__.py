@@ -5,12 +5,10 @@ Functional ops: :func:`lora_linear`, :func:`multi_lora_linear`, :func:`bottlenec
 Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 """
 
-from . import backends, reference
+from . import backends, cuda_ext, kernels, nn, reference  # noqa: F401  (register the cuda and triton backends)
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
-from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention
-from . import cuda_ext, kernels  # noqa: F401  (register the cuda and triton backends)
-from . import nn
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
+from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 

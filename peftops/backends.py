@@ -27,9 +27,9 @@ import functools
 import importlib.util
 import json
 import os
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 
@@ -127,7 +127,7 @@ def _cuda_extension_status() -> str:
     return _fact("cuda_extension", lambda: why_unavailable() or "")
 
 
-def backend_status(backend: str, device: torch.device | str) -> Optional[str]:
+def backend_status(backend: str, device: torch.device | str) -> str | None:
     """``None`` if ``backend`` can run on ``device`` in this process, else the reason it cannot."""
     _check_name(backend, "backend")
     device = torch.device(device)
@@ -162,7 +162,7 @@ class OpImpl:
 
     forward: Callable
     backward: Callable
-    supports: Callable[..., Optional[str]] = field(default=lambda *args: None)
+    supports: Callable[..., str | None] = field(default=lambda *args: None)
 
 
 _IMPLS: dict[str, dict[str, OpImpl]] = {}
@@ -192,7 +192,7 @@ def implementation(op: str, backend: str) -> OpImpl:
         ) from None
 
 
-def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> Optional[str]:
+def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str | None:
     reason = backend_status(backend, device)
     if reason is not None:
         return reason
@@ -210,7 +210,7 @@ AUTO_TABLE = Path(__file__).parent / "kernels" / "configs" / "auto.json"
 DEFAULT_CUDA_ORDER = ("triton", "cuda", "reference")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _measured_orders() -> dict[tuple[str, str], tuple[str, ...]]:
     if not AUTO_TABLE.exists():
         return {}
@@ -230,13 +230,15 @@ def _auto_order(op: str, device: torch.device) -> Sequence[str]:
     return _cuda_order(op, device.index if device.index is not None else torch.cuda.current_device())
 
 
-def resolve_backend(op: str, device: torch.device, args: Sequence, requested: Optional[str] = None) -> str:
+def resolve_backend(op: str, device: torch.device, args: Sequence, requested: str | None = None) -> str:
     """The concrete backend that will run ``op`` on these arguments."""
     requested = get_backend() if requested is None else _check_name(requested, "backend")
     if requested != "auto":
         reason = _why_not(op, requested, device, args)
         if reason is not None:
-            raise BackendUnavailableError(f"{op}: backend {requested!r} was requested but cannot run this call: {reason}")
+            raise BackendUnavailableError(
+                f"{op}: backend {requested!r} was requested but cannot run this call: {reason}"
+            )
         return requested
     for backend in _auto_order(op, device):
         if _why_not(op, backend, device, args) is None:

@@ -20,7 +20,6 @@ import importlib.util
 import os
 import shutil
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -41,7 +40,7 @@ def cache_dir() -> Path:
     return root / f"torch{torch.__version__.split('+')[0]}-cuda{torch.version.cuda}"
 
 
-def why_unavailable() -> Optional[str]:
+def why_unavailable() -> str | None:
     """``None`` if the extension is built or can be built here, else the reason."""
     if importlib.util.find_spec("peftops._C") is not None:
         return None
@@ -56,7 +55,7 @@ def why_unavailable() -> Optional[str]:
     return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def load() -> None:
     """Make ``torch.ops.peftops.*_cuda`` available: import the AOT build, else JIT-build."""
     if importlib.util.find_spec("peftops._C") is not None:
@@ -66,8 +65,14 @@ def load() -> None:
 
         build = cache_dir()
         build.mkdir(parents=True, exist_ok=True)
-        jit_load(name="peftops_C", sources=[str(s) for s in sources()], build_directory=str(build),
-                 extra_cuda_cflags=NVCC_FLAGS, is_python_module=False, verbose=False)
+        jit_load(
+            name="peftops_C",
+            sources=[str(s) for s in sources()],
+            build_directory=str(build),
+            extra_cuda_cflags=NVCC_FLAGS,
+            is_python_module=False,
+            verbose=False,
+        )
     torch.library.register_fake("peftops::bottleneck_adapter_fwd_cuda")(_adapter_fwd_fake)
 
 
@@ -102,7 +107,7 @@ def _adapter_backward(*args):
     return bottleneck_adapter.backward(*args)
 
 
-def _adapter_supports(x, down_weight, *rest) -> Optional[str]:
+def _adapter_supports(x, down_weight, *rest) -> str | None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
     if not _triton_installed():  # cached: this runs on every call, and under dynamo
@@ -110,5 +115,8 @@ def _adapter_supports(x, down_weight, *rest) -> Optional[str]:
     return None  # whether the extension can be built is backend_status's (cached) question
 
 
-register_impl("bottleneck_adapter", "cuda",
-              OpImpl(forward=_adapter_forward, backward=_adapter_backward, supports=_adapter_supports))
+register_impl(
+    "bottleneck_adapter",
+    "cuda",
+    OpImpl(forward=_adapter_forward, backward=_adapter_backward, supports=_adapter_supports),
+)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -59,7 +58,7 @@ class Block(nn.Module):
         self.attn = PrefixSelfAttention(cfg.hidden, cfg.q_heads, cfg.kv_heads, o_bias=True)
         self.ln2 = nn.LayerNorm(cfg.hidden)
         self.mlp = MLP(cfg)
-        self.adapter: Optional[BottleneckAdapter] = None
+        self.adapter: BottleneckAdapter | None = None
 
     def forward(self, x: Tensor, prefix=None, key_padding_mask=None) -> Tensor:
         x = x + self.attn(self.ln1(x), prefix, key_padding_mask)
@@ -93,8 +92,8 @@ class TinyDecoder(nn.Module):
                     nn.init.zeros_(m.bias)
         nn.init.normal_(self.embed.weight, std=0.3)
         nn.init.normal_(self.pos.weight, std=0.1)
-        self.prefix: Optional[PrefixKV] = None
-        self.prompt: Optional[PromptEmbedding] = None
+        self.prefix: PrefixKV | None = None
+        self.prompt: PromptEmbedding | None = None
 
     # -- adapter slots -------------------------------------------------------------------
 
@@ -103,7 +102,7 @@ class TinyDecoder(nn.Module):
             block.adapter = BottleneckAdapter(self.cfg.hidden, r, activation=activation, scale=scale, parallel=parallel)
         return self
 
-    def add_prefix(self, prefix_len: int, reparam_hidden: Optional[int] = None):
+    def add_prefix(self, prefix_len: int, reparam_hidden: int | None = None):
         cfg = self.cfg
         self.prefix = PrefixKV(cfg.layers, cfg.kv_heads, prefix_len, cfg.head_dim, reparam_hidden)
         return self
@@ -114,7 +113,7 @@ class TinyDecoder(nn.Module):
 
     # -- forward -------------------------------------------------------------------------
 
-    def forward(self, input_ids: Tensor, attention_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """``input_ids: (B, L)`` -> logits ``(B, L, vocab)`` for the input positions.
 
         ``attention_mask: (B, L)`` bool, True = a real token (keys only; padded queries
@@ -128,11 +127,11 @@ class TinyDecoder(nn.Module):
         n = x.shape[1]
         x = x + self.pos(torch.arange(n, device=x.device))
         prefixes = self.prefix() if self.prefix is not None else [None] * len(self.blocks)
-        for block, prefix in zip(self.blocks, prefixes):
+        for block, prefix in zip(self.blocks, prefixes, strict=False):
             x = block(x, prefix, attention_mask)
         logits = self.lm_head(self.ln_f(x))
         if self.prompt is not None:
-            logits = logits[:, self.prompt.num_tokens:]
+            logits = logits[:, self.prompt.num_tokens :]
         return logits
 
 

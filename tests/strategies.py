@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from hypothesis import strategies as st
@@ -43,7 +42,12 @@ scales = st.sampled_from([1.0, 0.5, 2.0, 1 / 3])
 
 
 def make_tensor(
-    shape: tuple[int, ...], *, dtype: torch.dtype, device, gen: torch.Generator, layout: str = "contiguous",
+    shape: tuple[int, ...],
+    *,
+    dtype: torch.dtype,
+    device,
+    gen: torch.Generator,
+    layout: str = "contiguous",
     std: float = 1.0,
 ) -> Tensor:
     """A normal(0, std) tensor of logical ``shape`` stored in ``layout``.
@@ -83,11 +87,12 @@ def maker(seed: int, dtype: torch.dtype, device):
     return mk
 
 
-def leaves(t: dict[str, Optional[Tensor]], requires_grad: bool) -> dict[str, Optional[Tensor]]:
+def leaves(t: dict[str, Tensor | None], requires_grad: bool) -> dict[str, Tensor | None]:
     return {k: (leaf(v) if requires_grad and v is not None else v) for k, v in t.items()}
 
 
 # -- LoRA ---------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class LoraCase:
@@ -100,7 +105,7 @@ class LoraCase:
     layout: str
     seed: int
 
-    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
+    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Tensor | None]:
         mk = maker(self.seed, dtype, device)
         t = {
             "x": mk((*self.lead, self.in_f), layout=self.layout),
@@ -129,6 +134,7 @@ def lora_cases(draw, max_features: int = 129, max_rank: int = 128) -> LoraCase:
 
 # -- bottleneck adapter ---------------------------------------------------------------------
 
+
 @dataclass(frozen=True)
 class AdapterCase:
     lead: tuple[int, ...]
@@ -142,7 +148,7 @@ class AdapterCase:
     layout: str
     seed: int
 
-    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
+    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Tensor | None]:
         mk = maker(self.seed, dtype, device)
         t = {
             "x": mk((*self.lead, self.d), layout=self.layout),
@@ -196,11 +202,11 @@ class AttentionCase:
     def hq(self) -> int:
         return self.hkv * self.group
 
-    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Optional[Tensor]]:
+    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Tensor | None]:
         mk = maker(self.seed, dtype, device)
         gen = mk.gen
         b, s, d = self.batch, self.seq_len, self.head_dim
-        t: dict[str, Optional[Tensor]] = {
+        t: dict[str, Tensor | None] = {
             "q": mk((b, self.hq, self.q_len, d), layout=self.layout),
             "k": mk((b, self.hkv, s, d), layout=self.layout),
             "v": mk((b, self.hkv, s, d), layout=self.layout),

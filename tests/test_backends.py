@@ -31,7 +31,9 @@ def call(t):
 
 
 def test_unknown_backend_name_is_rejected():
-    with pytest.raises(ValueError, match=r"use_backend\(name\): expected one of 'auto', 'cuda', 'triton', 'reference', got 'fast'"):
+    with pytest.raises(
+        ValueError, match=r"use_backend\(name\): expected one of 'auto', 'cuda', 'triton', 'reference', got 'fast'"
+    ):
         with peftops.use_backend("fast"):
             pass
     with pytest.raises(TypeError, match=r"use_backend\(name\): expected a backend name \(str\), got int"):
@@ -72,7 +74,10 @@ def swapped_impl(op: str, backend: str, impl):
 def test_naming_a_backend_without_an_implementation_raises_instead_of_falling_back():
     t = CASE.inputs(torch.float32, "cpu")
     with swapped_impl("lora_linear", "triton", None), peftops.use_backend("triton"):
-        with pytest.raises(BackendUnavailableError, match=r"lora_linear: backend 'triton' was requested but cannot run this call: it has no implementation"):
+        with pytest.raises(
+            BackendUnavailableError,
+            match=r"lora_linear: backend 'triton' was requested but cannot run this call: it has no implementation",
+        ):
             call(t)
 
 
@@ -84,7 +89,9 @@ def test_cuda_backend_needs_cuda_tensors():
 
 
 def _run_python(code: str, **env) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-c", code], env={**os.environ, **env}, capture_output=True, text=True, timeout=120
+    )
 
 
 def test_environment_variable_selects_the_backend():
@@ -97,7 +104,9 @@ def test_environment_variable_selects_the_backend():
     assert ok.stdout.strip() == "reference"
     bad = _run_python(code, PEFTOPS_BACKEND="fastest")
     assert bad.returncode != 0
-    assert "ValueError: environment variable PEFTOPS_BACKEND: expected one of" in bad.stderr and "'fastest'" in bad.stderr
+    assert (
+        "ValueError: environment variable PEFTOPS_BACKEND: expected one of" in bad.stderr and "'fastest'" in bad.stderr
+    )
     gpu_only = _run_python(code, PEFTOPS_BACKEND="cuda")
     assert gpu_only.returncode != 0 and "BackendUnavailableError" in gpu_only.stderr
 
@@ -111,6 +120,7 @@ def test_triton_runs_on_cpu_only_under_the_interpreter(interpret, expected):
 
 
 # -- the seam, exercised with a real Triton kernel under the interpreter ------------------------
+
 
 @triton.jit
 def _copy_kernel(src, dst, n, BLOCK: tl.constexpr):

@@ -20,7 +20,7 @@ margin for platform differences in floating-point summation order.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -114,6 +114,7 @@ def base_model(seed: int = 0) -> TinyDecoder:
 
 # -- LoRA ---------------------------------------------------------------------------------
 
+
 def test_lora_fine_tuning():
     model = base_model()
     task = Task()
@@ -165,6 +166,7 @@ def test_lora_fine_tuning_under_bf16_autocast():
 
 # -- bottleneck adapters -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("parallel", [False, True], ids=["serial", "parallel"])
 def test_bottleneck_adapter_fine_tuning(parallel):
     model = base_model()
@@ -186,6 +188,7 @@ def test_bottleneck_adapter_fine_tuning(parallel):
 
 
 # -- prefix tuning ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("reparam_hidden, lr", [(None, 0.1), (32, 0.03)], ids=["direct", "reparam"])
 def test_prefix_tuning(reparam_hidden, lr):
@@ -223,6 +226,7 @@ def test_prefix_tuning_through_the_triton_kernel_on_gpu():
 
 
 # -- prompt tuning ----------------------------------------------------------------------------
+
 
 def test_prompt_tuning_with_left_padding():
     """Left-padded batches: the prompt positions must be visible to every query through

@@ -62,9 +62,12 @@ def _inputs(tokens: int, d: int, rank: int):
 
 def case(name: str, tokens: int, d: int, rank: int, suites: frozenset) -> Case:
     return Case(
-        op=OP, name=name, make_inputs=_inputs(tokens, d, rank),
+        op=OP,
+        name=name,
+        make_inputs=_inputs(tokens, d, rank),
         grad_inputs=("x", "down_weight", "down_bias", "up_weight", "up_bias"),
-        work=lambda direction: work(tokens, d, rank, direction), base="copy",
+        work=lambda direction: work(tokens, d, rank, direction),
+        base="copy",
         params={"tokens": tokens, "d": d, "rank": rank, "activation": ACTIVATION, "scale": SCALE},
         suites=suites,
     )
@@ -78,8 +81,13 @@ def reference(t: dict) -> torch.Tensor:
 
 def public(t: dict) -> torch.Tensor:
     return peftops.bottleneck_adapter(
-        t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"],
-        activation=t["activation"], scale=t["scale"],
+        t["x"],
+        t["down_weight"],
+        t["down_bias"],
+        t["up_weight"],
+        t["up_bias"],
+        activation=t["activation"],
+        scale=t["scale"],
     )
 
 
@@ -112,10 +120,16 @@ def _copy_work(c: Case, direction: str) -> Work:
 
 
 def register(registry: Registry) -> None:
-    register_op(registry, OP, public, reference, [
-        Provider("nn-eager", eager),
-        Provider("copy", copy, checked=False, work=_copy_work),
-    ])
+    register_op(
+        registry,
+        OP,
+        public,
+        reference,
+        [
+            Provider("nn-eager", eager),
+            Provider("copy", copy, checked=False, work=_copy_work),
+        ],
+    )
     for name, (tokens, d, rank) in CASES.items():
         registry.add_case(case(name, tokens, d, rank, real_shape_suites(name, QUICK_CASE)))
     registry.add_case(case("small-T1024-d512-r64", 1024, 512, 64, frozenset({QUICK_CPU})))

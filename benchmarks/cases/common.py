@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
@@ -11,8 +11,9 @@ import peftops
 from ..registry import FULL, QUICK, Inputs, Op, Provider, Registry
 
 
-def normal(gen: torch.Generator, shape: Sequence[int], std: float, dtype: torch.dtype,
-           device: torch.device) -> torch.Tensor:
+def normal(
+    gen: torch.Generator, shape: Sequence[int], std: float, dtype: torch.dtype, device: torch.device
+) -> torch.Tensor:
     """``N(0, std^2)`` drawn in float32 (so every dtype sees the same values up to rounding)."""
     return (torch.randn(tuple(shape), generator=gen, device=device, dtype=torch.float32) * std).to(dtype)
 
@@ -30,7 +31,9 @@ def _peftops_provider(public: Callable[[Inputs], torch.Tensor], backend: str, de
             return public(inputs)
 
     interpreted = backend == "triton" and device.type == "cpu"
-    return Provider(f"peftops[{backend}]", fn, untimed="Triton interpreter (TRITON_INTERPRET=1)" if interpreted else None)
+    return Provider(
+        f"peftops[{backend}]", fn, untimed="Triton interpreter (TRITON_INTERPRET=1)" if interpreted else None
+    )
 
 
 def _compiled(fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], torch.Tensor]:

@@ -65,10 +65,15 @@ def _inputs(tokens: int, k: int, n: int, rank: int, dropout_p: float):
 
 def case(name: str, tokens: int, k: int, n: int, rank: int, suites: frozenset, dropout_p: float = 0.0) -> Case:
     return Case(
-        op=OP, name=name, make_inputs=_inputs(tokens, k, n, rank, dropout_p), grad_inputs=("x", "lora_a", "lora_b"),
-        work=lambda direction: work(tokens, k, n, rank, direction), base="linear",
+        op=OP,
+        name=name,
+        make_inputs=_inputs(tokens, k, n, rank, dropout_p),
+        grad_inputs=("x", "lora_a", "lora_b"),
+        work=lambda direction: work(tokens, k, n, rank, direction),
+        base="linear",
         params={"tokens": tokens, "in": k, "out": n, "rank": rank, "scale": SCALE, "dropout_p": dropout_p},
-        suites=suites, unchecked="random dropout mask" if dropout_p else None,
+        suites=suites,
+        unchecked="random dropout mask" if dropout_p else None,
     )
 
 
@@ -83,13 +88,17 @@ def reference(t: dict) -> torch.Tensor:
 
 
 def public(t: dict) -> torch.Tensor:
-    return peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=t["scale"], bias=t["bias"],
-                               dropout_p=t["dropout_p"])
+    return peftops.lora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=t["scale"], bias=t["bias"], dropout_p=t["dropout_p"]
+    )
 
 
 def hf_peft(t: dict) -> torch.Tensor:
     """HF PEFT's ``LoraLayer.forward``: ``base_layer(x) + lora_B(lora_A(dropout(x))) * scaling``."""
-    return F.linear(t["x"], t["weight"], t["bias"]) + F.linear(F.linear(_dropout(t), t["lora_a"]), t["lora_b"]) * t["scale"]
+    return (
+        F.linear(t["x"], t["weight"], t["bias"])
+        + F.linear(F.linear(_dropout(t), t["lora_a"]), t["lora_b"]) * t["scale"]
+    )
 
 
 def addmm(t: dict) -> torch.Tensor:
@@ -111,11 +120,17 @@ def _linear_work(c: Case, direction: str) -> Work:
 
 
 def register(registry: Registry) -> None:
-    register_op(registry, OP, public, reference, [
-        Provider("hf-peft", hf_peft),
-        Provider("addmm", addmm),
-        Provider("linear", linear, checked=False, work=_linear_work),
-    ])
+    register_op(
+        registry,
+        OP,
+        public,
+        reference,
+        [
+            Provider("hf-peft", hf_peft),
+            Provider("addmm", addmm),
+            Provider("linear", linear, checked=False, work=_linear_work),
+        ],
+    )
     for proj, (k, n) in PROJECTIONS.items():
         for tokens in TOKENS:
             for rank in RANKS:

@@ -46,8 +46,9 @@ def _inputs(tokens, k, n, num, r_max, ranks, ids_kind):
             "lora_b": normal(gen, (num, n, r_max), r_max**-0.5, dtype, device),  # random, not the zero init
             "adapter_ids": ids,
             # alpha / r differs between users' adapters: 1 to 3.
-            "scales": torch.cat([torch.ones(1, device=device), 1.0 + 2.0 * torch.rand(num - 1, generator=gen,
-                                                                                       device=device)]),
+            "scales": torch.cat(
+                [torch.ones(1, device=device), 1.0 + 2.0 * torch.rand(num - 1, generator=gen, device=device)]
+            ),
             "scale0": 1.0,  # lora-single's scale as a Python float: reading scales[0] back would sync
             "ranks": None if ranks is None else torch.tensor(ranks, device=device).repeat(num // len(ranks) + 1)[:num],
         }
@@ -59,23 +60,28 @@ def case(name, tokens, k, n, num, r_max, suites, ranks=None, ids_kind="uniform",
     mean_rank = r_max if ranks is None else sum(ranks) / len(ranks)
     used = min(num, tokens)
     return Case(
-        op=OP, name=name, make_inputs=_inputs(tokens, k, n, num, r_max, ranks, ids_kind),
+        op=OP,
+        name=name,
+        make_inputs=_inputs(tokens, k, n, num, r_max, ranks, ids_kind),
         grad_inputs=("x", "lora_a", "lora_b"),
-        work=lambda direction: work(tokens, k, n, mean_rank, used, r_max, direction), base=base,
+        work=lambda direction: work(tokens, k, n, mean_rank, used, r_max, direction),
+        base=base,
         params={"tokens": tokens, "in": k, "out": n, "adapters": num, "r_max": r_max, "ranks": ranks, "ids": ids_kind},
         suites=suites,
     )
 
 
 def reference(t: dict) -> torch.Tensor:
-    y, _ = peftops.reference.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                               t["scales"], None, t["ranks"])
+    y, _ = peftops.reference.multi_lora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], None, t["ranks"]
+    )
     return y
 
 
 def public(t: dict) -> torch.Tensor:
-    return peftops.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                     scales=t["scales"], ranks=t["ranks"])
+    return peftops.multi_lora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], scales=t["scales"], ranks=t["ranks"]
+    )
 
 
 def lora_single(t: dict) -> torch.Tensor:
@@ -105,14 +111,32 @@ def _linear_work(c: Case, direction: str) -> Work:
 
 
 def register(registry: Registry) -> None:
-    register_op(registry, OP, public, reference, [
-        Provider("lora-single", lora_single, checked=False),
-        Provider("peft-loop", peft_loop),
-        Provider("linear", linear, checked=False, work=_linear_work),
-    ])
+    register_op(
+        registry,
+        OP,
+        public,
+        reference,
+        [
+            Provider("lora-single", lora_single, checked=False),
+            Provider("peft-loop", peft_loop),
+            Provider("linear", linear, checked=False, work=_linear_work),
+        ],
+    )
     registry.add_case(case("T4096-4096x4096-r16-N32", 4096, 4096, 4096, 32, 16, frozenset({FULL, QUICK})))
-    registry.add_case(case("T4096-4096x4096-r8.16.64-N32", 4096, 4096, 4096, 32, 64, frozenset({FULL}),
-                           ranks=[8, 16, 64]))
-    registry.add_case(case("T64-4096x4096-r16-N64-decode", 64, 4096, 4096, 64, 16, frozenset({FULL}),
-                           ids_kind="distinct", base="linear"))
+    registry.add_case(
+        case("T4096-4096x4096-r8.16.64-N32", 4096, 4096, 4096, 32, 64, frozenset({FULL}), ranks=[8, 16, 64])
+    )
+    registry.add_case(
+        case(
+            "T64-4096x4096-r16-N64-decode",
+            64,
+            4096,
+            4096,
+            64,
+            16,
+            frozenset({FULL}),
+            ids_kind="distinct",
+            base="linear",
+        )
+    )
     registry.add_case(case("small-T96-256x256-r8-N4", 96, 256, 256, 4, 8, frozenset({QUICK_CPU})))

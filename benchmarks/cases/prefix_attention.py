@@ -63,15 +63,26 @@ def _inputs(batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, 
     return make
 
 
-def case(name: str, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, prefix_len: int,
-         suites: frozenset) -> Case:
+def case(
+    name: str, batch: int, heads: int, kv_heads: int, seq_len: int, head_dim: int, prefix_len: int, suites: frozenset
+) -> Case:
     shape = (batch, heads, kv_heads, seq_len, head_dim)
     return Case(
-        op=OP, name=name, make_inputs=_inputs(*shape, prefix_len),
+        op=OP,
+        name=name,
+        make_inputs=_inputs(*shape, prefix_len),
         grad_inputs=("q", "k", "v", "prefix_k", "prefix_v"),
-        work=lambda direction: work(*shape, prefix_len, direction), base="sdpa-noprefix",
-        params={"batch": batch, "heads": heads, "kv_heads": kv_heads, "seq_len": seq_len, "head_dim": head_dim,
-                "prefix_len": prefix_len, "causal": True},
+        work=lambda direction: work(*shape, prefix_len, direction),
+        base="sdpa-noprefix",
+        params={
+            "batch": batch,
+            "heads": heads,
+            "kv_heads": kv_heads,
+            "seq_len": seq_len,
+            "head_dim": head_dim,
+            "prefix_len": prefix_len,
+            "causal": True,
+        },
         suites=suites,
     )
 
@@ -115,10 +126,16 @@ def _noprefix_work(c: Case, direction: str) -> Work:
 
 
 def register(registry: Registry) -> None:
-    register_op(registry, OP, public, reference, [
-        Provider("sdpa-cat", sdpa_cat),
-        Provider("sdpa-noprefix", sdpa_noprefix, checked=False, work=_noprefix_work),
-    ])
+    register_op(
+        registry,
+        OP,
+        public,
+        reference,
+        [
+            Provider("sdpa-cat", sdpa_cat),
+            Provider("sdpa-noprefix", sdpa_noprefix, checked=False, work=_noprefix_work),
+        ],
+    )
     for name, shape in CASES.items():
         registry.add_case(case(name, *shape, suites=real_shape_suites(name, QUICK_CASE)))
     registry.add_case(case("small-B1-H4-L128-D64-P16", 1, 4, 4, 128, 64, 16, frozenset({QUICK_CPU})))

@@ -18,7 +18,6 @@ import json
 import math
 import re
 from pathlib import Path
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,7 @@ CONFIG_DIR = Path(__file__).parent / "configs"
 
 #: Family defaults per kernel, by compute capability major (None: any other GPU). The
 #: interpreter gets small blocks: it runs one program at a time in numpy.
-DEFAULTS: dict[str, dict[Optional[int], dict]] = {
+DEFAULTS: dict[str, dict[int | None, dict]] = {
     # y = x W^T + u B^T (+ b), and dx = g W + (g B) A: a GEMM with a rank-r epilogue.
     "gemm": {
         9: dict(BLOCK_M=128, BLOCK_N=128, BLOCK_K=64, GROUP_M=8, num_warps=8, num_stages=4),
@@ -71,7 +70,7 @@ def file_name(device_name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "_", device_name).strip("_") + ".json"
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _load(op: str, device_name: str, dtype: str = "bfloat16") -> tuple[dict, ...]:
     """Tuned entries for ``op`` on this GPU, if they were tuned in ``dtype`` (block sizes that
     fit bfloat16 tiles need not fit float32 ones)."""
@@ -83,14 +82,14 @@ def _load(op: str, device_name: str, dtype: str = "bfloat16") -> tuple[dict, ...
 
 
 def _distance(a: tuple[int, ...], b: tuple[int, ...]) -> float:
-    return sum(abs(math.log2(max(x, 1) / max(y, 1))) for x, y in zip(a, b))
+    return sum(abs(math.log2(max(x, 1) / max(y, 1))) for x, y in zip(a, b, strict=False))
 
 
 #: A tuned entry serves token counts within this many powers of two of its own bucket.
 MAX_BUCKET_OCTAVES = 2
 
 
-def nearest(entries, kernel: str, m: int, n: int, k: int, r: int) -> Optional[dict]:
+def nearest(entries, kernel: str, m: int, n: int, k: int, r: int) -> dict | None:
     """The tuned config for the nearest ``(n, k, r)``, then the nearest ``m`` bucket (None when
     that bucket is more than ``MAX_BUCKET_OCTAVES`` away)."""
     mine = [e for e in entries if e["kernel"] == kernel]
@@ -107,12 +106,15 @@ def nearest(entries, kernel: str, m: int, n: int, k: int, r: int) -> Optional[di
     return best["config"]
 
 
-def config(op: str, kernel: str, device: torch.device, m: int, n: int, k: int, r: int,
-           dtype: torch.dtype = torch.bfloat16) -> dict:
+def config(
+    op: str, kernel: str, device: torch.device, m: int, n: int, k: int, r: int, dtype: torch.dtype = torch.bfloat16
+) -> dict:
     """Meta-parameters for one launch (block sizes as constexprs, ``num_warps``, ``num_stages``)."""
     if device.type != "cuda" or interpreting():
         return dict(INTERPRETER[kernel])
-    tuned = nearest(_load(op, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch.")), kernel, m, n, k, r)
+    tuned = nearest(
+        _load(op, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch.")), kernel, m, n, k, r
+    )
     if tuned is not None:
         return dict(tuned)
     major = torch.cuda.get_device_capability(device)[0]

@@ -25,7 +25,7 @@ that the same code runs under the interpreter and on every Triton version.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -36,7 +36,7 @@ from .. import reference
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, empty, on_device
-from .lowrank import pow2, down, tn
+from .lowrank import down, pow2, tn
 
 OP = "bottleneck_adapter"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -65,12 +65,27 @@ def _act(h, ACT: tl.constexpr):
 
 @triton.jit
 def _expand(
-    a, rows, W, BIAS, RES, OUT,
-    M, D, R,
-    stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
+    a,
+    rows,
+    W,
+    BIAS,
+    RES,
+    OUT,
+    M,
+    D,
+    R,
+    stride_wd,
+    stride_wr,
+    stride_rm,
+    stride_rd,
+    stride_om,
+    stride_od,
     scale,
-    HAS_BIAS: tl.constexpr, HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """For the row block ``rows`` with rank-r activations ``a`` (BLOCK_M x BLOCK_R, input dtype):
     ``OUT = RES + scale * (a W^T + BIAS)`` one column block at a time, ``W: (D, R)`` by strides."""
@@ -90,13 +105,38 @@ def _expand(
 
 @triton.jit
 def _forward_kernel(
-    X, WD, BD, WU, BU, RES, Y, H,
-    M, D, R,
-    stride_xm, stride_xd, stride_wdr, stride_wdd, stride_wud, stride_wur,
-    stride_rm, stride_rd, stride_ym, stride_yd, stride_hm, stride_hr,
+    X,
+    WD,
+    BD,
+    WU,
+    BU,
+    RES,
+    Y,
+    H,
+    M,
+    D,
+    R,
+    stride_xm,
+    stride_xd,
+    stride_wdr,
+    stride_wdd,
+    stride_wud,
+    stride_wur,
+    stride_rm,
+    stride_rd,
+    stride_ym,
+    stride_yd,
+    stride_hm,
+    stride_hr,
     scale,
-    HAS_BD: tl.constexpr, HAS_BU: tl.constexpr, SERIAL: tl.constexpr, ACT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_BD: tl.constexpr,
+    HAS_BU: tl.constexpr,
+    SERIAL: tl.constexpr,
+    ACT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """One row block: ``h = x Wd^T + bd`` over all of d, ``H = h``, then ``Y = res + s (act(h) Wu^T + bu)``."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
@@ -112,31 +152,110 @@ def _forward_kernel(
     tl.store(H + rows * stride_hm + rs * stride_hr, h, mask=(rows < M) & (rs < R))
     a = _act(h, ACT).to(X.dtype.element_ty)
     if SERIAL:
-        _expand(a, rows, WU, BU, X, Y, M, D, R, stride_wud, stride_wur, stride_xm, stride_xd, stride_ym, stride_yd,
-                scale, HAS_BU, True, PRECISION, BLOCK_D, BLOCK_R)
+        _expand(
+            a,
+            rows,
+            WU,
+            BU,
+            X,
+            Y,
+            M,
+            D,
+            R,
+            stride_wud,
+            stride_wur,
+            stride_xm,
+            stride_xd,
+            stride_ym,
+            stride_yd,
+            scale,
+            HAS_BU,
+            True,
+            PRECISION,
+            BLOCK_D,
+            BLOCK_R,
+        )
     else:
-        _expand(a, rows, WU, BU, RES, Y, M, D, R, stride_wud, stride_wur, stride_rm, stride_rd, stride_ym, stride_yd,
-                scale, HAS_BU, True, PRECISION, BLOCK_D, BLOCK_R)
+        _expand(
+            a,
+            rows,
+            WU,
+            BU,
+            RES,
+            Y,
+            M,
+            D,
+            R,
+            stride_wud,
+            stride_wur,
+            stride_rm,
+            stride_rd,
+            stride_ym,
+            stride_yd,
+            scale,
+            HAS_BU,
+            True,
+            PRECISION,
+            BLOCK_D,
+            BLOCK_R,
+        )
 
 
 @triton.jit
 def _expand_kernel(
-    P, W, RES, OUT,
-    M, D, R,
-    stride_pm, stride_pr, stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
-    HAS_RES: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_R: tl.constexpr,
+    P,
+    W,
+    RES,
+    OUT,
+    M,
+    D,
+    R,
+    stride_pm,
+    stride_pr,
+    stride_wd,
+    stride_wr,
+    stride_rm,
+    stride_rd,
+    stride_om,
+    stride_od,
+    HAS_RES: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """``OUT = P W^T (+ RES)`` for ``P: (M, R)``, ``W: (D, R)``: the backward's dx."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     rs = tl.arange(0, BLOCK_R)[None, :]
     a = tl.load(P + rows * stride_pm + rs * stride_pr, mask=(rows < M) & (rs < R), other=0.0)
-    _expand(a, rows, W, W, RES, OUT, M, D, R, stride_wd, stride_wr, stride_rm, stride_rd, stride_om, stride_od,
-            1.0, False, HAS_RES, PRECISION, BLOCK_D, BLOCK_R)
+    _expand(
+        a,
+        rows,
+        W,
+        W,
+        RES,
+        OUT,
+        M,
+        D,
+        R,
+        stride_wd,
+        stride_wr,
+        stride_rm,
+        stride_rd,
+        stride_om,
+        stride_od,
+        1.0,
+        False,
+        HAS_RES,
+        PRECISION,
+        BLOCK_D,
+        BLOCK_R,
+    )
 
 
-def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype,
-            cfg: Optional[dict] = None) -> tuple[int, dict]:
+def _blocks(
+    rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype, cfg: dict | None = None
+) -> tuple[int, dict]:
     """``(BLOCK_R, meta)`` for the row kernels; ``cfg`` overrides the lookup (the tuner's candidates)."""
     cfg = dict(cfg) if cfg is not None else block_config.config(OP, "rows", device, m, d, d, rank, dtype)
     block_r = pow2(rank)
@@ -147,7 +266,7 @@ def _blocks(rank: int, device: torch.device, m: int, d: int, dtype: torch.dtype,
     return block_r, dict(BLOCK_M=block_m, **cfg)
 
 
-def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, *, cfg: Optional[dict] = None):
+def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, *, cfg: dict | None = None):
     lead, d = x.shape[:-1], x.shape[-1]
     rank = down_weight.shape[0]
     x2 = x.reshape(-1, d)
@@ -160,21 +279,44 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation,
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         with on_device(x.device):
             _forward_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-                x2, down_weight, down_bias.contiguous() if down_bias is not None else x2, up_weight,
-                up_bias.contiguous() if up_bias is not None else x2, res2, y, h,
-                m, d, rank,
-                x2.stride(0), x2.stride(1), down_weight.stride(0), down_weight.stride(1),
-                up_weight.stride(0), up_weight.stride(1), res2.stride(0), res2.stride(1),
-                y.stride(0), y.stride(1), h.stride(0), h.stride(1),
+                x2,
+                down_weight,
+                down_bias.contiguous() if down_bias is not None else x2,
+                up_weight,
+                up_bias.contiguous() if up_bias is not None else x2,
+                res2,
+                y,
+                h,
+                m,
+                d,
+                rank,
+                x2.stride(0),
+                x2.stride(1),
+                down_weight.stride(0),
+                down_weight.stride(1),
+                up_weight.stride(0),
+                up_weight.stride(1),
+                res2.stride(0),
+                res2.stride(1),
+                y.stride(0),
+                y.stride(1),
+                h.stride(0),
+                h.stride(1),
                 scale,
-                HAS_BD=down_bias is not None, HAS_BU=up_bias is not None, SERIAL=residual is None,
-                ACT=ACT_CODES[activation], PRECISION=dot_precision(x.dtype), BLOCK_R=block_r,
-                num_warps=num_warps, num_stages=num_stages, **cfg,
+                HAS_BD=down_bias is not None,
+                HAS_BU=up_bias is not None,
+                SERIAL=residual is None,
+                ACT=ACT_CODES[activation],
+                PRECISION=dot_precision(x.dtype),
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+                num_stages=num_stages,
+                **cfg,
             )
     return y.reshape(*lead, d), h.reshape(*lead, rank)
 
 
-def _expand_rows(p: Tensor, w: Tensor, res: Optional[Tensor], out_dtype: torch.dtype) -> Tensor:
+def _expand_rows(p: Tensor, w: Tensor, res: Tensor | None, out_dtype: torch.dtype) -> Tensor:
     m, rank = p.shape
     d = w.shape[0]
     out = empty((m, d), dtype=out_dtype, device=p.device)
@@ -183,15 +325,34 @@ def _expand_rows(p: Tensor, w: Tensor, res: Optional[Tensor], out_dtype: torch.d
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         r2 = res if res is not None else out
         _expand_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
-            p, w, r2, out, m, d, rank,
-            p.stride(0), p.stride(1), w.stride(0), w.stride(1), r2.stride(0), r2.stride(1), out.stride(0), out.stride(1),
-            HAS_RES=res is not None, PRECISION=dot_precision(p.dtype), BLOCK_R=block_r,
-            num_warps=num_warps, num_stages=num_stages, **cfg,
+            p,
+            w,
+            r2,
+            out,
+            m,
+            d,
+            rank,
+            p.stride(0),
+            p.stride(1),
+            w.stride(0),
+            w.stride(1),
+            r2.stride(0),
+            r2.stride(1),
+            out.stride(0),
+            out.stride(1),
+            HAS_RES=res is not None,
+            PRECISION=dot_precision(p.dtype),
+            BLOCK_R=block_r,
+            num_warps=num_warps,
+            num_stages=num_stages,
+            **cfg,
         )
     return out
 
 
-def backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask: Sequence[bool]):
+def backward(
+    grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask: Sequence[bool]
+):
     need_x, need_wd, need_bd, need_wu, need_bu = output_mask
     d = x.shape[-1]
     rank = down_weight.shape[0]
@@ -218,7 +379,7 @@ def backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, sca
     return dx, dwd, dbd, dwu, dbu
 
 
-def supports(x, down_weight, *rest) -> Optional[str]:
+def supports(x, down_weight, *rest) -> str | None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if down_weight.shape[0] > MAX_RANK:

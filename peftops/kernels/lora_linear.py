@@ -31,7 +31,7 @@ in a fixed order: deterministic, no atomics.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -41,19 +41,44 @@ from torch import Tensor
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, empty, on_device
-from .lowrank import keep_mask, launch_meta, pow2, down, tn
+from .lowrank import down, keep_mask, launch_meta, pow2, tn
 
 OP = "lora_linear"
 
 
 @triton.jit
 def _gemm_kernel(
-    X, W, U, B, BIAS, OUT, SEED,
-    M, N, K, R,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_um, stride_ur, stride_br, stride_bn, stride_om, stride_on,
-    epi_scale, p,
-    HAS_BIAS: tl.constexpr, EPI_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr, GROUP_M: tl.constexpr,
+    X,
+    W,
+    U,
+    B,
+    BIAS,
+    OUT,
+    SEED,
+    M,
+    N,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_um,
+    stride_ur,
+    stride_br,
+    stride_bn,
+    stride_om,
+    stride_on,
+    epi_scale,
+    p,
+    HAS_BIAS: tl.constexpr,
+    EPI_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
 ):
     """``OUT = X W + epi_scale * keep * (U B) + BIAS`` with ``keep(m, n)`` the dropout mask when
     ``EPI_DROPOUT`` (the dx of the backward), else 1 (the forward).
@@ -78,7 +103,9 @@ def _gemm_kernel(
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rs = r0 + tl.arange(0, BLOCK_R)
-        u = tl.load(U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur, mask=(rows < M) & (rs[None, :] < R), other=0.0)
+        u = tl.load(
+            U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur, mask=(rows < M) & (rs[None, :] < R), other=0.0
+        )
         b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
         low = tl.dot(u, b, low, input_precision=PRECISION)
     if EPI_DROPOUT:
@@ -97,9 +124,19 @@ def _gemm_kernel(
 
 # -- launchers ------------------------------------------------------------------------------
 
-def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor], *,
-         epi_scale: float = 1.0, dropout_p: float = 0.0, seed: Optional[Tensor] = None,
-         cfg: Optional[dict] = None) -> Tensor:
+
+def gemm(
+    x: Tensor,
+    w_kn: Tensor,
+    u: Tensor,
+    b_rn: Tensor,
+    bias: Tensor | None,
+    *,
+    epi_scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+    cfg: dict | None = None,
+) -> Tensor:
     """``x @ w_kn + epi_scale * keep * (u @ b_rn) + bias`` (the mask only when ``dropout_p > 0``)."""
     m, k = x.shape
     n = w_kn.shape[1]
@@ -111,18 +148,41 @@ def gemm(x: Tensor, w_kn: Tensor, u: Tensor, b_rn: Tensor, bias: Optional[Tensor
     block_config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
     _gemm_kernel[grid](
-        x, w_kn, u, b_rn, bias.contiguous() if bias is not None else x, out, seed if seed is not None else x,
-        m, n, k, r,
-        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), u.stride(0), u.stride(1),
-        b_rn.stride(0), b_rn.stride(1), out.stride(0), out.stride(1),
-        epi_scale, dropout_p,
-        HAS_BIAS=bias is not None, EPI_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_R=min(pow2(r), 64), **cfg, **opts,
+        x,
+        w_kn,
+        u,
+        b_rn,
+        bias.contiguous() if bias is not None else x,
+        out,
+        seed if seed is not None else x,
+        m,
+        n,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        w_kn.stride(0),
+        w_kn.stride(1),
+        u.stride(0),
+        u.stride(1),
+        b_rn.stride(0),
+        b_rn.stride(1),
+        out.stride(0),
+        out.stride(1),
+        epi_scale,
+        dropout_p,
+        HAS_BIAS=bias is not None,
+        EPI_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_R=min(pow2(r), 64),
+        **cfg,
+        **opts,
     )
     return out
 
 
 # -- the backend ------------------------------------------------------------------------------
+
 
 def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     lead, k = x.shape[:-1], x.shape[-1]
@@ -156,7 +216,7 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, ou
     return dx, dw, da, db_, dbias
 
 
-def supports(x, weight, lora_a, *rest) -> Optional[str]:
+def supports(x, weight, lora_a, *rest) -> str | None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if lora_a.shape[0] > 256:

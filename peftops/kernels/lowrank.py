@@ -9,8 +9,6 @@ with whatever seed the tensor holds). Token offsets are int64.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import triton
 import triton.language as tl
@@ -35,12 +33,26 @@ def keep_mask(seed, rows, cols, p):
 
 @triton.jit
 def _down_kernel(
-    X, W, OUT, SEED,
-    M, K, R,
-    stride_xm, stride_xk, stride_wk, stride_wr, stride_om, stride_or,
-    scale, p,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    X,
+    W,
+    OUT,
+    SEED,
+    M,
+    K,
+    R,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wr,
+    stride_om,
+    stride_or,
+    scale,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """``OUT[m, r] = scale * sum_k keep(m, k) X[m, k] W[k, r]`` (``keep = 1`` without dropout).
 
@@ -60,17 +72,37 @@ def _down_kernel(
             x = tl.where(keep_mask(seed, rows, ks[None, :], p), x, 0.0)
         w = tl.load(W + ks[:, None] * stride_wk + ranks * stride_wr, mask=(ks[:, None] < K) & (ranks < R), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
-    tl.store(OUT + rows * stride_om + ranks * stride_or, (acc * scale).to(OUT.dtype.element_ty), mask=(rows < M) & (ranks < R))
+    tl.store(
+        OUT + rows * stride_om + ranks * stride_or,
+        (acc * scale).to(OUT.dtype.element_ty),
+        mask=(rows < M) & (ranks < R),
+    )
 
 
 @triton.jit
 def _tn_kernel(
-    L, RT, OUT, SEED,
-    M, P, Q, rows_per_split,
-    stride_lm, stride_lp, stride_rm, stride_rq, stride_os, stride_op, stride_oq,
-    scale, p,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    L,
+    RT,
+    OUT,
+    SEED,
+    M,
+    P,
+    Q,
+    rows_per_split,
+    stride_lm,
+    stride_lp,
+    stride_rm,
+    stride_rq,
+    stride_os,
+    stride_op,
+    stride_oq,
+    scale,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """``OUT[s, p, q] = scale * sum_{m in split s} L[m, p] keep(m, q) RT[m, q]`` (float32 partials).
 
@@ -95,10 +127,15 @@ def _tn_kernel(
             rt = tl.where(keep_mask(seed, ms, qs, p), rt, 0.0)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
     out_p = tl.trans(ps)
-    tl.store(OUT + split.to(tl.int64) * stride_os + out_p * stride_op + qs * stride_oq, acc * scale, mask=(out_p < P) & (qs < Q))
+    tl.store(
+        OUT + split.to(tl.int64) * stride_os + out_p * stride_op + qs * stride_oq,
+        acc * scale,
+        mask=(out_p < P) & (qs < Q),
+    )
 
 
 # -- launchers ------------------------------------------------------------------------------
+
 
 def pow2(n: int, lo: int = 16) -> int:
     return max(lo, triton.next_power_of_2(max(n, 1)))
@@ -110,8 +147,15 @@ def launch_meta(cfg: dict) -> tuple[dict, dict]:
     return cfg, opts
 
 
-def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional[Tensor],
-         cfg: Optional[dict] = None, op: str = "lora_linear") -> Tensor:
+def down(
+    x: Tensor,
+    w_kr: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    cfg: dict | None = None,
+    op: str = "lora_linear",
+) -> Tensor:
     """``scale * dropout(x) @ w_kr`` for ``x: (M, K)``, ``w_kr: (K, R)`` (any strides).
 
     ``cfg`` forces a block configuration (the tuner's use); by default it is looked up in
@@ -127,18 +171,41 @@ def down(x: Tensor, w_kr: Tensor, scale: float, dropout_p: float, seed: Optional
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), triton.cdiv(r, block_r))
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     _down_kernel[grid](
-        x, w_kr, out, seed if seed is not None else x,
-        m, k, r,
-        x.stride(0), x.stride(1), w_kr.stride(0), w_kr.stride(1), out.stride(0), out.stride(1),
-        scale * keep_scale, dropout_p,
-        HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype), BLOCK_R=block_r, **cfg, **opts,
+        x,
+        w_kr,
+        out,
+        seed if seed is not None else x,
+        m,
+        k,
+        r,
+        x.stride(0),
+        x.stride(1),
+        w_kr.stride(0),
+        w_kr.stride(1),
+        out.stride(0),
+        out.stride(1),
+        scale * keep_scale,
+        dropout_p,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_R=block_r,
+        **cfg,
+        **opts,
     )
     return out
 
 
-def tn(left: Tensor, right: Tensor, *, scale: float = 1.0, dropout_p: float = 0.0,
-       seed: Optional[Tensor] = None, out_dtype: torch.dtype, cfg: Optional[dict] = None,
-       op: str = "lora_linear") -> Tensor:
+def tn(
+    left: Tensor,
+    right: Tensor,
+    *,
+    scale: float = 1.0,
+    dropout_p: float = 0.0,
+    seed: Tensor | None = None,
+    out_dtype: torch.dtype,
+    cfg: dict | None = None,
+    op: str = "lora_linear",
+) -> Tensor:
     """``scale * left^T @ dropout(right)`` for ``left: (M, P)``, ``right: (M, Q)``: a reduction
     over the M tokens, split across programs into float32 partials summed in a fixed order."""
     m, p_dim = left.shape
@@ -157,11 +224,26 @@ def tn(left: Tensor, right: Tensor, *, scale: float = 1.0, dropout_p: float = 0.
     partial = empty((splits, p_dim, q_dim), dtype=torch.float32, device=left.device)
     grid = (triton.cdiv(p_dim, cfg["BLOCK_P"]), triton.cdiv(q_dim, cfg["BLOCK_Q"]), splits)
     _tn_kernel[grid](
-        left, right, partial, seed if seed is not None else left,
-        m, p_dim, q_dim, rows_per_split,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1),
-        partial.stride(0), partial.stride(1), partial.stride(2),
-        scale, dropout_p,
-        HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(left.dtype), **cfg, **opts,
+        left,
+        right,
+        partial,
+        seed if seed is not None else left,
+        m,
+        p_dim,
+        q_dim,
+        rows_per_split,
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        partial.stride(0),
+        partial.stride(1),
+        partial.stride(2),
+        scale,
+        dropout_p,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(left.dtype),
+        **cfg,
+        **opts,
     )
     return partial.sum(0).to(out_dtype)

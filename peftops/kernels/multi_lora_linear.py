@@ -31,7 +31,7 @@ one-token tiles, correct but re-reading W per tile (the gathered decode path is 
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -99,12 +99,34 @@ def _tile_rows(TILE_SEG, TILE_START, SEG_START, SEG_COUNT, PERM, N_ADAPTERS, BLO
 
 @triton.jit
 def _seg_down_kernel(
-    X, W, SCALES, RANKS, OUT, SEED, TILE_SEG, TILE_START, SEG_START, SEG_COUNT, PERM,
-    K, R, N_ADAPTERS,
-    stride_xm, stride_xk, stride_wa, stride_wk, stride_wr, stride_om, stride_or,
+    X,
+    W,
+    SCALES,
+    RANKS,
+    OUT,
+    SEED,
+    TILE_SEG,
+    TILE_START,
+    SEG_START,
+    SEG_COUNT,
+    PERM,
+    K,
+    R,
+    N_ADAPTERS,
+    stride_xm,
+    stride_xk,
+    stride_wa,
+    stride_wk,
+    stride_wr,
+    stride_om,
+    stride_or,
     p,
-    HAS_RANKS: tl.constexpr, HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_RANKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """``OUT[t, r] = s_a * M_a[r] * sum_k keep(t, k) X[t, k] W_a[k, r]`` for the tile's tokens; 0
     for base-only tokens. ``W_a`` is ``A_a^T`` (forward) or ``B_a`` (backward), by strides."""
@@ -133,13 +155,42 @@ def _seg_down_kernel(
 
 @triton.jit
 def _seg_gemm_kernel(
-    X, W, U, E, BIAS, OUT, SEED, TILE_SEG, TILE_START, SEG_START, SEG_COUNT, PERM,
-    N, K, R, N_ADAPTERS,
-    stride_xm, stride_xk, stride_wk, stride_wn, stride_um, stride_ur, stride_ea, stride_er, stride_en,
-    stride_om, stride_on,
-    epi_scale, p,
-    HAS_BIAS: tl.constexpr, EPI_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    X,
+    W,
+    U,
+    E,
+    BIAS,
+    OUT,
+    SEED,
+    TILE_SEG,
+    TILE_START,
+    SEG_START,
+    SEG_COUNT,
+    PERM,
+    N,
+    K,
+    R,
+    N_ADAPTERS,
+    stride_xm,
+    stride_xk,
+    stride_wk,
+    stride_wn,
+    stride_um,
+    stride_ur,
+    stride_ea,
+    stride_er,
+    stride_en,
+    stride_om,
+    stride_on,
+    epi_scale,
+    p,
+    HAS_BIAS: tl.constexpr,
+    EPI_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
 ):
     """``OUT[t] = X[t] W + epi_scale * keep(t, n) * (U[t] E_a) + BIAS`` for the tile's tokens,
     with ``E_a`` the tile's adapter's ``(R, N)`` matrix by strides (no term for base-only
@@ -152,16 +203,20 @@ def _seg_gemm_kernel(
             a = seg.to(tl.int64)
             rs = tl.arange(0, BLOCK_R)
             u = tl.load(U + tok * stride_um + rs[None, :] * stride_ur, mask=in_tile & (rs[None, :] < R), other=0.0)
-            e = tl.load(E + a * stride_ea + rs[:, None] * stride_er + cols * stride_en,
-                        mask=(rs[:, None] < R) & (cols < N), other=0.0)
+            e = tl.load(
+                E + a * stride_ea + rs[:, None] * stride_er + cols * stride_en,
+                mask=(rs[:, None] < R) & (cols < N),
+                other=0.0,
+            )
             low = tl.dot(u, e, input_precision=PRECISION) * epi_scale
             if EPI_DROPOUT:
                 low = tl.where(keep_mask(tl.load(SEED), tok, cols, p), low, 0.0)
             acc += low
         for k0 in range(0, K, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(X + tok * stride_xm + ks[None, :].to(tl.int64) * stride_xk, mask=in_tile & (ks[None, :] < K),
-                        other=0.0)
+            x = tl.load(
+                X + tok * stride_xm + ks[None, :].to(tl.int64) * stride_xk, mask=in_tile & (ks[None, :] < K), other=0.0
+            )
             w = tl.load(W + ks[:, None] * stride_wk + cols * stride_wn, mask=(ks[:, None] < K) & (cols < N), other=0.0)
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
         if HAS_BIAS:
@@ -171,12 +226,29 @@ def _seg_gemm_kernel(
 
 @triton.jit
 def _seg_tn_kernel(
-    L, RT, OUT, SEED, SEG_START, SEG_COUNT, PERM,
-    P, Q,
-    stride_lm, stride_lp, stride_rm, stride_rq, stride_oa, stride_op, stride_oq,
-    scale, p,
-    HAS_DROPOUT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_M: tl.constexpr,
+    L,
+    RT,
+    OUT,
+    SEED,
+    SEG_START,
+    SEG_COUNT,
+    PERM,
+    P,
+    Q,
+    stride_lm,
+    stride_lp,
+    stride_rm,
+    stride_rq,
+    stride_oa,
+    stride_op,
+    stride_oq,
+    scale,
+    p,
+    HAS_DROPOUT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+    BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr,
 ):
     """``OUT[a, p, q] = scale * sum_{t of adapter a} L[t, p] keep(t, q) RT[t, q]``, the tokens in
     sorted order, one program per (adapter, P block, Q block): deterministic, no atomics."""
@@ -198,13 +270,17 @@ def _seg_tn_kernel(
             rt = tl.where(keep_mask(seed, tok, qs, p), rt, 0.0)
         acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
     out_p = tl.trans(ps)
-    tl.store(OUT + a * stride_oa + out_p * stride_op + qs * stride_oq, (acc * scale).to(OUT.dtype.element_ty),
-             mask=(out_p < P) & (qs < Q))
+    tl.store(
+        OUT + a * stride_oa + out_p * stride_op + qs * stride_oq,
+        (acc * scale).to(OUT.dtype.element_ty),
+        mask=(out_p < P) & (qs < Q),
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
+
 
 def _down(x, w, w_strides, scales, ranks, seed, dropout_p, tiles, r_max, cfg):
     """Rank-r activations (T, r_max) of every token: ``u`` (w = A^T per adapter) or ``v`` (w = B)."""
@@ -212,14 +288,34 @@ def _down(x, w, w_strides, scales, ranks, seed, dropout_p, tiles, r_max, cfg):
     t, k = x.shape
     out = empty((t, r_max), dtype=x.dtype, device=x.device)
     _seg_down_kernel[(max_tiles,)](
-        x, w, scales, ranks if ranks is not None else scales, out, seed if seed is not None else scales,
-        tile_seg, tile_start, start, count, perm,
-        k, r_max, scales.shape[0],
-        x.stride(0), x.stride(1), *w_strides, out.stride(0), out.stride(1),
+        x,
+        w,
+        scales,
+        ranks if ranks is not None else scales,
+        out,
+        seed if seed is not None else scales,
+        tile_seg,
+        tile_start,
+        start,
+        count,
+        perm,
+        k,
+        r_max,
+        scales.shape[0],
+        x.stride(0),
+        x.stride(1),
+        *w_strides,
+        out.stride(0),
+        out.stride(1),
         dropout_p,
-        HAS_RANKS=ranks is not None, HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=pow2(r_max),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        HAS_RANKS=ranks is not None,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=pow2(r_max),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -229,15 +325,42 @@ def _gemm(x, w_kn, u, e, e_strides, bias, seed, dropout_p, epi_scale, tiles, n_o
     t, k = x.shape
     out = empty((t, n_out), dtype=x.dtype, device=x.device)
     _seg_gemm_kernel[(max_tiles, triton.cdiv(n_out, cfg["BLOCK_N"]))](
-        x, w_kn, u, e, bias if bias is not None else x, out, seed if seed is not None else x,
-        tile_seg, tile_start, start, count, perm,
-        n_out, k, u.shape[1], e.shape[0],
-        x.stride(0), x.stride(1), w_kn.stride(0), w_kn.stride(1), u.stride(0), u.stride(1), *e_strides,
-        out.stride(0), out.stride(1),
-        epi_scale, dropout_p,
-        HAS_BIAS=bias is not None, EPI_DROPOUT=dropout_p > 0, PRECISION=dot_precision(x.dtype),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_R=pow2(u.shape[1]),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        x,
+        w_kn,
+        u,
+        e,
+        bias if bias is not None else x,
+        out,
+        seed if seed is not None else x,
+        tile_seg,
+        tile_start,
+        start,
+        count,
+        perm,
+        n_out,
+        k,
+        u.shape[1],
+        e.shape[0],
+        x.stride(0),
+        x.stride(1),
+        w_kn.stride(0),
+        w_kn.stride(1),
+        u.stride(0),
+        u.stride(1),
+        *e_strides,
+        out.stride(0),
+        out.stride(1),
+        epi_scale,
+        dropout_p,
+        HAS_BIAS=bias is not None,
+        EPI_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(x.dtype),
+        BLOCK_M=cfg["BLOCK_M"],
+        BLOCK_N=cfg["BLOCK_N"],
+        BLOCK_K=cfg["BLOCK_K"],
+        BLOCK_R=pow2(u.shape[1]),
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -249,13 +372,31 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
     block_p, block_q = min(64, pow2(p_dim)), min(64, pow2(q_dim))
     out = empty((n_adapters, p_dim, q_dim), dtype=out_dtype, device=left.device)
     _seg_tn_kernel[(n_adapters, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q))](
-        left, right, out, seed if seed is not None else left, start, count, perm,
-        p_dim, q_dim,
-        left.stride(0), left.stride(1), right.stride(0), right.stride(1), out.stride(0), out.stride(1), out.stride(2),
-        scale, dropout_p,
-        HAS_DROPOUT=dropout_p > 0, PRECISION=dot_precision(left.dtype),
-        BLOCK_P=block_p, BLOCK_Q=block_q, BLOCK_M=cfg["BLOCK_M"],
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        left,
+        right,
+        out,
+        seed if seed is not None else left,
+        start,
+        count,
+        perm,
+        p_dim,
+        q_dim,
+        left.stride(0),
+        left.stride(1),
+        right.stride(0),
+        right.stride(1),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        scale,
+        dropout_p,
+        HAS_DROPOUT=dropout_p > 0,
+        PRECISION=dot_precision(left.dtype),
+        BLOCK_P=block_p,
+        BLOCK_Q=block_q,
+        BLOCK_M=cfg["BLOCK_M"],
+        num_warps=cfg["num_warps"],
+        num_stages=cfg["num_stages"],
     )
     return out
 
@@ -269,15 +410,38 @@ def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout
         tiles = _tiles(adapter_ids, n, cfg["BLOCK_M"])
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         # u = s_a * keep * x A_a^T / (1 - p): the 1 / (1 - p) is folded into the scales.
-        u = _down(x, lora_a, (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)), scales.float() * keep_scale,
-                  ranks, seed, dropout_p, tiles, r_max, cfg)
-        y = _gemm(x, weight.T, u, lora_b, (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)), bias, None, 0.0, 1.0,
-                  tiles, out_f, cfg)
+        u = _down(
+            x,
+            lora_a,
+            (lora_a.stride(0), lora_a.stride(2), lora_a.stride(1)),
+            scales.float() * keep_scale,
+            ranks,
+            seed,
+            dropout_p,
+            tiles,
+            r_max,
+            cfg,
+        )
+        y = _gemm(
+            x,
+            weight.T,
+            u,
+            lora_b,
+            (lora_b.stride(0), lora_b.stride(2), lora_b.stride(1)),
+            bias,
+            None,
+            0.0,
+            1.0,
+            tiles,
+            out_f,
+            cfg,
+        )
     return y, u
 
 
-def backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
-              output_mask: Sequence[bool]):
+def backward(
+    grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask: Sequence[bool]
+):
     need_x, need_w, need_a, need_b, need_bias = output_mask
     t, (n, r_max, in_f) = x.shape[0], lora_a.shape
     dx = dw = da = db = dbias = None
@@ -285,16 +449,43 @@ def backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u
     with on_device(x.device):
         if t == 0:
             zeros = lambda like: torch.zeros_like(like)  # noqa: E731
-            return (zeros(x) if need_x else None, zeros(weight) if need_w else None, zeros(lora_a) if need_a else None,
-                    zeros(lora_b) if need_b else None, grad.new_zeros(grad.shape[-1]) if need_bias else None)
+            return (
+                zeros(x) if need_x else None,
+                zeros(weight) if need_w else None,
+                zeros(lora_a) if need_a else None,
+                zeros(lora_b) if need_b else None,
+                grad.new_zeros(grad.shape[-1]) if need_bias else None,
+            )
         tiles = _tiles(adapter_ids, n, cfg["BLOCK_M"])
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         if need_x or need_a:
-            v = _down(grad, lora_b, (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)), scales.float(), ranks,
-                      None, 0.0, tiles, r_max, cfg)
+            v = _down(
+                grad,
+                lora_b,
+                (lora_b.stride(0), lora_b.stride(1), lora_b.stride(2)),
+                scales.float(),
+                ranks,
+                None,
+                0.0,
+                tiles,
+                r_max,
+                cfg,
+            )
         if need_x:
-            dx = _gemm(grad, weight, v, lora_a, (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)), None, seed,
-                       dropout_p, keep_scale, tiles, in_f, cfg)
+            dx = _gemm(
+                grad,
+                weight,
+                v,
+                lora_a,
+                (lora_a.stride(0), lora_a.stride(1), lora_a.stride(2)),
+                None,
+                seed,
+                dropout_p,
+                keep_scale,
+                tiles,
+                in_f,
+                cfg,
+            )
         if need_a:
             da = _seg_tn(v, x, n, seed, dropout_p, keep_scale, tiles, lora_a.dtype, cfg)
         if need_b:
@@ -306,7 +497,7 @@ def backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u
     return dx, dw, da, db, dbias
 
 
-def supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> Optional[str]:
+def supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> str | None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
     if lora_a.shape[1] > MAX_RANK:

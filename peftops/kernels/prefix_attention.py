@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import functools
 import json
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import triton
@@ -82,22 +82,28 @@ CONFIGS = {
     },
 }
 CONFIGS_PRE_HOPPER = {
-    "fwd": {64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-            128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-            256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1)},
-    "dkdv": {64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-             128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-             256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1)},
-    "dq": {64: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-           128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-           256: dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1)},
+    "fwd": {
+        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
+        128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
+    },
+    "dkdv": {
+        64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
+        256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),
+    },
+    "dq": {
+        64: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
+        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
+        256: dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
+    },
 }
 #: The interpreter runs one program at a time in numpy: small blocks keep odd shapes cheap
 #: and make the tests cross several blocks.
 INTERPRETER = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _tuned(device_name: str) -> dict:
     """``{(kernel, block_d, dtype): config}`` from ``configs/prefix_attention/<GPU>.json``
     (written by ``benchmarks/sweep_attention.py`` on that GPU), or empty."""
@@ -111,7 +117,9 @@ def _tuned(device_name: str) -> dict:
 def block_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
     if device.type != "cuda" or interpreting():
         return dict(INTERPRETER)
-    tuned = _tuned(torch.cuda.get_device_name(device)).get((kernel, max(64, block_d), str(dtype).removeprefix("torch.")))
+    tuned = _tuned(torch.cuda.get_device_name(device)).get(
+        (kernel, max(64, block_d), str(dtype).removeprefix("torch."))
+    )
     if tuned is not None:
         return dict(tuned)
     table = CONFIGS if torch.cuda.get_device_capability(device)[0] >= 9 else CONFIGS_PRE_HOPPER
@@ -125,6 +133,7 @@ def block_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.de
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
 # ---------------------------------------------------------------------------------------------
+
 
 @triton.jit
 def _seq_range(m0, S, c, CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -176,19 +185,41 @@ def _visible(rows, cols, n_keys, c, KPM, MASKED: tl.constexpr, CAUSAL: tl.conste
 # Forward
 # ---------------------------------------------------------------------------------------------
 
+
 @triton.jit
 def _fwd_keys(
-    acc, l_i, m_i, q, rows, offs_d,
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM,
-    start, end, n_keys, c, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    acc,
+    l_i,
+    m_i,
+    q,
+    rows,
+    offs_d,
+    K,
+    V,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    KPM,
+    start,
+    end,
+    n_keys,
+    c,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Online softmax over the key blocks ``[start, end)`` of one key tensor."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(
+            K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED
+        )
         # Raw scores: the scale goes into the max (per row) and into one FMA per element below
         # (qk_scale > 0, so -inf stays -inf and the max commutes with it).
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
@@ -204,8 +235,9 @@ def _fwd_keys(
         p = tl.exp2(s * qk_scale - m_safe[:, None])
         alpha = tl.exp2(m_i - m_safe)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load_rows(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        v = _load_rows(
+            V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED
+        )
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)
         m_i = m_new
     return acc, l_i, m_i
@@ -213,16 +245,52 @@ def _fwd_keys(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, PK, PV, KPM, O, LSE,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_ob, stride_oh, stride_om, stride_od,
-    HQ, GROUP, L, S, P, qk_scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    KPM,
+    O,
+    LSE,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkb,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvb,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_mb,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    HQ,
+    GROUP,
+    L,
+    S,
+    P,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     # The last query blocks see the most keys under the causal mask: start them first.
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
@@ -234,8 +302,15 @@ def _fwd_kernel(
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   rows, L, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        rows,
+        L,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     m_i = tl.full((BLOCK_M,), float("-inf"), tl.float32)
     l_i = tl.zeros((BLOCK_M,), tl.float32)
     acc = tl.zeros((BLOCK_M, BLOCK_D), tl.float32)
@@ -246,19 +321,119 @@ def _fwd_kernel(
     pk = PK + b * stride_pkb + hk * stride_pkh
     pv = PV + b * stride_pvb + hk * stride_pvh
     p_full = (P // BLOCK_N) * BLOCK_N
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, rows, offs_d, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                              kpm, 0, p_full, P, c, qk_scale, False, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, rows, offs_d, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd,
-                              kpm, p_full, P, P, c, qk_scale, True, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        rows,
+        offs_d,
+        pk,
+        pv,
+        stride_pkn,
+        stride_pkd,
+        stride_pvn,
+        stride_pvd,
+        kpm,
+        0,
+        p_full,
+        P,
+        c,
+        qk_scale,
+        False,
+        False,
+        False,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
+    acc, l_i, m_i = _fwd_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        rows,
+        offs_d,
+        pk,
+        pv,
+        stride_pkn,
+        stride_pkd,
+        stride_pvn,
+        stride_pvd,
+        kpm,
+        p_full,
+        P,
+        P,
+        c,
+        qk_scale,
+        True,
+        False,
+        False,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
 
     # Sequence keys: unmasked blocks below the diagonal, then the masked ones.
     k = K + b * stride_kb + hk * stride_kh
     v = V + b * stride_vb + hk * stride_vh
     full, hi = _seq_range(m0, S, c, CAUSAL, BLOCK_M, BLOCK_N)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, rows, offs_d, k, v, stride_kn, stride_kd, stride_vn, stride_vd,
-                              kpm, 0, full, S, c, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    acc, l_i, m_i = _fwd_keys(acc, l_i, m_i, q, rows, offs_d, k, v, stride_kn, stride_kd, stride_vn, stride_vd,
-                              kpm, full, hi, S, c, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    acc, l_i, m_i = _fwd_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        rows,
+        offs_d,
+        k,
+        v,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        kpm,
+        0,
+        full,
+        S,
+        c,
+        qk_scale,
+        False,
+        CAUSAL,
+        HAS_KPM,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
+    acc, l_i, m_i = _fwd_keys(
+        acc,
+        l_i,
+        m_i,
+        q,
+        rows,
+        offs_d,
+        k,
+        v,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        kpm,
+        full,
+        hi,
+        S,
+        c,
+        qk_scale,
+        True,
+        CAUSAL,
+        HAS_KPM,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
 
     dead = l_i == 0.0
     l_safe = tl.where(dead, 1.0, l_i)
@@ -273,11 +448,28 @@ def _fwd_kernel(
 # Backward
 # ---------------------------------------------------------------------------------------------
 
+
 @triton.jit
-def _prep_kernel(O, DO, LSE, DELTA, LSE2,
-                 stride_ob, stride_oh, stride_om, stride_od, stride_gb, stride_gh, stride_gm, stride_gd,
-                 HQ, L,
-                 HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _prep_kernel(
+    O,
+    DO,
+    LSE,
+    DELTA,
+    LSE2,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_od,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    HQ,
+    L,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
     """``Delta = rowsum(dO * O)`` and the base-2 lse, +inf for a row that saw no key so that
     every recomputed probability of that row is ``2^(t - inf) = 0``."""
     bh = tl.program_id(1)
@@ -285,10 +477,24 @@ def _prep_kernel(O, DO, LSE, DELTA, LSE2,
     h = (bh % HQ).to(tl.int64)
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    o = _load_rows(O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
-                   rows, L, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                    rows, L, offs_d, HEAD_DIM, BLOCK_D, True)
+    o = _load_rows(
+        O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od,
+        rows,
+        L,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
+    do = _load_rows(
+        DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        rows,
+        L,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     at = bh.to(tl.int64) * L + rows
     lse = tl.load(LSE + at, mask=rows < L, other=0.0)
@@ -298,10 +504,29 @@ def _prep_kernel(O, DO, LSE, DELTA, LSE2,
 
 @triton.jit
 def _dkdv_queries(
-    dk, dv, k, v, cols, offs_d,
-    Q, DO, LSE2, DELTA, stride_qm, stride_qd, stride_gm, stride_gd,
-    start, end, L, c, qk_scale,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_M: tl.constexpr,
+    dk,
+    dv,
+    k,
+    v,
+    cols,
+    offs_d,
+    Q,
+    DO,
+    LSE2,
+    DELTA,
+    stride_qm,
+    stride_qd,
+    stride_gm,
+    stride_gd,
+    start,
+    end,
+    L,
+    c,
+    qk_scale,
+    MASKED: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
     """Accumulate one key block's dK (unscaled) and dV over the query blocks ``[start, end)``.
@@ -309,15 +534,17 @@ def _dkdv_queries(
     diagonal. Column masks (key bound, padding) are the caller's, applied once at the end."""
     for start_m in range(start, end, BLOCK_M):
         rows = start_m + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, L, offs_d,
-                       HEAD_DIM, BLOCK_D, True)
+        q = _load_rows(
+            Q + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd, rows, L, offs_d, HEAD_DIM, BLOCK_D, True
+        )
         lse2 = tl.load(LSE2 + rows, mask=rows < L, other=float("inf"))
         t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (keys, queries)
         p = tl.exp2(t - lse2[None, :])
         if MASKED:
             p = tl.where(cols[:, None] <= rows[None, :] + c, p, 0.0)
-        do = _load_rows(DO + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd, rows, L, offs_d,
-                        HEAD_DIM, BLOCK_D, True)
+        do = _load_rows(
+            DO + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd, rows, L, offs_d, HEAD_DIM, BLOCK_D, True
+        )
         dv = tl.dot(p.to(do.dtype), do, dv, input_precision=PRECISION)
         delta = tl.load(DELTA + rows, mask=rows < L, other=0.0)
         dp = tl.dot(v, tl.trans(do), input_precision=PRECISION)
@@ -328,17 +555,55 @@ def _dkdv_queries(
 
 @triton.jit
 def _dkdv_kernel(
-    Q, K, V, DO, LSE2, DELTA, KPM, DK, DV,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_gb, stride_gh, stride_gm, stride_gd,
+    Q,
+    K,
+    V,
+    DO,
+    LSE2,
+    DELTA,
+    KPM,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
     stride_mb,
-    stride_dkb, stride_dkh, stride_dkn, stride_dkd,
-    stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    HQ, HKV, L, N_KEYS, c, qk_scale, scale,
-    GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    HQ,
+    HKV,
+    L,
+    N_KEYS,
+    c,
+    qk_scale,
+    scale,
+    GROUP: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """One block of N_KEYS keys (the sequence's, or the prefix's with CAUSAL and HAS_KPM off)
     for one (b, key head): dK and dV summed over the group's query heads and every query."""
@@ -350,17 +615,33 @@ def _dkdv_kernel(
     cols = n0 + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     hk64 = hk.to(tl.int64)
-    k = _load_rows(K + b * stride_kb + hk64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
-                   cols, N_KEYS, offs_d, HEAD_DIM, BLOCK_D, True)
-    v = _load_rows(V + b * stride_vb + hk64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
-                   cols, N_KEYS, offs_d, HEAD_DIM, BLOCK_D, True)
+    k = _load_rows(
+        K + b * stride_kb + hk64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+        cols,
+        N_KEYS,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
+    v = _load_rows(
+        V + b * stride_vb + hk64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+        cols,
+        N_KEYS,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
     if CAUSAL:
         # Query i sees key j iff i >= j - c: rows before n0 - c see none of this block, rows
         # from n0 + BLOCK_N - 1 - c on see all of it.
         lo = (tl.maximum(n0 - c, 0) // BLOCK_M) * BLOCK_M
-        full = tl.minimum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - c, 0), BLOCK_M) * BLOCK_M, tl.cdiv(L, BLOCK_M) * BLOCK_M)
+        full = tl.minimum(
+            tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - c, 0), BLOCK_M) * BLOCK_M, tl.cdiv(L, BLOCK_M) * BLOCK_M
+        )
         full = tl.maximum(full, lo)
     else:
         lo = 0
@@ -371,39 +652,114 @@ def _dkdv_kernel(
         q = Q + b * stride_qb + h * stride_qh
         do = DO + b * stride_gb + h * stride_gh
         at = (b * HQ + h) * L
-        dk, dv = _dkdv_queries(dk, dv, k, v, cols, offs_d, q, do, LSE2 + at, DELTA + at,
-                               stride_qm, stride_qd, stride_gm, stride_gd, lo, full, L, c, qk_scale,
-                               True, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
-        dk, dv = _dkdv_queries(dk, dv, k, v, cols, offs_d, q, do, LSE2 + at, DELTA + at,
-                               stride_qm, stride_qd, stride_gm, stride_gd, full, L, L, c, qk_scale,
-                               False, HEAD_DIM, BLOCK_D, BLOCK_M, PRECISION)
+        dk, dv = _dkdv_queries(
+            dk,
+            dv,
+            k,
+            v,
+            cols,
+            offs_d,
+            q,
+            do,
+            LSE2 + at,
+            DELTA + at,
+            stride_qm,
+            stride_qd,
+            stride_gm,
+            stride_gd,
+            lo,
+            full,
+            L,
+            c,
+            qk_scale,
+            True,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            PRECISION,
+        )
+        dk, dv = _dkdv_queries(
+            dk,
+            dv,
+            k,
+            v,
+            cols,
+            offs_d,
+            q,
+            do,
+            LSE2 + at,
+            DELTA + at,
+            stride_qm,
+            stride_qd,
+            stride_gm,
+            stride_gd,
+            full,
+            L,
+            L,
+            c,
+            qk_scale,
+            False,
+            HEAD_DIM,
+            BLOCK_D,
+            BLOCK_M,
+            PRECISION,
+        )
     if HAS_KPM:
         # A padded key is never visible: its gradient is zero, whatever its probabilities were.
         keep = tl.load(KPM + b * stride_mb + cols, mask=cols < N_KEYS, other=0)
         dk = tl.where((keep != 0)[:, None], dk, 0.0)
         dv = tl.where((keep != 0)[:, None], dv, 0.0)
     mask = (cols < N_KEYS)[:, None] & (offs_d < HEAD_DIM)[None, :]
-    tl.store(DK + b * stride_dkb + hk64 * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
-             (dk * scale).to(DK.dtype.element_ty), mask=mask)
-    tl.store(DV + b * stride_dvb + hk64 * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
-             dv.to(DV.dtype.element_ty), mask=mask)
+    tl.store(
+        DK + b * stride_dkb + hk64 * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        DV + b * stride_dvb + hk64 * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=mask,
+    )
 
 
 @triton.jit
 def _dq_keys(
-    dq, q, do, lse2, delta, rows, offs_d,
-    K, V, stride_kn, stride_kd, stride_vn, stride_vd, KPM,
-    start, end, n_keys, c, qk_scale,
-    MASKED: tl.constexpr, CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr,
-    HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    rows,
+    offs_d,
+    K,
+    V,
+    stride_kn,
+    stride_kd,
+    stride_vn,
+    stride_vd,
+    KPM,
+    start,
+    end,
+    n_keys,
+    c,
+    qk_scale,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     """Accumulate one query block's dq (unscaled) over the key blocks ``[start, end)``."""
     for start_n in range(start, end, BLOCK_N):
         cols = start_n + tl.arange(0, BLOCK_N)
-        k = _load_rows(K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
-        v = _load_rows(V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d,
-                       HEAD_DIM, BLOCK_D, MASKED)
+        k = _load_rows(
+            K + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd, cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED
+        )
+        v = _load_rows(
+            V + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd, cols, n_keys, offs_d, HEAD_DIM, BLOCK_D, MASKED
+        )
         t = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale
         p = tl.exp2(t - lse2[:, None])
         if MASKED or HAS_KPM:
@@ -418,17 +774,59 @@ def _dq_keys(
 
 @triton.jit
 def _dq_kernel(
-    Q, K, V, PK, PV, KPM, DO, LSE2, DELTA, DQ,
-    stride_qb, stride_qh, stride_qm, stride_qd,
-    stride_kb, stride_kh, stride_kn, stride_kd,
-    stride_vb, stride_vh, stride_vn, stride_vd,
-    stride_pkb, stride_pkh, stride_pkn, stride_pkd,
-    stride_pvb, stride_pvh, stride_pvn, stride_pvd,
-    stride_mb, stride_gb, stride_gh, stride_gm, stride_gd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
-    HQ, GROUP, L, S, P, qk_scale, scale,
-    CAUSAL: tl.constexpr, HAS_KPM: tl.constexpr, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, PRECISION: tl.constexpr,
+    Q,
+    K,
+    V,
+    PK,
+    PV,
+    KPM,
+    DO,
+    LSE2,
+    DELTA,
+    DQ,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_pkb,
+    stride_pkh,
+    stride_pkn,
+    stride_pkd,
+    stride_pvb,
+    stride_pvh,
+    stride_pvn,
+    stride_pvd,
+    stride_mb,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dqb,
+    stride_dqh,
+    stride_dqm,
+    stride_dqd,
+    HQ,
+    GROUP,
+    L,
+    S,
+    P,
+    qk_scale,
+    scale,
+    CAUSAL: tl.constexpr,
+    HAS_KPM: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     pid_m = tl.num_programs(0) - 1 - tl.program_id(0)
     bh = tl.program_id(1)
@@ -439,10 +837,24 @@ def _dq_kernel(
     m0 = pid_m * BLOCK_M
     rows = m0 + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
-    q = _load_rows(Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
-                   rows, L, offs_d, HEAD_DIM, BLOCK_D, True)
-    do = _load_rows(DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
-                    rows, L, offs_d, HEAD_DIM, BLOCK_D, True)
+    q = _load_rows(
+        Q + b * stride_qb + h * stride_qh + rows[:, None] * stride_qm + offs_d[None, :] * stride_qd,
+        rows,
+        L,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
+    do = _load_rows(
+        DO + b * stride_gb + h * stride_gh + rows[:, None] * stride_gm + offs_d[None, :] * stride_gd,
+        rows,
+        L,
+        offs_d,
+        HEAD_DIM,
+        BLOCK_D,
+        True,
+    )
     at = (b * HQ + h) * L + rows
     lse2 = tl.load(LSE2 + at, mask=rows < L, other=float("inf"))
     delta = tl.load(DELTA + at, mask=rows < L, other=0.0)
@@ -453,39 +865,147 @@ def _dq_kernel(
     pk = PK + b * stride_pkb + hk * stride_pkh
     pv = PV + b * stride_pvb + hk * stride_pvh
     p_full = (P // BLOCK_N) * BLOCK_N
-    dq = _dq_keys(dq, q, do, lse2, delta, rows, offs_d, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd, kpm,
-                  0, p_full, P, c, qk_scale, False, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _dq_keys(dq, q, do, lse2, delta, rows, offs_d, pk, pv, stride_pkn, stride_pkd, stride_pvn, stride_pvd, kpm,
-                  p_full, P, P, c, qk_scale, True, False, False, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
+    dq = _dq_keys(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        rows,
+        offs_d,
+        pk,
+        pv,
+        stride_pkn,
+        stride_pkd,
+        stride_pvn,
+        stride_pvd,
+        kpm,
+        0,
+        p_full,
+        P,
+        c,
+        qk_scale,
+        False,
+        False,
+        False,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
+    dq = _dq_keys(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        rows,
+        offs_d,
+        pk,
+        pv,
+        stride_pkn,
+        stride_pkd,
+        stride_pvn,
+        stride_pvd,
+        kpm,
+        p_full,
+        P,
+        P,
+        c,
+        qk_scale,
+        True,
+        False,
+        False,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
 
     k = K + b * stride_kb + hk * stride_kh
     v = V + b * stride_vb + hk * stride_vh
     full, hi = _seq_range(m0, S, c, CAUSAL, BLOCK_M, BLOCK_N)
-    dq = _dq_keys(dq, q, do, lse2, delta, rows, offs_d, k, v, stride_kn, stride_kd, stride_vn, stride_vd, kpm,
-                  0, full, S, c, qk_scale, False, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    dq = _dq_keys(dq, q, do, lse2, delta, rows, offs_d, k, v, stride_kn, stride_kd, stride_vn, stride_vd, kpm,
-                  full, hi, S, c, qk_scale, True, CAUSAL, HAS_KPM, HEAD_DIM, BLOCK_D, BLOCK_N, PRECISION)
-    tl.store(DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
-             (dq * scale).to(DQ.dtype.element_ty), mask=(rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :])
+    dq = _dq_keys(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        rows,
+        offs_d,
+        k,
+        v,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        kpm,
+        0,
+        full,
+        S,
+        c,
+        qk_scale,
+        False,
+        CAUSAL,
+        HAS_KPM,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
+    dq = _dq_keys(
+        dq,
+        q,
+        do,
+        lse2,
+        delta,
+        rows,
+        offs_d,
+        k,
+        v,
+        stride_kn,
+        stride_kd,
+        stride_vn,
+        stride_vd,
+        kpm,
+        full,
+        hi,
+        S,
+        c,
+        qk_scale,
+        True,
+        CAUSAL,
+        HAS_KPM,
+        HEAD_DIM,
+        BLOCK_D,
+        BLOCK_N,
+        PRECISION,
+    )
+    tl.store(
+        DQ + b * stride_dqb + h * stride_dqh + rows[:, None] * stride_dqm + offs_d[None, :] * stride_dqd,
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=(rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :],
+    )
 
 
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
 
+
 def _strides4(t: Tensor) -> tuple[int, ...]:
     """``(b, h, n, d)`` strides; a shared ``(H, N, D)`` prefix gets batch stride 0."""
     return (0, *t.stride()) if t.dim() == 3 else tuple(t.stride())
 
 
-def _prefix_args(k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor]):
+def _prefix_args(k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None):
     """Pointers and strides for the prefix: with no prefix, k and v stand in (P = 0 visits none)."""
     if prefix_k is None:
         return k, v, (0, 0, 0, 0), (0, 0, 0, 0), 0
     return prefix_k, prefix_v, _strides4(prefix_k), _strides4(prefix_v), prefix_k.shape[-2]
 
 
-def _mask_args(key_padding_mask: Optional[Tensor], k: Tensor):
+def _mask_args(key_padding_mask: Tensor | None, k: Tensor):
     if key_padding_mask is None:
         return k, 0, False  # a stand-in pointer, never read
     # The kernels index a row of the mask as KPM + j: make the key stride 1 (B x S bytes).
@@ -512,18 +1032,41 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
     with on_device(q.device):
         _fwd_kernel[grid](
-            q, k, v, pk, pv, kpm, out, lse,
-            *q.stride(), *k.stride(), *v.stride(), *spk, *spv,
-            stride_mb, *out.stride(),
-            hq, hq // hkv, q_len, seq_len, prefix_len, scale * LOG2E,
-            CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=head_dim, BLOCK_D=block_d,
-            PRECISION=dot_precision(q.dtype), **cfg, **meta,
+            q,
+            k,
+            v,
+            pk,
+            pv,
+            kpm,
+            out,
+            lse,
+            *q.stride(),
+            *k.stride(),
+            *v.stride(),
+            *spk,
+            *spv,
+            stride_mb,
+            *out.stride(),
+            hq,
+            hq // hkv,
+            q_len,
+            seq_len,
+            prefix_len,
+            scale * LOG2E,
+            CAUSAL=causal,
+            HAS_KPM=has_kpm,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            PRECISION=dot_precision(q.dtype),
+            **cfg,
+            **meta,
         )
     return out, lse
 
 
-def _launch_dkdv(q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_kpm, causal, n_keys, c,
-                 batch_strides, scale, block_d):
+def _launch_dkdv(
+    q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_kpm, causal, n_keys, c, batch_strides, scale, block_d
+):
     batch, hq, q_len, head_dim = q.shape
     hkv = keys.shape[-3]
     cfg = block_config("dkdv", block_d, q.dtype, q.device)
@@ -533,16 +1076,43 @@ def _launch_dkdv(q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_k
     grid = (triton.cdiv(n_keys, cfg["BLOCK_N"]), batch * hkv)
     sk, sv, sdk, sdv = batch_strides
     _dkdv_kernel[grid](
-        q, keys, values, do, lse2, delta, kpm, dk, dv,
-        *q.stride(), *sk, *sv, *do.stride(), stride_mb, *sdk, *sdv,
-        hq, hkv, q_len, n_keys, c, scale * LOG2E, scale,
-        GROUP=hq // hkv, CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=head_dim, BLOCK_D=block_d,
-        PRECISION=dot_precision(q.dtype), **cfg, **meta,
+        q,
+        keys,
+        values,
+        do,
+        lse2,
+        delta,
+        kpm,
+        dk,
+        dv,
+        *q.stride(),
+        *sk,
+        *sv,
+        *do.stride(),
+        stride_mb,
+        *sdk,
+        *sdv,
+        hq,
+        hkv,
+        q_len,
+        n_keys,
+        c,
+        scale * LOG2E,
+        scale,
+        GROUP=hq // hkv,
+        CAUSAL=causal,
+        HAS_KPM=has_kpm,
+        HEAD_DIM=head_dim,
+        BLOCK_D=block_d,
+        PRECISION=dot_precision(q.dtype),
+        **cfg,
+        **meta,
     )
 
 
-def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale,
-              output_mask: Sequence[bool]):
+def backward(
+    grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask: Sequence[bool]
+):
     need_q, need_k, need_v, need_pk, need_pv = output_mask
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
@@ -569,22 +1139,64 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
     with on_device(q.device):
         pre_m = 64 if not interpreting() else 16
         _prep_kernel[(triton.cdiv(q_len, pre_m), batch * hq)](
-            out, grad_out, lse, delta, lse2, *out.stride(), *grad_out.stride(), hq, q_len,
-            HEAD_DIM=head_dim, BLOCK_D=block_d, BLOCK_M=pre_m,
+            out,
+            grad_out,
+            lse,
+            delta,
+            lse2,
+            *out.stride(),
+            *grad_out.stride(),
+            hq,
+            q_len,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            BLOCK_M=pre_m,
         )
         if need_k or need_v:
             # The kernel computes both; a gradient nobody asked for goes to a scratch buffer.
             dk_t = dk if dk is not None else empty(k.shape, dtype=k.dtype, device=k.device)
             dv_t = dv if dv is not None else empty(v.shape, dtype=v.dtype, device=v.device)
             if seq_len:
-                _launch_dkdv(q, grad_out, lse2, delta, k, v, dk_t, dv_t, kpm, stride_mb, has_kpm, causal,
-                             seq_len, seq_len - q_len, (k.stride(), v.stride(), dk_t.stride(), dv_t.stride()),
-                             scale, block_d)
+                _launch_dkdv(
+                    q,
+                    grad_out,
+                    lse2,
+                    delta,
+                    k,
+                    v,
+                    dk_t,
+                    dv_t,
+                    kpm,
+                    stride_mb,
+                    has_kpm,
+                    causal,
+                    seq_len,
+                    seq_len - q_len,
+                    (k.stride(), v.stride(), dk_t.stride(), dv_t.stride()),
+                    scale,
+                    block_d,
+                )
         if need_pk or need_pv:
             if prefix_len:
-                _launch_dkdv(q, grad_out, lse2, delta, prefix_k, prefix_v, dpk_rows, dpv_rows, kpm, 0, False, False,
-                             prefix_len, 0, (_strides4(prefix_k), _strides4(prefix_v), dpk_rows.stride(),
-                                             dpv_rows.stride()), scale, block_d)
+                _launch_dkdv(
+                    q,
+                    grad_out,
+                    lse2,
+                    delta,
+                    prefix_k,
+                    prefix_v,
+                    dpk_rows,
+                    dpv_rows,
+                    kpm,
+                    0,
+                    False,
+                    False,
+                    prefix_len,
+                    0,
+                    (_strides4(prefix_k), _strides4(prefix_v), dpk_rows.stride(), dpv_rows.stride()),
+                    scale,
+                    block_d,
+                )
             else:
                 dpk_rows.zero_()
                 dpv_rows.zero_()
@@ -599,12 +1211,38 @@ def backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, 
             cfg = block_config("dq", block_d, q.dtype, q.device)
             meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
             _dq_kernel[(triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)](
-                q, k, v, pk, pv, kpm, grad_out, lse2, delta, dq,
-                *q.stride(), *k.stride(), *v.stride(), *spk, *spv,
-                stride_mb, *grad_out.stride(), *dq.stride(),
-                hq, hq // hkv, q_len, seq_len, prefix_len, scale * LOG2E, scale,
-                CAUSAL=causal, HAS_KPM=has_kpm, HEAD_DIM=head_dim, BLOCK_D=block_d,
-                PRECISION=dot_precision(q.dtype), **cfg, **meta,
+                q,
+                k,
+                v,
+                pk,
+                pv,
+                kpm,
+                grad_out,
+                lse2,
+                delta,
+                dq,
+                *q.stride(),
+                *k.stride(),
+                *v.stride(),
+                *spk,
+                *spv,
+                stride_mb,
+                *grad_out.stride(),
+                *dq.stride(),
+                hq,
+                hq // hkv,
+                q_len,
+                seq_len,
+                prefix_len,
+                scale * LOG2E,
+                scale,
+                CAUSAL=causal,
+                HAS_KPM=has_kpm,
+                HEAD_DIM=head_dim,
+                BLOCK_D=block_d,
+                PRECISION=dot_precision(q.dtype),
+                **cfg,
+                **meta,
             )
     return dq, dk, dv, dpk, dpv
 
@@ -619,7 +1257,7 @@ def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
     return dq, dk, dv, dpk, dpv
 
 
-def supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> Optional[str]:
+def supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> str | None:
     if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the triton kernels take float32, float16 or bfloat16, got {q.dtype}"
     if not scale > 0:

@@ -2,10 +2,10 @@
 
 from ._base import AdapterModule
 from .bottleneck_adapter import BottleneckAdapter
-from .prefix_attention import PrefixSelfAttention
 from .lora_linear import LoRALinear
 from .multi_lora_linear import MultiLoRALinear
 from .prefix import PrefixKV, PromptEmbedding
+from .prefix_attention import PrefixSelfAttention
 from .surgery import (
     ParamCount,
     add_adapter,

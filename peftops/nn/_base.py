@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterator
+from collections.abc import Iterator
 
 from torch import nn
 

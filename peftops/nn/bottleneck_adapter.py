@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from ..ops import bottleneck_adapter
@@ -21,8 +19,15 @@ class BottleneckAdapter(AdapterModule):
     """
 
     def __init__(
-        self, d: int, r: int, activation: str = "gelu", scale: float = 1.0, parallel: bool = False,
-        *, device=None, dtype=None,
+        self,
+        d: int,
+        r: int,
+        activation: str = "gelu",
+        scale: float = 1.0,
+        parallel: bool = False,
+        *,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         d = positive_int("BottleneckAdapter", "d", d)
@@ -39,14 +44,22 @@ class BottleneckAdapter(AdapterModule):
         nn.init.zeros_(self.up.weight)
         nn.init.zeros_(self.up.bias)
 
-    def forward(self, x: Tensor, residual: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, residual: Tensor | None = None) -> Tensor:
         if self.parallel and residual is None:
             raise ValueError("BottleneckAdapter(parallel=True): residual: expected the sublayer's output, got None")
         if not self.parallel and residual is not None:
-            raise ValueError("BottleneckAdapter(parallel=False): residual: expected None (a serial adapter adds to x), got a tensor")
+            raise ValueError(
+                "BottleneckAdapter(parallel=False): residual: expected None (a serial adapter adds to x), got a tensor"
+            )
         return bottleneck_adapter(
-            x, self.down.weight, self.down.bias, self.up.weight, self.up.bias,
-            activation=self.activation, scale=self.scale, residual=residual,
+            x,
+            self.down.weight,
+            self.down.bias,
+            self.up.weight,
+            self.up.bias,
+            activation=self.activation,
+            scale=self.scale,
+            residual=residual,
         )
 
     def extra_repr(self) -> str:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -46,7 +46,7 @@ class LoRALinear(AdapterModule):
     @classmethod
     def from_linear(
         cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
-    ) -> "LoRALinear":
+    ) -> LoRALinear:
         """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -55,7 +55,7 @@ class LoRALinear(AdapterModule):
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
         return layer
 
-    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], r, alpha, dropout, use_rslora) -> None:
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, r, alpha, dropout, use_rslora) -> None:
         owner = type(self).__name__
         r = positive_int(owner, "r", r)
         alpha = finite(owner, "alpha", alpha)
@@ -93,8 +93,14 @@ class LoRALinear(AdapterModule):
                 )
             return F.linear(input, self.weight, self.bias)
         return lora_linear(
-            input, self.weight, self.lora_A.weight, self.lora_B.weight,
-            scale=self.scaling, bias=self.bias, dropout_p=self.lora_dropout, training=self.training,
+            input,
+            self.weight,
+            self.lora_A.weight,
+            self.lora_B.weight,
+            scale=self.scaling,
+            bias=self.bias,
+            dropout_p=self.lora_dropout,
+            training=self.training,
         )
 
     def delta_weight(self) -> Tensor:

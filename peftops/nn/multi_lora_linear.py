@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence, Union
+from collections.abc import Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from ..ops.multi_lora_linear import multi_lora_linear
 from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
 
-AdapterRef = Union[str, int, None]
+AdapterRef = str | int | None
 
 
 class MultiLoRALinear(AdapterModule):
@@ -31,15 +31,23 @@ class MultiLoRALinear(AdapterModule):
     """
 
     def __init__(
-        self, in_features: int, out_features: int, capacity: int, r_max: int, bias: bool = True,
-        dropout: float = 0.0, *, device=None, dtype=None,
+        self,
+        in_features: int,
+        out_features: int,
+        capacity: int,
+        r_max: int,
+        bias: bool = True,
+        dropout: float = 0.0,
+        *,
+        device=None,
+        dtype=None,
     ) -> None:
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         super().__init__()
         self._setup(base.weight, base.bias, capacity, r_max, dropout)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, capacity: int, r_max: int, dropout: float = 0.0) -> "MultiLoRALinear":
+    def from_linear(cls, linear: nn.Linear, capacity: int, r_max: int, dropout: float = 0.0) -> MultiLoRALinear:
         """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MultiLoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
@@ -48,7 +56,7 @@ class MultiLoRALinear(AdapterModule):
         layer._setup(linear.weight, linear.bias, capacity, r_max, dropout)
         return layer
 
-    def _setup(self, weight: nn.Parameter, bias: Optional[nn.Parameter], capacity, r_max, dropout) -> None:
+    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, capacity, r_max, dropout) -> None:
         owner = type(self).__name__
         self.capacity = positive_int(owner, "capacity", capacity)
         self.r_max = positive_int(owner, "r_max", r_max)
@@ -63,7 +71,7 @@ class MultiLoRALinear(AdapterModule):
         self.register_buffer("scales", torch.zeros(self.capacity, device=weight.device, dtype=torch.float32))
         self.register_buffer("ranks", torch.ones(self.capacity, device=weight.device, dtype=torch.int64))
         self._slots: dict[str, int] = {}
-        self._batch_ids: Optional[Tensor] = None
+        self._batch_ids: Tensor | None = None
 
     # -- adapters ---------------------------------------------------------------------------
 
@@ -79,7 +87,9 @@ class MultiLoRALinear(AdapterModule):
         if not isinstance(name, str) or not name:
             raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
         if name in self._slots:
-            raise ValueError(f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})")
+            raise ValueError(
+                f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})"
+            )
         r = positive_int(owner, "r", r)
         if r > self.r_max:
             raise ValueError(f"{owner}: r: expected at most r_max={self.r_max}, got {r}")
@@ -128,10 +138,12 @@ class MultiLoRALinear(AdapterModule):
                     raise ValueError(f"{type(self).__name__}: adapter id {ref} is not a slot in use ({sorted(used)})")
                 out.append(ref)
             else:
-                raise TypeError(f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}")
+                raise TypeError(
+                    f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}"
+                )
         return torch.tensor(out, dtype=torch.int64, device=self.weight.device if device is None else device)
 
-    def set_batch_adapters(self, ids: Union[Tensor, Sequence[AdapterRef], None]) -> None:
+    def set_batch_adapters(self, ids: Tensor | Sequence[AdapterRef] | None) -> None:
         """The adapters of the next batches' rows (or tokens), until set again; None clears."""
         if ids is None or isinstance(ids, Tensor):
             self._batch_ids = ids
@@ -151,18 +163,30 @@ class MultiLoRALinear(AdapterModule):
 
     # -- forward ----------------------------------------------------------------------------
 
-    def forward(self, input: Tensor, adapter_ids: Union[Tensor, Sequence[AdapterRef], None] = None) -> Tensor:
+    def forward(self, input: Tensor, adapter_ids: Tensor | Sequence[AdapterRef] | None = None) -> Tensor:
         ids = self._batch_ids if adapter_ids is None else adapter_ids
         if ids is None:
-            raise ValueError(f"{type(self).__name__}: adapter_ids: expected the batch's adapters (forward argument "
-                             "or set_batch_adapters), got none")
+            raise ValueError(
+                f"{type(self).__name__}: adapter_ids: expected the batch's adapters (forward argument "
+                "or set_batch_adapters), got none"
+            )
         if not isinstance(ids, Tensor):
             ids = self.adapter_ids(list(ids), device=input.device)
         return multi_lora_linear(
-            input, self.weight, self.lora_A, self.lora_B, ids, scales=self.scales.to(input.device),
-            bias=self.bias, ranks=self.ranks, dropout_p=self.lora_dropout, training=self.training,
+            input,
+            self.weight,
+            self.lora_A,
+            self.lora_B,
+            ids,
+            scales=self.scales.to(input.device),
+            bias=self.bias,
+            ranks=self.ranks,
+            dropout_p=self.lora_dropout,
+            training=self.training,
         )
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
-                f"r_max={self.r_max}, adapters={self._slots}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, capacity={self.capacity}, "
+            f"r_max={self.r_max}, adapters={self._slots}"
+        )

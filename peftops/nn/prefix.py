@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor, nn
 
@@ -24,8 +22,15 @@ class PrefixKV(AdapterModule):
     """
 
     def __init__(
-        self, num_layers: int, num_kv_heads: int, prefix_len: int, head_dim: int,
-        reparam_hidden: Optional[int] = None, *, device=None, dtype=None,
+        self,
+        num_layers: int,
+        num_kv_heads: int,
+        prefix_len: int,
+        head_dim: int,
+        reparam_hidden: int | None = None,
+        *,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         owner = "PrefixKV"
@@ -93,26 +98,36 @@ class PromptEmbedding(AdapterModule):
         super().__init__()
         self.num_tokens = positive_int("PromptEmbedding", "num_tokens", num_tokens)
         self.hidden = positive_int("PromptEmbedding", "hidden", hidden)
-        self.weight = nn.Parameter(torch.empty(self.num_tokens, self.hidden, device=device, dtype=dtype).uniform_(-0.5, 0.5))
+        self.weight = nn.Parameter(
+            torch.empty(self.num_tokens, self.hidden, device=device, dtype=dtype).uniform_(-0.5, 0.5)
+        )
 
     def forward(self, inputs_embeds: Tensor) -> Tensor:
         if not isinstance(inputs_embeds, Tensor):
-            raise TypeError(f"PromptEmbedding: inputs_embeds: expected a torch.Tensor, got {type(inputs_embeds).__name__}")
+            raise TypeError(
+                f"PromptEmbedding: inputs_embeds: expected a torch.Tensor, got {type(inputs_embeds).__name__}"
+            )
         if inputs_embeds.dim() != 3 or inputs_embeds.shape[-1] != self.hidden:
             raise ValueError(
                 f"PromptEmbedding: inputs_embeds: expected shape (B, L, {self.hidden}), got {tuple(inputs_embeds.shape)}"
             )
         if inputs_embeds.dtype != self.weight.dtype:
-            raise TypeError(f"PromptEmbedding: inputs_embeds: expected dtype {self.weight.dtype}, got {inputs_embeds.dtype}")
+            raise TypeError(
+                f"PromptEmbedding: inputs_embeds: expected dtype {self.weight.dtype}, got {inputs_embeds.dtype}"
+            )
         prompt = self.weight.unsqueeze(0).expand(inputs_embeds.shape[0], -1, -1)
         return torch.cat([prompt, inputs_embeds], dim=1)
 
     def extend_attention_mask(self, attention_mask: Tensor) -> Tensor:
         """``(B, L)`` mask (bool or 0/1 of any dtype) -> ``(B, num_tokens + L)``, prompt positions attended."""
         if not isinstance(attention_mask, Tensor):
-            raise TypeError(f"PromptEmbedding: attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}")
+            raise TypeError(
+                f"PromptEmbedding: attention_mask: expected a torch.Tensor, got {type(attention_mask).__name__}"
+            )
         if attention_mask.dim() != 2:
-            raise ValueError(f"PromptEmbedding: attention_mask: expected shape (B, L), got {tuple(attention_mask.shape)}")
+            raise ValueError(
+                f"PromptEmbedding: attention_mask: expected shape (B, L), got {tuple(attention_mask.shape)}"
+            )
         ones = attention_mask.new_ones(attention_mask.shape[0], self.num_tokens)
         return torch.cat([ones, attention_mask], dim=1)
 

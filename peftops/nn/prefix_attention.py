@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 from torch import Tensor, nn
 
 from ..ops.prefix_attention import prefix_attention
@@ -27,8 +25,17 @@ class PrefixSelfAttention(nn.Module):
     """
 
     def __init__(
-        self, hidden: int, num_heads: int, num_kv_heads: Optional[int] = None, head_dim: Optional[int] = None,
-        *, bias: bool = False, o_bias: Optional[bool] = None, causal: bool = True, device=None, dtype=None,
+        self,
+        hidden: int,
+        num_heads: int,
+        num_kv_heads: int | None = None,
+        head_dim: int | None = None,
+        *,
+        bias: bool = False,
+        o_bias: bool | None = None,
+        causal: bool = True,
+        device=None,
+        dtype=None,
     ) -> None:
         super().__init__()
         owner = "PrefixSelfAttention"
@@ -36,12 +43,15 @@ class PrefixSelfAttention(nn.Module):
         self.num_heads = positive_int(owner, "num_heads", num_heads)
         self.num_kv_heads = positive_int(owner, "num_kv_heads", num_heads if num_kv_heads is None else num_kv_heads)
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"{owner}: num_kv_heads: expected a divisor of num_heads={self.num_heads}, "
-                             f"got {self.num_kv_heads}")
+            raise ValueError(
+                f"{owner}: num_kv_heads: expected a divisor of num_heads={self.num_heads}, got {self.num_kv_heads}"
+            )
         if head_dim is None:
             if self.hidden % self.num_heads:
-                raise ValueError(f"{owner}: head_dim: expected it given, or hidden={self.hidden} divisible by "
-                                 f"num_heads={self.num_heads}")
+                raise ValueError(
+                    f"{owner}: head_dim: expected it given, or hidden={self.hidden} divisible by "
+                    f"num_heads={self.num_heads}"
+                )
             head_dim = self.hidden // self.num_heads
         self.head_dim = positive_int(owner, "head_dim", head_dim)
         self.causal = strict_bool(owner, "causal", causal)
@@ -53,8 +63,9 @@ class PrefixSelfAttention(nn.Module):
         self.v_proj = nn.Linear(self.hidden, self.num_kv_heads * self.head_dim, bias=bias, **f)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, self.hidden, bias=o_bias, **f)
 
-    def forward(self, x: Tensor, prefix: Optional[tuple[Tensor, Tensor]] = None,
-                key_padding_mask: Optional[Tensor] = None) -> Tensor:
+    def forward(
+        self, x: Tensor, prefix: tuple[Tensor, Tensor] | None = None, key_padding_mask: Tensor | None = None
+    ) -> Tensor:
         if x.dim() != 3 or x.shape[-1] != self.hidden:
             raise ValueError(f"PrefixSelfAttention: x: expected shape (B, L, {self.hidden}), got {tuple(x.shape)}")
         b, n, _ = x.shape
@@ -67,12 +78,15 @@ class PrefixSelfAttention(nn.Module):
             pk = pv = None
         else:
             if not isinstance(prefix, (tuple, list)) or len(prefix) != 2:
-                raise TypeError(f"PrefixSelfAttention: prefix: expected a (prefix_k, prefix_v) pair, got "
-                                f"{type(prefix).__name__}")
+                raise TypeError(
+                    f"PrefixSelfAttention: prefix: expected a (prefix_k, prefix_v) pair, got {type(prefix).__name__}"
+                )
             pk, pv = prefix
         o = prefix_attention(q, k, v, pk, pv, causal=self.causal, key_padding_mask=key_padding_mask)
         return self.o_proj(o.transpose(1, 2).reshape(b, n, self.num_heads * d))
 
     def extra_repr(self) -> str:
-        return (f"hidden={self.hidden}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
-                f"head_dim={self.head_dim}, causal={self.causal}")
+        return (
+            f"hidden={self.hidden}, num_heads={self.num_heads}, num_kv_heads={self.num_kv_heads}, "
+            f"head_dim={self.head_dim}, causal={self.causal}"
+        )

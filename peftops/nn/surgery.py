@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import re
-from typing import Iterable, NamedTuple, Optional, Union
+from collections.abc import Iterable
+from typing import NamedTuple
 
 from torch import nn
 
@@ -29,7 +30,7 @@ def _module(fn: str, model: object) -> None:
         raise TypeError(f"{fn}: model: expected an nn.Module, got {type(model).__name__}")
 
 
-def _matches(name: str, target: Union[str, Iterable[str]]) -> bool:
+def _matches(name: str, target: str | Iterable[str]) -> bool:
     if isinstance(target, str):
         return re.fullmatch(target, name) is not None
     return any(name == t or name.endswith("." + t) for t in target)
@@ -37,13 +38,13 @@ def _matches(name: str, target: Union[str, Iterable[str]]) -> bool:
 
 def apply_lora(
     model: nn.Module,
-    target_modules: Union[str, Iterable[str]],
+    target_modules: str | Iterable[str],
     r: int,
     alpha: float,
     dropout: float = 0.0,
     *,
     use_rslora: bool = False,
-    capacity: Optional[int] = None,
+    capacity: int | None = None,
 ) -> nn.Module:
     """Replace matching ``nn.Linear`` children by :class:`LoRALinear` in place, freeze every
     other parameter, and return ``model``.
@@ -64,7 +65,9 @@ def apply_lora(
             )
         target_modules = list(target_modules)
         if not target_modules or not all(isinstance(t, str) for t in target_modules):
-            raise TypeError(f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {target_modules!r}")
+            raise TypeError(
+                f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {target_modules!r}"
+            )
     # remove_duplicate=False: a module registered under two names (tied) is swapped under both.
     all_modules = list(model.named_modules(remove_duplicate=False))
     inside_lora = {name + "." for name, m in all_modules if isinstance(m, (LoRALinear, MultiLoRALinear))}
@@ -89,7 +92,9 @@ def apply_lora(
         elif capacity is not None:
             wrapped[id(module)] = MultiLoRALinear.from_linear(module, capacity=capacity, r_max=r, dropout=dropout)
         else:
-            wrapped[id(module)] = LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+            wrapped[id(module)] = LoRALinear.from_linear(
+                module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
+            )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapped[id(module)])
     mark_only_adapters_trainable(model)
@@ -127,8 +132,10 @@ def add_adapter(model: nn.Module, name: str, r: int, alpha: float, *, use_rslora
     layers = _multi_layers("add_adapter", model)
     slots = {layer.add_adapter(name, r, alpha, use_rslora=use_rslora) for layer in layers}
     if len(slots) != 1:
-        raise RuntimeError(f"add_adapter: the layers put {name!r} in different slots {sorted(slots)}: "
-                           "add and remove adapters through the model, not layer by layer")
+        raise RuntimeError(
+            f"add_adapter: the layers put {name!r} in different slots {sorted(slots)}: "
+            "add and remove adapters through the model, not layer by layer"
+        )
     return model
 
 

@@ -2,8 +2,8 @@
 registered with ``torch.library`` (schema, fake implementation, autograd)."""
 
 from .bottleneck_adapter import bottleneck_adapter
-from .prefix_attention import prefix_attention
 from .lora_linear import lora_linear
 from .multi_lora_linear import multi_lora_linear
+from .prefix_attention import prefix_attention
 
 __all__ = ["bottleneck_adapter", "lora_linear", "multi_lora_linear", "prefix_attention"]

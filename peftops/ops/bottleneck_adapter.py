@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -21,10 +19,19 @@ OP = "bottleneck_adapter"
 # extra pass over x to recompute it.
 @torch.library.custom_op("peftops::bottleneck_adapter", mutates_args=())
 def _bottleneck_adapter(
-    x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], up_weight: Tensor, up_bias: Optional[Tensor],
-    residual: Optional[Tensor], activation: str, scale: float, backend: str,
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    residual: Tensor | None,
+    activation: str,
+    scale: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return run_forward(OP, backend, x.device, x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale)
+    return run_forward(
+        OP, backend, x.device, x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale
+    )
 
 
 @_bottleneck_adapter.register_fake
@@ -44,7 +51,19 @@ def _bottleneck_adapter_backward(
     grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask, backend
 ):
     return run_backward(
-        OP, backend, x.device, grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask
+        OP,
+        backend,
+        x.device,
+        grad,
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        hidden,
+        activation,
+        scale,
+        serial,
+        output_mask,
     )
 
 
@@ -52,7 +71,7 @@ def _bottleneck_adapter_backward(
 def _(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask, backend):
     rank, d = down_weight.shape
     shapes = ((x, x.shape), (down_weight, (rank, d)), (down_weight, (rank,)), (up_weight, (d, rank)), (up_weight, (d,)))
-    return tuple(t.new_empty(s) if need else None for (t, s), need in zip(shapes, output_mask))
+    return tuple(t.new_empty(s) if need else None for (t, s), need in zip(shapes, output_mask, strict=False))
 
 
 def _setup_context(ctx, inputs, output):
@@ -67,7 +86,16 @@ def _backward(ctx, grad, grad_hidden):
     x, down_weight, down_bias, up_weight, hidden = ctx.saved_tensors
     need = ctx.needs_input_grad
     dx, dwd, dbd, dwu, dbu = _bottleneck_adapter_backward(
-        grad, x, down_weight, down_bias, up_weight, hidden, ctx.activation, ctx.scale, ctx.serial, list(need[:5]),
+        grad,
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        hidden,
+        ctx.activation,
+        ctx.scale,
+        ctx.serial,
+        list(need[:5]),
         ctx.backend,
     )
     # The parallel form's residual enters y with coefficient 1.
@@ -96,13 +124,13 @@ register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=refere
 def bottleneck_adapter(
     x: Tensor,
     down_weight: Tensor,
-    down_bias: Optional[Tensor],
+    down_bias: Tensor | None,
     up_weight: Tensor,
-    up_bias: Optional[Tensor],
+    up_bias: Tensor | None,
     *,
     activation: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     r"""Bottleneck adapter: ``y = residual + scale * (act(x Wd^T + bd) Wu^T + bu)``.
 
@@ -133,8 +161,16 @@ def bottleneck_adapter(
         x.device.type, x, down_weight, down_bias, up_weight, up_bias, residual
     )
     check.same_dtype_device(
-        OP, "x", x,
-        (("down_weight", down_weight), ("down_bias", down_bias), ("up_weight", up_weight), ("up_bias", up_bias), ("residual", residual)),
+        OP,
+        "x",
+        x,
+        (
+            ("down_weight", down_weight),
+            ("down_bias", down_bias),
+            ("up_weight", up_weight),
+            ("up_bias", up_bias),
+            ("residual", residual),
+        ),
     )
     d = x.shape[-1]
     rank = down_weight.shape[0]
@@ -147,6 +183,8 @@ def bottleneck_adapter(
     if residual is not None:
         check.shape(OP, "residual", residual, tuple(x.shape), "(the shape of x)")
 
-    backend = resolve_backend(OP, x.device, (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale))
+    backend = resolve_backend(
+        OP, x.device, (x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale)
+    )
     y, _ = _bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, backend)
     return y

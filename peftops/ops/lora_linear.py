@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -20,8 +18,15 @@ OP = "lora_linear"
 # recompute it with another pass over x.
 @torch.library.custom_op("peftops::lora_linear", mutates_args=())
 def _lora_linear(
-    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, bias: Optional[Tensor],
-    scale: float, dropout_p: float, seed: Optional[Tensor], backend: str,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    bias: Tensor | None,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     return run_forward(OP, backend, x.device, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
 
@@ -46,7 +51,7 @@ def _lora_linear_backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropou
 @_lora_linear_backward.register_fake
 def _(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask, backend):
     like = (x, weight, lora_a, lora_b, grad.new_empty(grad.shape[-1]))
-    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
+    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask, strict=False))
 
 
 def _setup_context(ctx, inputs, output):
@@ -60,7 +65,16 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad, grad_u):
     x, weight, lora_a, lora_b, lora_u, seed = ctx.saved_tensors
     grads = _lora_linear_backward(
-        grad, x, weight, lora_a, lora_b, lora_u, ctx.scale, ctx.dropout_p, seed, list(ctx.needs_input_grad[:5]),
+        grad,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        lora_u,
+        ctx.scale,
+        ctx.dropout_p,
+        seed,
+        list(ctx.needs_input_grad[:5]),
         ctx.backend,
     )
     return (*grads, None, None, None, None)
@@ -71,7 +85,8 @@ _lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the reference backend ----------------------------------------------------------------
 
-def reference_keep_mask(x: Tensor, dropout_p: float, seed: Optional[Tensor]) -> Optional[Tensor]:
+
+def reference_keep_mask(x: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor | None:
     if dropout_p == 0.0:
         return None
     return reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
@@ -94,6 +109,7 @@ register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=refere
 
 # -- the public op ------------------------------------------------------------------------
 
+
 def lora_linear(
     x: Tensor,
     weight: Tensor,
@@ -101,7 +117,7 @@ def lora_linear(
     lora_b: Tensor,
     *,
     scale: float = 1.0,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:

@@ -7,13 +7,11 @@ row of a ``(B, L, in)`` batch) names its adapter. Backends: ``reference`` and ``
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
-from ..backends import OpImpl, register_impl, resolve_backend
 from .. import reference as spec
+from ..backends import OpImpl, register_impl, resolve_backend
 from . import validate as check
 from .dispatch import run_backward, run_forward
 from .lora_linear import reference_keep_mask  # the same per-token mask as lora_linear's reference
@@ -25,11 +23,21 @@ OP = "multi_lora_linear"
 # Returns ``(y, u)``, ``u: (T, r_max)`` the rank-r activations (saved for dB, not differentiable).
 @torch.library.custom_op("peftops::multi_lora_linear", mutates_args=())
 def _multi_lora_linear(
-    x: Tensor, weight: Tensor, lora_a: Tensor, lora_b: Tensor, adapter_ids: Tensor, scales: Tensor,
-    bias: Optional[Tensor], ranks: Optional[Tensor], dropout_p: float, seed: Optional[Tensor], backend: str,
+    x: Tensor,
+    weight: Tensor,
+    lora_a: Tensor,
+    lora_b: Tensor,
+    adapter_ids: Tensor,
+    scales: Tensor,
+    bias: Tensor | None,
+    ranks: Tensor | None,
+    dropout_p: float,
+    seed: Tensor | None,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
-    return run_forward(OP, backend, x.device, x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,
-                       dropout_p, seed)
+    return run_forward(
+        OP, backend, x.device, x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed
+    )
 
 
 @_multi_lora_linear.register_fake
@@ -44,16 +52,32 @@ def _(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, se
     "Tensor? ranks, Tensor lora_u, float dropout_p, Tensor? seed, bool[] output_mask, str backend) "
     "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
 )
-def _multi_lora_linear_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
-                                output_mask, backend):
-    return run_backward(OP, backend, x.device, grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u,
-                        dropout_p, seed, output_mask)
+def _multi_lora_linear_backward(
+    grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask, backend
+):
+    return run_backward(
+        OP,
+        backend,
+        x.device,
+        grad,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        adapter_ids,
+        scales,
+        ranks,
+        lora_u,
+        dropout_p,
+        seed,
+        output_mask,
+    )
 
 
 @_multi_lora_linear_backward.register_fake
 def _(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask, backend):
     like = (x, weight, lora_a, lora_b, grad.new_empty(grad.shape[-1]))
-    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
+    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask, strict=False))
 
 
 def _setup_context(ctx, inputs, output):
@@ -68,8 +92,19 @@ def _backward(ctx, grad, grad_u):
     x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, seed = ctx.saved_tensors
     need = ctx.needs_input_grad
     grads = _multi_lora_linear_backward(
-        grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, ctx.dropout_p, seed,
-        [need[0], need[1], need[2], need[3], need[6]], ctx.backend,
+        grad,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        adapter_ids,
+        scales,
+        ranks,
+        lora_u,
+        ctx.dropout_p,
+        seed,
+        [need[0], need[1], need[2], need[3], need[6]],
+        ctx.backend,
     )
     dx, dw, da, db, dbias = grads
     return dx, dw, da, db, None, None, dbias, None, None, None, None
@@ -80,22 +115,37 @@ _multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 # -- the reference backend ----------------------------------------------------------------
 
+
 def reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
-    return spec.multi_lora_linear(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks,
-                                  reference_keep_mask(x, dropout_p, seed), dropout_p)
+    return spec.multi_lora_linear(
+        x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, reference_keep_mask(x, dropout_p, seed), dropout_p
+    )
 
 
-def reference_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed,
-                        output_mask):
+def reference_backward(
+    grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask
+):
     # The spec recomputes the rank-r activation in float32 rather than use the saved lora_u.
-    return spec.multi_lora_linear_backward(grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks,
-                                           reference_keep_mask(x, dropout_p, seed), dropout_p, output_mask)
+    return spec.multi_lora_linear_backward(
+        grad,
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        adapter_ids,
+        scales,
+        ranks,
+        reference_keep_mask(x, dropout_p, seed),
+        dropout_p,
+        output_mask,
+    )
 
 
 register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))
 
 
 # -- the public op ------------------------------------------------------------------------
+
 
 def _check_index_values(name: str, t: Tensor, low: int, high: int, what: str) -> None:
     """Host-side range check, one synchronisation. Skipped while ``torch.compile`` traces (a
@@ -119,8 +169,8 @@ def multi_lora_linear(
     adapter_ids: Tensor,
     *,
     scales: Tensor,
-    bias: Optional[Tensor] = None,
-    ranks: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    ranks: Tensor | None = None,
     dropout_p: float = 0.0,
     training: bool = True,
 ) -> Tensor:
@@ -174,8 +224,13 @@ def multi_lora_linear(
     num, r_max = lora_a.shape[0], lora_a.shape[1]
     check.shape(OP, "weight", weight, (None, in_f), f"(out, in) with in={in_f} from x")
     check.shape(OP, "lora_a", lora_a, (None, None, in_f), f"(N, r_max, in) with in={in_f} from x")
-    check.shape(OP, "lora_b", lora_b, (num, out_f, r_max),
-                f"(N, out, r_max) with N={num}, r_max={r_max} from lora_a, out={out_f} from weight")
+    check.shape(
+        OP,
+        "lora_b",
+        lora_b,
+        (num, out_f, r_max),
+        f"(N, out, r_max) with N={num}, r_max={r_max} from lora_a, out={out_f} from weight",
+    )
     check.shape(OP, "scales", scales, (num,), f"(N,) with N={num} from lora_a")
     if bias is not None:
         check.shape(OP, "bias", bias, (out_f,), f"(out,) with out={out_f} from weight")
@@ -187,8 +242,10 @@ def multi_lora_linear(
     elif x.dim() >= 3 and tuple(adapter_ids.shape) == tuple(lead[:1]):
         ids = adapter_ids.reshape(-1, *([1] * (len(lead) - 1))).expand(lead).reshape(-1)
     else:
-        raise ValueError(f"{OP}: adapter_ids: expected shape {tuple(lead)} (one per token) or "
-                         f"{tuple(lead[:1])} (one per row, for x with 3+ dims), got {tuple(adapter_ids.shape)}")
+        raise ValueError(
+            f"{OP}: adapter_ids: expected shape {tuple(lead)} (one per token) or "
+            f"{tuple(lead[:1])} (one per row, for x with 3+ dims), got {tuple(adapter_ids.shape)}"
+        )
     _check_index_values("adapter_ids", ids, -1, num - 1, "adapter ids (-1 = base layer only)")
     if ranks is not None:
         _check_index_values("ranks", ranks, 1, r_max, "ranks")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import Tensor
 
@@ -17,8 +15,15 @@ OP = "prefix_attention"
 
 @torch.library.custom_op("peftops::prefix_attention", mutates_args=())
 def _prefix_attention(
-    q: Tensor, k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor],
-    key_padding_mask: Optional[Tensor], causal: bool, scale: float, backend: str,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
+    key_padding_mask: Tensor | None,
+    causal: bool,
+    scale: float,
+    backend: str,
 ) -> tuple[Tensor, Tensor]:
     return run_forward(OP, backend, q.device, q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale)
 
@@ -36,16 +41,32 @@ def _(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, backend):
     "Tensor? key_padding_mask, Tensor out, Tensor lse, bool causal, float scale, bool[] output_mask, str backend) "
     "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
 )
-def _prefix_attention_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask, backend):
+def _prefix_attention_backward(
+    grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask, backend
+):
     return run_backward(
-        OP, backend, q.device, grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask
+        OP,
+        backend,
+        q.device,
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        key_padding_mask,
+        out,
+        lse,
+        causal,
+        scale,
+        output_mask,
     )
 
 
 @_prefix_attention_backward.register_fake
 def _(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask, backend):
     like = (q, k, v, prefix_k, prefix_v)
-    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask))
+    return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask, strict=False))
 
 
 def _setup_context(ctx, inputs, output):
@@ -59,8 +80,19 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, grad_lse):
     q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse = ctx.saved_tensors
     grads = _prefix_attention_backward(
-        grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse,
-        ctx.causal, ctx.scale, list(ctx.needs_input_grad[:5]), ctx.backend,
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        key_padding_mask,
+        out,
+        lse,
+        ctx.causal,
+        ctx.scale,
+        list(ctx.needs_input_grad[:5]),
+        ctx.backend,
     )
     return (*grads, None, None, None, None)
 
@@ -87,12 +119,12 @@ def prefix_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor] = None,
-    prefix_v: Optional[Tensor] = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
     *,
     causal: bool = True,
-    key_padding_mask: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> Tensor:
     r"""Attention over ``[prefix ; sequence]`` keys, with bottom-right causal alignment.
 
@@ -120,12 +152,16 @@ def prefix_attention(
     if key_padding_mask is not None:
         check.tensor(OP, "key_padding_mask", key_padding_mask, 2, floating=False)
         if key_padding_mask.dtype != torch.bool:
-            raise TypeError(f"{OP}: key_padding_mask: expected dtype torch.bool (True = attend), got {key_padding_mask.dtype}")
+            raise TypeError(
+                f"{OP}: key_padding_mask: expected dtype torch.bool (True = attend), got {key_padding_mask.dtype}"
+            )
     causal = check.boolean(OP, "causal", causal)
     q, k, v, prefix_k, prefix_v = check.autocast(q.device.type, q, k, v, prefix_k, prefix_v)
     check.same_dtype_device(OP, "q", q, (("k", k), ("v", v), ("prefix_k", prefix_k), ("prefix_v", prefix_v)))
     if key_padding_mask is not None and key_padding_mask.device != q.device:
-        raise ValueError(f"{OP}: key_padding_mask: expected device {q.device} (the device of q), got {key_padding_mask.device}")
+        raise ValueError(
+            f"{OP}: key_padding_mask: expected device {q.device} (the device of q), got {key_padding_mask.device}"
+        )
 
     batch, hq, _, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
@@ -134,11 +170,18 @@ def prefix_attention(
     if head_dim == 0:
         raise ValueError(f"{OP}: q: expected a head dim D >= 1, got shape {tuple(q.shape)}")
     if hkv == 0 or hq % hkv != 0:
-        raise ValueError(f"{OP}: k: expected a number of heads Hkv that divides Hq={hq} (grouped-query attention), got Hkv={hkv}")
+        raise ValueError(
+            f"{OP}: k: expected a number of heads Hkv that divides Hq={hq} (grouped-query attention), got Hkv={hkv}"
+        )
     if prefix_k is not None:
         lead = (hkv,) if prefix_k.dim() == 3 else (batch, hkv)
-        check.shape(OP, "prefix_k", prefix_k, (*lead, None, head_dim),
-                    f"(Hkv, P, D) or (B, Hkv, P, D) with B={batch}, Hkv={hkv}, D={head_dim} from q and k")
+        check.shape(
+            OP,
+            "prefix_k",
+            prefix_k,
+            (*lead, None, head_dim),
+            f"(Hkv, P, D) or (B, Hkv, P, D) with B={batch}, Hkv={hkv}, D={head_dim} from q and k",
+        )
         check.shape(OP, "prefix_v", prefix_v, tuple(prefix_k.shape), "(the shape of prefix_k)")
     if key_padding_mask is not None:
         check.shape(OP, "key_padding_mask", key_padding_mask, (batch, seq_len), f"(B, S) with B={batch}, S={seq_len}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Iterable, Optional, Sequence
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch import Tensor
@@ -23,7 +23,9 @@ def tensor(op: str, name: str, t: object, ndim: int | Sequence[int] | None = Non
     if not isinstance(t, Tensor):
         raise TypeError(f"{op}: {name}: expected a torch.Tensor, got {type(t).__name__}")
     if floating and not t.is_floating_point():
-        raise TypeError(f"{op}: {name}: expected a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}")
+        raise TypeError(
+            f"{op}: {name}: expected a floating-point tensor (float32, float16, bfloat16, float64), got {t.dtype}"
+        )
     if ndim is not None:
         allowed = (ndim,) if isinstance(ndim, int) else tuple(ndim)
         if t.dim() not in allowed:
@@ -37,15 +39,17 @@ def min_dims(op: str, name: str, t: Tensor, n: int) -> None:
         raise ValueError(f"{op}: {name}: expected at least {n} dim(s), got {t.dim()} with shape {_shape(t)}")
 
 
-def shape(op: str, name: str, t: Tensor, expected: Sequence[Optional[int]], why: str = "") -> None:
+def shape(op: str, name: str, t: Tensor, expected: Sequence[int | None], why: str = "") -> None:
     """``expected`` may hold ``None`` for a free dimension."""
     got = _shape(t)
-    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got)):
-        want = "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+    if len(got) != len(expected) or any(e is not None and e != g for e, g in zip(expected, got, strict=False)):
+        want = (
+            "(" + ", ".join("*" if e is None else str(e) for e in expected) + ("," if len(expected) == 1 else "") + ")"
+        )
         raise ValueError(f"{op}: {name}: expected shape {want}{' ' + why if why else ''}, got {got}")
 
 
-def same_dtype_device(op: str, ref_name: str, ref: Tensor, others: Iterable[tuple[str, Optional[Tensor]]]) -> None:
+def same_dtype_device(op: str, ref_name: str, ref: Tensor, others: Iterable[tuple[str, Tensor | None]]) -> None:
     for name, t in others:
         if t is None:
             continue
@@ -77,7 +81,7 @@ def boolean(op: str, name: str, value: object) -> bool:
     return value
 
 
-def autocast(device_type: str, *tensors: Optional[Tensor]) -> tuple[Optional[Tensor], ...]:
+def autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
     """Apply autocast the way ``F.linear`` does: floating inputs go to the autocast dtype.
 
     Custom ops are invisible to autocast (its dispatch key falls through), so without this a

@@ -6,7 +6,6 @@ with plain autograd; the ``*_backward`` functions write the gradient out explici
 kernel authors have a formula to match (and tests check it against autograd).
 """
 
-from .common import dropout_keep_mask
 from .bottleneck_adapter import (
     ACTIVATIONS,
     activation,
@@ -15,9 +14,10 @@ from .bottleneck_adapter import (
     bottleneck_adapter,
     bottleneck_adapter_backward,
 )
-from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
+from .common import dropout_keep_mask
 from .lora_linear import lora_activation, lora_linear, lora_linear_backward
 from .multi_lora_linear import multi_lora_linear, multi_lora_linear_backward
+from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
 
 __all__ = [
     "ACTIVATIONS",

@@ -29,7 +29,7 @@ Activation derivatives (``Phi``/``phi`` the standard normal cdf/pdf, ``sigma`` t
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -72,14 +72,14 @@ def activation_grad(h: Tensor, name: str) -> Tensor:
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
-def _hidden(xf: Tensor, down_weight: Tensor, down_bias: Optional[Tensor], acc: torch.dtype) -> Tensor:
+def _hidden(xf: Tensor, down_weight: Tensor, down_bias: Tensor | None, acc: torch.dtype) -> Tensor:
     h = xf @ down_weight.to(acc).T
     if down_bias is not None:
         h = h + down_bias.to(acc)
     return h
 
 
-def adapter_hidden(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor]) -> Tensor:
+def adapter_hidden(x: Tensor, down_weight: Tensor, down_bias: Tensor | None) -> Tensor:
     """The pre-activation ``h = x Wd^T + bd``, shape ``(..., r)``, kept in the accumulation
     dtype: what the registered op returns for its backward to save."""
     acc = acc_dtype(x.dtype)
@@ -89,12 +89,12 @@ def adapter_hidden(x: Tensor, down_weight: Tensor, down_bias: Optional[Tensor]) 
 def bottleneck_adapter(
     x: Tensor,
     down_weight: Tensor,
-    down_bias: Optional[Tensor],
+    down_bias: Tensor | None,
     up_weight: Tensor,
-    up_bias: Optional[Tensor],
+    up_bias: Tensor | None,
     activation_name: str = "gelu",
     scale: float = 1.0,
-    residual: Optional[Tensor] = None,
+    residual: Tensor | None = None,
 ) -> Tensor:
     """``y = res + scale * (act(x Wd^T + bd) Wu^T + bu)``, float32 accumulation, one rounding.
 
@@ -114,13 +114,13 @@ def bottleneck_adapter_backward(
     grad: Tensor,
     x: Tensor,
     down_weight: Tensor,
-    down_bias: Optional[Tensor],
+    down_bias: Tensor | None,
     up_weight: Tensor,
     activation_name: str,
     scale: float,
     serial: bool,
     output_mask: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dWd, dbd, dWu, dbu)``, entry i ``None`` unless ``output_mask[i]``.
 
     The pre-activation is recomputed from ``x`` (a T x r GEMM): the spec stores nothing.

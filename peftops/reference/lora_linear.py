@@ -21,14 +21,14 @@ Backward, for the incoming gradient ``g = dL/dy: (T, out)``::
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 from torch import Tensor
 
 from .common import acc_dtype
 
 
-def _dropped(x: Tensor, keep: Optional[Tensor], p: float) -> Tensor:
+def _dropped(x: Tensor, keep: Tensor | None, p: float) -> Tensor:
     if keep is None:
         return x
     return x * keep / (1.0 - p)
@@ -39,9 +39,9 @@ def lora_linear(
     weight: Tensor,
     lora_a: Tensor,
     lora_b: Tensor,
-    bias: Optional[Tensor] = None,
+    bias: Tensor | None = None,
     scale: float = 1.0,
-    keep: Optional[Tensor] = None,
+    keep: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:
     """``y = x W^T + b + scale * (dropout(x) A^T) B^T`` accumulated in float32, rounded once.
@@ -58,7 +58,7 @@ def lora_linear(
     return y.to(x.dtype).contiguous()
 
 
-def lora_activation(x: Tensor, lora_a: Tensor, scale: float, keep: Optional[Tensor], dropout_p: float) -> Tensor:
+def lora_activation(x: Tensor, lora_a: Tensor, scale: float, keep: Tensor | None, dropout_p: float) -> Tensor:
     """``u = scale * dropout(x) A^T``, shape ``(..., r)``, rounded to the dtype of ``x``: the
     rank-r activation that the registered op returns for its backward to save."""
     acc = acc_dtype(x.dtype)
@@ -72,10 +72,10 @@ def lora_linear_backward(
     lora_a: Tensor,
     lora_b: Tensor,
     scale: float,
-    keep: Optional[Tensor],
+    keep: Tensor | None,
     dropout_p: float,
     output_mask: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dW, dA, dB, db)``; entry i is ``None`` unless ``output_mask[i]``."""
     need_x, need_w, need_a, need_b, need_bias = output_mask
     acc = acc_dtype(x.dtype)

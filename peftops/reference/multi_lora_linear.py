@@ -24,7 +24,7 @@ dropout applied (``keep`` mask, scaled by ``1 / (1 - p)``), as in :mod:`.lora`.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -32,7 +32,7 @@ from torch import Tensor
 from .common import acc_dtype
 
 
-def rank_mask(ranks: Optional[Tensor], num_adapters: int, r_max: int, device, dtype) -> Tensor:
+def rank_mask(ranks: Tensor | None, num_adapters: int, r_max: int, device, dtype) -> Tensor:
     """``(N, r_max)``: 1 where a rank slot is in use, 0 in the padding (all ones without ranks)."""
     if ranks is None:
         return torch.ones(num_adapters, r_max, device=device, dtype=dtype)
@@ -53,7 +53,7 @@ def _parts(x, lora_a, lora_b, adapter_ids, scales, ranks, keep, dropout_p, acc):
     xd = x.to(acc) if keep is None else x.to(acc) * keep / (1.0 - dropout_p)
     a_t = (lora_a.to(acc) * mask[:, :, None])[index]  # (T, r_max, in)
     b_t = (lora_b.to(acc) * mask[:, None, :])[index]  # (T, out, r_max)
-    s_t = scales.to(acc)[index] * valid.to(acc)       # (T,): 0 for the base-only tokens
+    s_t = scales.to(acc)[index] * valid.to(acc)  # (T,): 0 for the base-only tokens
     return xd, a_t, b_t, s_t
 
 
@@ -69,9 +69,9 @@ def multi_lora_linear(
     lora_b: Tensor,
     adapter_ids: Tensor,
     scales: Tensor,
-    bias: Optional[Tensor] = None,
-    ranks: Optional[Tensor] = None,
-    keep: Optional[Tensor] = None,
+    bias: Tensor | None = None,
+    ranks: Tensor | None = None,
+    keep: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """``(y, u)`` for ``x: (T, in)`` and ``adapter_ids: (T,)``, accumulated in float32 and rounded
@@ -97,11 +97,11 @@ def multi_lora_linear_backward(
     lora_b: Tensor,
     adapter_ids: Tensor,
     scales: Tensor,
-    ranks: Optional[Tensor],
-    keep: Optional[Tensor],
+    ranks: Tensor | None,
+    keep: Tensor | None,
     dropout_p: float,
     output_mask: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+) -> tuple[Tensor | None, ...]:
     """Gradients ``(dx, dW, dA, dB, db)`` of the module docstring, entry i ``None`` unless
     ``output_mask[i]``; dA and dB are summed per adapter with ``index_add`` (a fixed order)."""
     need_x, need_w, need_a, need_b, need_bias = output_mask

@@ -32,7 +32,7 @@ over the batch as well.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor
@@ -44,7 +44,7 @@ def default_scale(head_dim: int) -> float:
     return 1.0 / math.sqrt(head_dim)
 
 
-def _full_kv(k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optional[Tensor], acc) -> tuple[Tensor, Tensor]:
+def _full_kv(k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, acc) -> tuple[Tensor, Tensor]:
     k, v = k.to(acc), v.to(acc)
     if prefix_k is None:
         return k, v
@@ -57,8 +57,13 @@ def _full_kv(k: Tensor, v: Tensor, prefix_k: Optional[Tensor], prefix_v: Optiona
 
 
 def visible_mask(
-    batch: int, q_len: int, seq_len: int, prefix_len: int, causal: bool,
-    key_padding_mask: Optional[Tensor], device: torch.device,
+    batch: int,
+    q_len: int,
+    seq_len: int,
+    prefix_len: int,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    device: torch.device,
 ) -> Tensor:
     """``(B, 1, L, P + S)`` bool: which keys each query sees (see the module docstring)."""
     vis = torch.ones(batch, 1, q_len, prefix_len + seq_len, dtype=torch.bool, device=device)
@@ -97,11 +102,11 @@ def prefix_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor] = None,
-    prefix_v: Optional[Tensor] = None,
+    prefix_k: Tensor | None = None,
+    prefix_v: Tensor | None = None,
     causal: bool = True,
-    key_padding_mask: Optional[Tensor] = None,
-    scale: Optional[float] = None,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Returns ``(out, lse)``: ``out`` in the input dtype, ``lse: (B, Hq, L)`` in float32
     (float64 for float64 inputs). Differentiable with plain autograd (through ``out``)."""
@@ -126,13 +131,13 @@ def prefix_attention_backward(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    prefix_k: Optional[Tensor],
-    prefix_v: Optional[Tensor],
+    prefix_k: Tensor | None,
+    prefix_v: Tensor | None,
     causal: bool,
-    key_padding_mask: Optional[Tensor],
+    key_padding_mask: Tensor | None,
     scale: float,
     output_mask: Sequence[bool],
-) -> tuple[Optional[Tensor], ...]:
+) -> tuple[Tensor | None, ...]:
     """Gradients ``(dq, dk, dv, d_prefix_k, d_prefix_v)``, entry i ``None`` unless ``output_mask[i]``.
 
     Recomputes the probabilities from q, k, v in float32; a shared prefix's gradient is the
@@ -151,7 +156,7 @@ def prefix_attention_backward(
     dk_full = _sum_groups(scale * (ds.transpose(-1, -2) @ qf), hkv) if (need_k or need_pk) else None
     dv_full = _sum_groups(probs.transpose(-1, -2) @ do, hkv) if (need_v or need_pv) else None
 
-    def split(full: Optional[Tensor], need_seq: bool, need_prefix: bool, seq_t: Tensor, prefix_t: Optional[Tensor]):
+    def split(full: Tensor | None, need_seq: bool, need_prefix: bool, seq_t: Tensor, prefix_t: Tensor | None):
         d_seq = _fresh(full[:, :, prefix_len:], seq_t.dtype) if need_seq else None
         d_prefix = None
         if need_prefix:

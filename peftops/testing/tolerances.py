@@ -37,7 +37,6 @@ twice the error of the same computation written in PyTorch at the low precision.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import Tensor
@@ -78,7 +77,7 @@ def tolerance(dtype: torch.dtype, kind: str = "fwd", *, tf32: bool = False) -> T
     return table[dtype]
 
 
-def close_report(actual: Tensor, expected: Tensor, tol: Tol) -> Optional[str]:
+def close_report(actual: Tensor, expected: Tensor, tol: Tol) -> str | None:
     """``None`` if ``actual`` is within ``tol`` of ``expected``, else a one-line explanation."""
     if actual.shape != expected.shape:
         return f"shape {tuple(actual.shape)} != expected {tuple(expected.shape)}"
@@ -104,8 +103,13 @@ def close_report(actual: Tensor, expected: Tensor, tol: Tol) -> Optional[str]:
 
 
 def assert_close(
-    actual: Tensor, expected: Tensor, *, dtype: Optional[torch.dtype] = None, kind: str = "fwd",
-    tf32: bool = False, name: str = "",
+    actual: Tensor,
+    expected: Tensor,
+    *,
+    dtype: torch.dtype | None = None,
+    kind: str = "fwd",
+    tf32: bool = False,
+    name: str = "",
 ) -> None:
     """Assert ``actual`` matches ``expected`` under the table row for ``dtype`` (default: ``actual``'s)."""
     tol = tolerance(dtype or actual.dtype, kind, tf32=tf32)

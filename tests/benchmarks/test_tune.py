@@ -24,8 +24,15 @@ def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(t
         fn()  # every candidate really launches (under the interpreter here)
         return next(ticks)
 
-    entries = tune.tune([(40, 48, 36, 8)], torch.float32, torch.device("cpu"), quick=True,
-                        time_fn=fake_time, candidate_fn=candidates, log=lambda *a: None)
+    entries = tune.tune(
+        [(40, 48, 36, 8)],
+        torch.float32,
+        torch.device("cpu"),
+        quick=True,
+        time_fn=fake_time,
+        candidate_fn=candidates,
+        log=lambda *a: None,
+    )
     assert {e["kernel"] for e in entries} == {"down", "gemm", "tn"}
     assert len(entries) == 6  # forward down + GEMM, backward down + dx GEMM + two reductions
     assert all(e["config"]["BLOCK_M"] == 16 and e["ms"] == 1.0 for e in entries)
@@ -49,15 +56,26 @@ def test_adapter_tuning_runs_the_row_kernel_with_each_candidate_and_writes_its_o
 
     def candidates(kernel, quick):
         assert kernel == "rows"
-        return [dict(BLOCK_M=32, BLOCK_D=32, num_warps=1, num_stages=1), dict(BLOCK_M=16, BLOCK_D=16, num_warps=1, num_stages=1)]
+        return [
+            dict(BLOCK_M=32, BLOCK_D=32, num_warps=1, num_stages=1),
+            dict(BLOCK_M=16, BLOCK_D=16, num_warps=1, num_stages=1),
+        ]
 
     def fake_time(fn):
         y, h = fn()
         seen.append((y.shape, h.shape))
         return float(len(seen))  # the first candidate is the fastest
 
-    entries = tune.tune([(40, 24, 24, 4)], torch.float32, torch.device("cpu"), quick=True, time_fn=fake_time,
-                        candidate_fn=candidates, log=lambda *a: None, launches_fn=tune.adapter_launches)
+    entries = tune.tune(
+        [(40, 24, 24, 4)],
+        torch.float32,
+        torch.device("cpu"),
+        quick=True,
+        time_fn=fake_time,
+        candidate_fn=candidates,
+        log=lambda *a: None,
+        launches_fn=tune.adapter_launches,
+    )
     assert seen == [((40, 24), (40, 4))] * 2
     assert [(e["kernel"], e["n"], e["k"], e["r"], e["config"]["BLOCK_M"]) for e in entries] == [("rows", 24, 24, 4, 32)]
     path = tune.write(entries, "Test GPU", tmp_path, torch.float32, "bottleneck_adapter")

@@ -19,8 +19,17 @@ from ..strategies import AdapterCase
 def triton_call(case: AdapterCase):
     def fn(x, down_weight, down_bias, up_weight, up_bias, residual):
         with peftops.use_backend("triton"):
-            return peftops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias,
-                                              activation=case.activation, scale=case.scale, residual=residual)
+            return peftops.bottleneck_adapter(
+                x,
+                down_weight,
+                down_bias,
+                up_weight,
+                up_bias,
+                activation=case.activation,
+                scale=case.scale,
+                residual=residual,
+            )
+
     return fn
 
 
@@ -28,20 +37,54 @@ def triton_call(case: AdapterCase):
 @pytest.mark.parametrize("parallel", [False, True])
 def test_ranks_up_to_256(rank, parallel):
     """The whole rank sits in one register tile; large ranks shrink the row block."""
-    case = AdapterCase(lead=(3, 13), d=70, rank=rank, activation="silu", parallel=parallel, down_bias=True,
-                       up_bias=True, scale=0.5, layout="sliced", seed=rank)
-    assert_matches(triton_call(case), eager_truth(case), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}")
+    case = AdapterCase(
+        lead=(3, 13),
+        d=70,
+        rank=rank,
+        activation="silu",
+        parallel=parallel,
+        down_bias=True,
+        up_bias=True,
+        scale=0.5,
+        layout="sliced",
+        seed=rank,
+    )
+    assert_matches(
+        triton_call(case), eager_truth(case), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}"
+    )
 
 
 def test_wide_feature_dim():
-    case = AdapterCase(lead=(5,), d=4099, rank=16, activation="gelu", parallel=False, down_bias=True,
-                       up_bias=False, scale=1.0, layout="contiguous", seed=1)
-    assert_matches(triton_call(case), eager_truth(case), case.inputs(torch.float16, "cpu"), torch.float16, what="d=4099")
+    case = AdapterCase(
+        lead=(5,),
+        d=4099,
+        rank=16,
+        activation="gelu",
+        parallel=False,
+        down_bias=True,
+        up_bias=False,
+        scale=1.0,
+        layout="contiguous",
+        seed=1,
+    )
+    assert_matches(
+        triton_call(case), eager_truth(case), case.inputs(torch.float16, "cpu"), torch.float16, what="d=4099"
+    )
 
 
 def test_saved_pre_activation_is_the_spec():
-    case = AdapterCase(lead=(9,), d=33, rank=6, activation="relu", parallel=True, down_bias=True,
-                       up_bias=True, scale=2.0, layout="transposed", seed=2)
+    case = AdapterCase(
+        lead=(9,),
+        d=33,
+        rank=6,
+        activation="relu",
+        parallel=True,
+        down_bias=True,
+        up_bias=True,
+        scale=2.0,
+        layout="transposed",
+        seed=2,
+    )
     t = case.inputs(torch.float16, "cpu", requires_grad=False)
     args = (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "relu", 2.0)
     y, hidden = torch.ops.peftops.bottleneck_adapter(*args, "triton")
@@ -50,8 +93,18 @@ def test_saved_pre_activation_is_the_spec():
 
 
 def test_strided_biases():
-    case = AdapterCase(lead=(11,), d=20, rank=6, activation="gelu", parallel=False, down_bias=False,
-                       up_bias=False, scale=0.5, layout="sliced", seed=5)
+    case = AdapterCase(
+        lead=(11,),
+        d=20,
+        rank=6,
+        activation="gelu",
+        parallel=False,
+        down_bias=False,
+        up_bias=False,
+        scale=0.5,
+        layout="sliced",
+        seed=5,
+    )
     t = case.inputs(torch.float32, "cpu")
     t["down_bias"] = torch.randn(12)[::2].detach().requires_grad_(True)
     t["up_bias"] = torch.randn(40)[::2].detach().requires_grad_(True)
@@ -59,15 +112,35 @@ def test_strided_biases():
 
 
 def test_rank_above_256_is_refused_by_name():
-    case = AdapterCase(lead=(2,), d=8, rank=257, activation="relu", parallel=False, down_bias=False,
-                       up_bias=False, scale=1.0, layout="contiguous", seed=3)
+    case = AdapterCase(
+        lead=(2,),
+        d=8,
+        rank=257,
+        activation="relu",
+        parallel=False,
+        down_bias=False,
+        up_bias=False,
+        scale=1.0,
+        layout="contiguous",
+        seed=3,
+    )
     with pytest.raises(peftops.BackendUnavailableError, match="ranks up to 256, got 257"):
         triton_call(case)(**case.inputs(torch.float32, "cpu"))
 
 
 def test_forward_and_backward_are_bitwise_deterministic():
-    case = AdapterCase(lead=(300,), d=48, rank=16, activation="gelu_tanh", parallel=True, down_bias=True,
-                       up_bias=True, scale=0.5, layout="contiguous", seed=4)
+    case = AdapterCase(
+        lead=(300,),
+        d=48,
+        rank=16,
+        activation="gelu_tanh",
+        parallel=True,
+        down_bias=True,
+        up_bias=True,
+        scale=0.5,
+        layout="contiguous",
+        seed=4,
+    )
     (y0, g0), (y1, g1) = (grads_of(triton_call(case), case.inputs(torch.float32, "cpu")) for _ in range(2))
     assert torch.equal(y0, y1)
     for name in g0:
@@ -76,15 +149,28 @@ def test_forward_and_backward_are_bitwise_deterministic():
 
 # -- GPU ---------------------------------------------------------------------------------------
 
+
 def _real(tokens, d, rank, dtype, parallel=False, seed=0):
-    case = AdapterCase(lead=(tokens,), d=d, rank=rank, activation="gelu", parallel=parallel, down_bias=True,
-                       up_bias=True, scale=1.0, layout="contiguous", seed=seed)
+    case = AdapterCase(
+        lead=(tokens,),
+        d=d,
+        rank=rank,
+        activation="gelu",
+        parallel=parallel,
+        down_bias=True,
+        up_bias=True,
+        scale=1.0,
+        layout="contiguous",
+        seed=seed,
+    )
     return case, case.inputs(dtype, "cuda")
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("tokens,d,rank,parallel", [(16384, 4096, 64, False), (16384, 4096, 16, True), (4096, 1024, 64, False)])
+@pytest.mark.parametrize(
+    "tokens,d,rank,parallel", [(16384, 4096, 64, False), (16384, 4096, 16, True), (4096, 1024, 64, False)]
+)
 def test_gpu_real_shapes_fa_error_rule(dtype, tokens, d, rank, parallel):
     case, t = _real(tokens, d, rank, dtype, parallel)
     out, grads = grads_of(triton_call(case), t)
@@ -92,7 +178,9 @@ def test_gpu_real_shapes_fa_error_rule(dtype, tokens, d, rank, parallel):
     ref_out, ref_grads = grads_of(eager_truth(case), f32)
     low = {k: (v.detach().requires_grad_() if v is not None else None) for k, v in t.items()}
     low_out, low_grads = grads_of(eager_truth(case), low)
-    for name, got, ref, lp in [("y", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+    for name, got, ref, lp in [("y", out, ref_out, low_out)] + [
+        (n, grads[n], ref_grads[n], low_grads[n]) for n in grads
+    ]:
         ok, err, budget = check_fa_rule(got, ref, lp)
         assert ok, f"{name}: error {err:.3g} above the FA budget {budget:.3g}"
 
@@ -102,8 +190,10 @@ def test_gpu_opcheck_compile_and_cuda_graph():
     from torch.library import opcheck
 
     case, t = _real(512, 1024, 64, torch.bfloat16, parallel=True, seed=1)
-    opcheck(torch.ops.peftops.bottleneck_adapter.default,
-            (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "gelu", 1.0, "triton"))
+    opcheck(
+        torch.ops.peftops.bottleneck_adapter.default,
+        (t["x"], t["down_weight"], t["down_bias"], t["up_weight"], t["up_bias"], t["residual"], "gelu", 1.0, "triton"),
+    )
     eager_out, eager_grads = grads_of(triton_call(case), t)
     comp_out, comp_grads = grads_of(torch.compile(triton_call(case), fullgraph=True), t)
     assert torch.equal(eager_out, comp_out)

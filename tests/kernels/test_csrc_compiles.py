@@ -20,7 +20,8 @@ needs_nvcc = pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH: there
 
 def _flags() -> list[str]:
     return [
-        *cuda_ext.NVCC_FLAGS, *cpp_extension.COMMON_NVCC_FLAGS,
+        *cuda_ext.NVCC_FLAGS,
+        *cpp_extension.COMMON_NVCC_FLAGS,
         f"-D_GLIBCXX_USE_CXX11_ABI={int(torch._C._GLIBCXX_USE_CXX11_ABI)}",
         *(f"-I{p}" for p in cpp_extension.include_paths()),
     ]
@@ -41,6 +42,12 @@ def test_cuda_source_compiles_for_hopper(source, tmp_path):
 
 def test_module_entry_point_compiles(tmp_path):
     cxx = shutil.which("g++") or shutil.which("c++")
-    cmd = [cxx, "-fsyntax-only", "-std=c++17", f"-I{sysconfig.get_paths()['include']}", str(cuda_ext.CSRC / "module.cpp")]
+    cmd = [
+        cxx,
+        "-fsyntax-only",
+        "-std=c++17",
+        f"-I{sysconfig.get_paths()['include']}",
+        str(cuda_ext.CSRC / "module.cpp"),
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-4000:]

@@ -21,8 +21,17 @@ def test_cuda_backend_is_never_chosen_for_cpu_tensors():
 def call(backend, case):
     def fn(x, down_weight, down_bias, up_weight, up_bias, residual):
         with peftops.use_backend(backend):
-            return peftops.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias,
-                                              activation=case.activation, scale=case.scale, residual=residual)
+            return peftops.bottleneck_adapter(
+                x,
+                down_weight,
+                down_bias,
+                up_weight,
+                up_bias,
+                activation=case.activation,
+                scale=case.scale,
+                residual=residual,
+            )
+
     return fn
 
 
@@ -33,17 +42,38 @@ def call(backend, case):
 def test_gpu_smoke_float32_against_eager(activation, parallel, rank, d):
     """float32 (no TF32 in the CUDA kernel) against the eager formulation: forward and, through
     the Triton backward, every gradient. Also the compute-sanitizer target of gpu_session.sh."""
-    case = AdapterCase(lead=(3, 37), d=d, rank=rank, activation=activation, parallel=parallel, down_bias=True,
-                       up_bias=parallel, scale=0.5, layout="contiguous", seed=rank)
-    assert_matches(call("cuda", case), eager_truth(case), case.inputs(torch.float32, "cuda"), torch.float32,
-                   what=f"cuda {case}")
+    case = AdapterCase(
+        lead=(3, 37),
+        d=d,
+        rank=rank,
+        activation=activation,
+        parallel=parallel,
+        down_bias=True,
+        up_bias=parallel,
+        scale=0.5,
+        layout="contiguous",
+        seed=rank,
+    )
+    assert_matches(
+        call("cuda", case), eager_truth(case), case.inputs(torch.float32, "cuda"), torch.float32, what=f"cuda {case}"
+    )
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_gpu_cuda_and_triton_agree_within_the_fa_rule(dtype):
-    case = AdapterCase(lead=(4096,), d=1024, rank=64, activation="gelu", parallel=False, down_bias=True,
-                       up_bias=True, scale=1.0, layout="contiguous", seed=9)
+    case = AdapterCase(
+        lead=(4096,),
+        d=1024,
+        rank=64,
+        activation="gelu",
+        parallel=False,
+        down_bias=True,
+        up_bias=True,
+        scale=1.0,
+        layout="contiguous",
+        seed=9,
+    )
     t = case.inputs(dtype, "cuda", requires_grad=False)
     f32 = {k: (None if v is None else v.float()) for k, v in t.items()}
     ref = eager_truth(case)(**f32)
@@ -57,15 +87,36 @@ def test_gpu_cuda_and_triton_agree_within_the_fa_rule(dtype):
 def test_gpu_opcheck_compile_and_cuda_graph():
     from torch.library import opcheck
 
-    case = AdapterCase(lead=(256,), d=512, rank=16, activation="silu", parallel=True, down_bias=True,
-                       up_bias=True, scale=2.0, layout="contiguous", seed=3)
+    case = AdapterCase(
+        lead=(256,),
+        d=512,
+        rank=16,
+        activation="silu",
+        parallel=True,
+        down_bias=True,
+        up_bias=True,
+        scale=2.0,
+        layout="contiguous",
+        seed=3,
+    )
     t = case.inputs(torch.bfloat16, "cuda")
     peftops.cuda_ext.load()
     stream = torch.cuda.current_stream().cuda_stream
-    opcheck(torch.ops.peftops.bottleneck_adapter_fwd_cuda.default,
-            (t["x"].detach(), t["down_weight"].detach(), t["down_bias"].detach(), t["up_weight"].detach(),
-             t["up_bias"].detach(), t["residual"].detach(), 3, 2.0, stream),
-            test_utils=("test_schema", "test_faketensor"))
+    opcheck(
+        torch.ops.peftops.bottleneck_adapter_fwd_cuda.default,
+        (
+            t["x"].detach(),
+            t["down_weight"].detach(),
+            t["down_bias"].detach(),
+            t["up_weight"].detach(),
+            t["up_bias"].detach(),
+            t["residual"].detach(),
+            3,
+            2.0,
+            stream,
+        ),
+        test_utils=("test_schema", "test_faketensor"),
+    )
     eager = grads_of(call("cuda", case), t)
     compiled = grads_of(torch.compile(call("cuda", case), fullgraph=True), t)
     assert torch.equal(eager[0], compiled[0])

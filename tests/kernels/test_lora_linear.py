@@ -25,6 +25,7 @@ def triton_call(scale, dropout_p=0.0):
     def fn(x, weight, lora_a, lora_b, bias):
         with peftops.use_backend("triton"):
             return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, scale=scale, dropout_p=dropout_p)
+
     return fn
 
 
@@ -33,7 +34,9 @@ def test_ranks_beyond_one_block(rank):
     """Ranks over 128 take several rank blocks in the down projection and several epilogue
     steps in the GEMM."""
     case = LoraCase(lead=(3, 11), in_f=40, out_f=37, rank=rank, bias=True, scale=0.5, layout="sliced", seed=rank)
-    assert_matches(triton_call(0.5), merged_truth(0.5), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}")
+    assert_matches(
+        triton_call(0.5), merged_truth(0.5), case.inputs(torch.float32, "cpu"), torch.float32, what=f"r={rank}"
+    )
 
 
 def test_token_reduction_split_over_programs():
@@ -88,7 +91,7 @@ def test_dropout_mask_is_the_one_of_the_forward_in_every_gradient():
     want = reference.lora_linear_backward(
         g, x.detach(), weight, eye_a.detach(), eye_b.detach(), 1.0, keep, p, [True, False, True, True, False]
     )
-    for name, got, exp in zip(("dx", "dA", "dB"), (dx, da, db), (want[0], want[2], want[3])):
+    for name, got, exp in zip(("dx", "dA", "dB"), (dx, da, db), (want[0], want[2], want[3]), strict=False):
         assert_close(got, exp, kind="bwd", name=name)
 
 
@@ -113,14 +116,27 @@ def test_config_lookup_nearest_shape_then_nearest_token_bucket():
 def test_config_files_load_by_device_name(tmp_path, monkeypatch):
     name = "NVIDIA H100 80GB HBM3"
     (tmp_path / "lora_linear").mkdir()
-    doc = {"device": name, "entries": [{"kernel": "down", "n": 16, "k": 4096, "r": 16, "m_bucket": 8192,
-                                         "config": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3}}]}
+    doc = {
+        "device": name,
+        "entries": [
+            {
+                "kernel": "down",
+                "n": 16,
+                "k": 4096,
+                "r": 16,
+                "m_bucket": 8192,
+                "config": {"BLOCK_M": 32, "BLOCK_K": 128, "num_warps": 4, "num_stages": 3},
+            }
+        ],
+    }
     (tmp_path / "lora_linear" / block_config.file_name(name)).write_text(json.dumps(doc))
     monkeypatch.setattr(block_config, "CONFIG_DIR", tmp_path)
     block_config._load.cache_clear()
     try:
         assert block_config.file_name(name) == "NVIDIA_H100_80GB_HBM3.json"
-        assert block_config.nearest(block_config._load("lora_linear", name), "down", 5000, 16, 4096, 16)["BLOCK_K"] == 128
+        assert (
+            block_config.nearest(block_config._load("lora_linear", name), "down", 5000, 16, 4096, 16)["BLOCK_K"] == 128
+        )
         assert block_config._load("lora_linear", "some other GPU") == ()
     finally:
         block_config._load.cache_clear()
@@ -128,7 +144,10 @@ def test_config_files_load_by_device_name(tmp_path, monkeypatch):
 
 def test_shipped_config_files_are_well_formed():
     # The shape-keyed files of the LoRA and adapter kernels (attention's are tested with them).
-    for path in [*block_config.CONFIG_DIR.glob("lora_linear/*.json"), *block_config.CONFIG_DIR.glob("bottleneck_adapter/*.json")]:
+    for path in [
+        *block_config.CONFIG_DIR.glob("lora_linear/*.json"),
+        *block_config.CONFIG_DIR.glob("bottleneck_adapter/*.json"),
+    ]:
         doc = json.loads(path.read_text())
         for e in doc["entries"]:
             assert e["kernel"] in block_config.DEFAULTS and set(e) >= {"n", "k", "r", "m_bucket", "config"}, path
@@ -140,7 +159,9 @@ LLAMA = [(4096, 4096), (4096, 14336), (14336, 4096)]
 
 
 def _real_inputs(tokens, in_f, out_f, rank, dtype, seed=0):
-    case = LoraCase(lead=(tokens,), in_f=in_f, out_f=out_f, rank=rank, bias=False, scale=2.0, layout="contiguous", seed=seed)
+    case = LoraCase(
+        lead=(tokens,), in_f=in_f, out_f=out_f, rank=rank, bias=False, scale=2.0, layout="contiguous", seed=seed
+    )
     return case.inputs(dtype, "cuda")
 
 
@@ -152,10 +173,17 @@ def test_gpu_real_shapes_fa_error_rule(dtype, in_f, out_f):
     in the same low precision, for the output and every gradient."""
     t = _real_inputs(2048, in_f, out_f, 16, dtype)
     out, grads = grads_of(triton_call(2.0), t)
-    ref_out, ref_grads = grads_of(lambda **kw: reference.lora_linear(**kw, scale=2.0), {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()})
+    ref_out, ref_grads = grads_of(
+        lambda **kw: reference.lora_linear(**kw, scale=2.0),
+        {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()},
+    )
     eager = lambda x, weight, lora_a, lora_b, bias: F.linear(x, weight) + 2.0 * F.linear(F.linear(x, lora_a), lora_b)  # noqa: E731
-    low_out, low_grads = grads_of(eager, {k: (v.detach().requires_grad_() if v is not None else None) for k, v in t.items()})
-    for name, got, ref, low in [("y", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+    low_out, low_grads = grads_of(
+        eager, {k: (v.detach().requires_grad_() if v is not None else None) for k, v in t.items()}
+    )
+    for name, got, ref, low in [("y", out, ref_out, low_out)] + [
+        (n, grads[n], ref_grads[n], low_grads[n]) for n in grads
+    ]:
         ok, err, budget = check_fa_rule(got, ref, low)
         assert ok, f"{name}: error {err:.3g} above the FA budget {budget:.3g}"
 
@@ -169,7 +197,9 @@ def test_gpu_float32_every_rank_fits_and_matches(monkeypatch, allow_tf32, rank):
     monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", allow_tf32)
     t = _real_inputs(512, 1024, 768, rank, torch.float32)
     out, grads = grads_of(triton_call(2.0), t)
-    ref_out, ref_grads = grads_of(merged_truth(2.0), {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()})
+    ref_out, ref_grads = grads_of(
+        merged_truth(2.0), {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+    )
     assert_close(out, ref_out, dtype=torch.float32, tf32=allow_tf32, name="y")
     for name in grads:
         assert_close(grads[name], ref_grads[name], dtype=torch.float32, kind="bwd", tf32=allow_tf32, name=name)
@@ -181,7 +211,10 @@ def test_gpu_opcheck_compile_and_cuda_graph():
 
     t = _real_inputs(256, 512, 384, 16, torch.bfloat16, seed=4)
     seed = torch.tensor(7, device="cuda")
-    opcheck(torch.ops.peftops.lora_linear.default, (t["x"], t["weight"], t["lora_a"], t["lora_b"], None, 2.0, 0.1, seed, "triton"))
+    opcheck(
+        torch.ops.peftops.lora_linear.default,
+        (t["x"], t["weight"], t["lora_a"], t["lora_b"], None, 2.0, 0.1, seed, "triton"),
+    )
     compiled = torch.compile(triton_call(2.0), fullgraph=True)
     eager_out, eager_grads = grads_of(triton_call(2.0), t)
     comp_out, comp_grads = grads_of(compiled, t)
@@ -227,7 +260,9 @@ def test_gpu_auto_and_lora_linear_module_use_the_kernels():
     args = (x, layer.weight, layer.lora_A.weight, layer.lora_B.weight, layer.bias, 2.0, 0.0, None)
     assert peftops.backends.resolve_backend("lora_linear", x.device, args) == "triton"
     impl = peftops.backends.implementation("lora_linear", "triton")
-    spy = peftops.backends.OpImpl(forward=lambda *a: calls.append(1) or real(*a), backward=impl.backward, supports=impl.supports)
+    spy = peftops.backends.OpImpl(
+        forward=lambda *a: calls.append(1) or real(*a), backward=impl.backward, supports=impl.supports
+    )
     peftops.backends.register_impl("lora_linear", "triton", spy, replace=True)
     try:
         layer(x).float().sum().backward()

@@ -29,37 +29,88 @@ GRAD_NAMES = ("q", "k", "v", "prefix_k", "prefix_v")
 def triton_call(case: AttentionCase):
     def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
         with peftops.use_backend("triton"):
-            return peftops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal,
-                                            key_padding_mask=key_padding_mask)
+            return peftops.prefix_attention(
+                q, k, v, prefix_k, prefix_v, causal=case.causal, key_padding_mask=key_padding_mask
+            )
+
     return fn
 
 
-def case_of(batch=2, hkv=1, group=2, q_len=5, seq_len=7, head_dim=16, prefix_len=3, prefix_mode="shared",
-            causal=True, padding="none", layout="contiguous", seed=0) -> AttentionCase:
-    return AttentionCase(batch=batch, hkv=hkv, group=group, q_len=q_len, seq_len=seq_len, head_dim=head_dim,
-                         prefix_len=prefix_len, prefix_mode=prefix_mode, causal=causal, padding=padding,
-                         layout=layout, seed=seed)
+def case_of(
+    batch=2,
+    hkv=1,
+    group=2,
+    q_len=5,
+    seq_len=7,
+    head_dim=16,
+    prefix_len=3,
+    prefix_mode="shared",
+    causal=True,
+    padding="none",
+    layout="contiguous",
+    seed=0,
+) -> AttentionCase:
+    return AttentionCase(
+        batch=batch,
+        hkv=hkv,
+        group=group,
+        q_len=q_len,
+        seq_len=seq_len,
+        head_dim=head_dim,
+        prefix_len=prefix_len,
+        prefix_mode=prefix_mode,
+        causal=causal,
+        padding=padding,
+        layout=layout,
+        seed=seed,
+    )
 
 
 # The interpreter's blocks are 16 x 16: these cross block edges on both sides of the causal
 # diagonal, with prefixes of 0, 1, a whole block and several blocks.
-@pytest.mark.parametrize("q_len,seq_len,prefix_len,group,prefix_mode,causal", [
-    (33, 33, 16, 1, "shared", True),     # L = S on a block edge + 1, a prefix of exactly one block
-    (1, 47, 64, 8, "per_row", True),     # a decode step: sees everything; GQA 8
-    (48, 17, 0, 2, "shared", True),      # L > S: the first 31 queries see no key at all (P = 0)
-    (17, 64, 1, 4, "shared", True),      # L < S, a one-token prefix
-    (31, 20, 35, 1, "per_row", False),   # not causal, a prefix spanning three blocks
-])
+@pytest.mark.parametrize(
+    "q_len,seq_len,prefix_len,group,prefix_mode,causal",
+    [
+        (33, 33, 16, 1, "shared", True),  # L = S on a block edge + 1, a prefix of exactly one block
+        (1, 47, 64, 8, "per_row", True),  # a decode step: sees everything; GQA 8
+        (48, 17, 0, 2, "shared", True),  # L > S: the first 31 queries see no key at all (P = 0)
+        (17, 64, 1, 4, "shared", True),  # L < S, a one-token prefix
+        (31, 20, 35, 1, "per_row", False),  # not causal, a prefix spanning three blocks
+    ],
+)
 def test_block_boundaries(q_len, seq_len, prefix_len, group, prefix_mode, causal):
-    case = case_of(batch=2, hkv=2, group=group, q_len=q_len, seq_len=seq_len, head_dim=24, prefix_len=prefix_len,
-                   prefix_mode=prefix_mode, causal=causal, padding="random", layout="transposed", seed=q_len)
-    assert_matches(triton_call(case), loop_truth(case), case.inputs(torch.float32, "cpu"), torch.float32,
-                   what=str(case))
+    case = case_of(
+        batch=2,
+        hkv=2,
+        group=group,
+        q_len=q_len,
+        seq_len=seq_len,
+        head_dim=24,
+        prefix_len=prefix_len,
+        prefix_mode=prefix_mode,
+        causal=causal,
+        padding="random",
+        layout="transposed",
+        seed=q_len,
+    )
+    assert_matches(
+        triton_call(case), loop_truth(case), case.inputs(torch.float32, "cpu"), torch.float32, what=str(case)
+    )
 
 
 def test_rows_that_see_nothing_are_zeros_with_zero_gradients():
-    case = case_of(batch=2, hkv=1, group=2, q_len=19, seq_len=5, head_dim=8, prefix_len=0, prefix_mode="none",
-                   padding="whole_rows", seed=5)
+    case = case_of(
+        batch=2,
+        hkv=1,
+        group=2,
+        q_len=19,
+        seq_len=5,
+        head_dim=8,
+        prefix_len=0,
+        prefix_mode="none",
+        padding="whole_rows",
+        seed=5,
+    )
     t = case.inputs(torch.float32, "cpu")
     t["key_padding_mask"][1] = True  # row 0 sees nothing; in row 1 only the causal mask hides keys
     out, grads = grads_of(triton_call(case), t)
@@ -67,9 +118,12 @@ def test_rows_that_see_nothing_are_zeros_with_zero_gradients():
     assert torch.count_nonzero(out[0]) == 0 and torch.count_nonzero(out[1, :, :14]) == 0
     assert torch.count_nonzero(grads["q"][0]) == 0 and torch.count_nonzero(grads["k"][0]) == 0
     with torch.no_grad():
-        _, lse = torch.ops.peftops.prefix_attention(t["q"], t["k"], t["v"], None, None, t["key_padding_mask"], True,
-                                                    0.5, "triton")
-    assert torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, :, :14]).all() and torch.isfinite(lse[1, :, 14:]).all()
+        _, lse = torch.ops.peftops.prefix_attention(
+            t["q"], t["k"], t["v"], None, None, t["key_padding_mask"], True, 0.5, "triton"
+        )
+    assert (
+        torch.isneginf(lse[0]).all() and torch.isneginf(lse[1, :, :14]).all() and torch.isfinite(lse[1, :, 14:]).all()
+    )
 
 
 def test_saved_log_sum_exp_is_the_spec():
@@ -77,14 +131,22 @@ def test_saved_log_sum_exp_is_the_spec():
     t = case.inputs(torch.float16, "cpu", requires_grad=False)
     args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["key_padding_mask"], True, 0.2)
     _, lse = torch.ops.peftops.prefix_attention(*args, "triton")
-    _, ref = reference.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True,
-                                        t["key_padding_mask"], 0.2)
+    _, ref = reference.prefix_attention(
+        t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True, t["key_padding_mask"], 0.2
+    )
     assert lse.dtype == torch.float32
     assert_close(lse, ref, dtype=torch.float16, name="lse")
 
 
-@pytest.mark.parametrize("mask", [[True, False, False, False, False], [False, True, False, True, False],
-                                  [False, False, True, False, True], [False, False, False, True, True]])
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [True, False, False, False, False],
+        [False, True, False, True, False],
+        [False, False, True, False, True],
+        [False, False, False, True, True],
+    ],
+)
 def test_only_the_requested_gradients(mask):
     case = case_of(batch=3, hkv=2, group=2, q_len=18, seq_len=20, head_dim=16, prefix_len=5, padding="random", seed=7)
     t = case.inputs(torch.float32, "cpu", requires_grad=False)
@@ -93,9 +155,10 @@ def test_only_the_requested_gradients(mask):
         out, lse = torch.ops.peftops.prefix_attention(*args, True, 0.25, "triton")
         g = torch.randn_like(out)
         got = torch.ops.peftops.prefix_attention_backward(g, *args, out, lse, True, 0.25, mask, "triton")
-    want = reference.prefix_attention_backward(g, t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True,
-                                               t["key_padding_mask"], 0.25, mask)
-    for name, need, a, b in zip(GRAD_NAMES, mask, got, want):
+    want = reference.prefix_attention_backward(
+        g, t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], True, t["key_padding_mask"], 0.25, mask
+    )
+    for name, need, a, b in zip(GRAD_NAMES, mask, got, want, strict=False):
         assert (a is None) == (not need), name
         if need:
             assert_close(a, b, kind="bwd", name=f"d{name}")
@@ -106,6 +169,7 @@ def test_zero_sizes(batch, q_len, seq_len, prefix_len):
     case = case_of(batch=batch, q_len=q_len, seq_len=seq_len, prefix_len=prefix_len, head_dim=8, seed=8)
     t = case.inputs(torch.float32, "cpu")
     out, grads = grads_of(triton_call(case), t)
+
     def spec(q, k, v, prefix_k, prefix_v, key_padding_mask):
         return reference.prefix_attention(q, k, v, prefix_k, prefix_v, case.causal, key_padding_mask)[0]
 
@@ -145,9 +209,11 @@ def test_head_dim_above_256_is_refused_by_name():
 
 # -- GPU ---------------------------------------------------------------------------------------
 
+
 def lowp_truth(case: AttentionCase):
     """The same attention written in plain PyTorch at the inputs' dtype (explicit concatenation,
     mask, softmax): the FlashAttention rule's low-precision baseline."""
+
     def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
         batch, hq, q_len, d = q.shape
         group = hq // k.shape[1]
@@ -163,6 +229,7 @@ def lowp_truth(case: AttentionCase):
         alive = visible.any(-1, keepdim=True)
         probs = torch.softmax(scores.masked_fill(~visible, -math.inf).masked_fill(~alive, 0.0), dim=-1)
         return (probs * alive) @ values
+
     return fn
 
 
@@ -180,18 +247,33 @@ GPU_CASES = {
 @pytest.mark.parametrize("name", list(GPU_CASES))
 def test_gpu_real_shapes_fa_error_rule(name, dtype):
     batch, hkv, group, q_len, seq_len, head_dim, prefix_len, prefix_mode, causal, padding = GPU_CASES[name]
-    case = case_of(batch=batch, hkv=hkv, group=group, q_len=q_len, seq_len=seq_len, head_dim=head_dim,
-                   prefix_len=prefix_len, prefix_mode=prefix_mode, causal=causal, padding=padding, seed=11)
+    case = case_of(
+        batch=batch,
+        hkv=hkv,
+        group=group,
+        q_len=q_len,
+        seq_len=seq_len,
+        head_dim=head_dim,
+        prefix_len=prefix_len,
+        prefix_mode=prefix_mode,
+        causal=causal,
+        padding=padding,
+        seed=11,
+    )
     t = case.inputs(dtype, "cuda")
     out, grads = grads_of(triton_call(case), t)
 
     def fresh(dt):
-        return {k: (v.detach().to(dt).requires_grad_(v.requires_grad) if v is not None and v.is_floating_point()
-                    else v) for k, v in t.items()}
+        return {
+            k: (v.detach().to(dt).requires_grad_(v.requires_grad) if v is not None and v.is_floating_point() else v)
+            for k, v in t.items()
+        }
 
     ref_out, ref_grads = grads_of(loop_truth(case) if q_len == 1 else lowp_truth(case), fresh(torch.float32))
     low_out, low_grads = grads_of(lowp_truth(case), fresh(dtype))
-    for what, got, ref, low in [("out", out, ref_out, low_out)] + [(n, grads[n], ref_grads[n], low_grads[n]) for n in grads]:
+    for what, got, ref, low in [("out", out, ref_out, low_out)] + [
+        (n, grads[n], ref_grads[n], low_grads[n]) for n in grads
+    ]:
         ok, err, budget = check_fa_rule(got, ref, low)
         assert ok, f"{name} {dtype} {what}: error {err:.3g} above the FA budget {budget:.3g}"
 
@@ -213,8 +295,18 @@ def test_gpu_sdpa_top_left_causal_is_wrong_and_peftops_is_right():
 
 @pytest.mark.gpu
 def test_gpu_compile_and_cuda_graph():
-    case = case_of(batch=2, hkv=2, group=2, q_len=300, seq_len=300, head_dim=64, prefix_len=40, padding="random",
-                   layout="transposed", seed=13)
+    case = case_of(
+        batch=2,
+        hkv=2,
+        group=2,
+        q_len=300,
+        seq_len=300,
+        head_dim=64,
+        prefix_len=40,
+        padding="random",
+        layout="transposed",
+        seed=13,
+    )
     t = case.inputs(torch.bfloat16, "cuda")
     eager_out, eager_grads = grads_of(triton_call(case), t)
     comp_out, comp_grads = grads_of(torch.compile(triton_call(case), fullgraph=True), t)
@@ -231,8 +323,9 @@ def test_gpu_compile_and_cuda_graph():
 def test_gpu_backward_is_bitwise_reproducible(prefix_mode):
     """No atomics: the key-block programs own their dK/dV, the query-block programs their dq,
     and a shared prefix's batch sum runs in a fixed order."""
-    case = case_of(batch=4, hkv=4, group=2, q_len=1024, seq_len=1024, head_dim=128, prefix_len=64,
-                   prefix_mode=prefix_mode, seed=15)
+    case = case_of(
+        batch=4, hkv=4, group=2, q_len=1024, seq_len=1024, head_dim=128, prefix_len=64, prefix_mode=prefix_mode, seed=15
+    )
     t = case.inputs(torch.bfloat16, "cuda")
     runs = [grads_of(triton_call(case), t, seed=1) for _ in range(3)]
     for out, grads in runs[1:]:
@@ -255,8 +348,9 @@ def test_non_positive_scale_is_refused_by_name():
 def test_very_negative_scores_past_the_key_bound_give_no_nan(dtype, causal, prefix_len):
     """Every score about -100 (lse about -100): a key past the bound of a partial block loads
     k = v = 0 and gets p = 2^(-lse2) = inf unless masked, and inf * 0 = NaN in dq."""
-    case = case_of(batch=1, hkv=1, group=1, q_len=5, seq_len=5, head_dim=16, prefix_len=prefix_len, causal=causal,
-                   seed=17)
+    case = case_of(
+        batch=1, hkv=1, group=1, q_len=5, seq_len=5, head_dim=16, prefix_len=prefix_len, causal=causal, seed=17
+    )
     t = case.inputs(dtype, "cpu")
     with torch.no_grad():
         t["q"].copy_(torch.ones_like(t["q"]) + 0.01 * t["q"])
@@ -266,8 +360,16 @@ def test_very_negative_scores_past_the_key_bound_give_no_nan(dtype, causal, pref
 
     def fn(**kw):
         with peftops.use_backend("triton"):
-            return peftops.prefix_attention(kw["q"], kw["k"], kw["v"], kw["prefix_k"], kw["prefix_v"], causal=causal,
-                                            scale=6.25 if dtype == torch.float32 else 0.75)
+            return peftops.prefix_attention(
+                kw["q"],
+                kw["k"],
+                kw["v"],
+                kw["prefix_k"],
+                kw["prefix_v"],
+                causal=causal,
+                scale=6.25 if dtype == torch.float32 else 0.75,
+            )
+
     out, grads = grads_of(fn, t)
     assert torch.isfinite(out).all()
     for name, g in grads.items():

@@ -58,6 +58,7 @@ def formula(ad, x, residual, activation, scale):
 
 # -- init ---------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("activation", list(ACTIVATIONS))
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_fresh_adapter_is_exactly_identity_serial_and_adds_nothing_parallel(device, activation, dtype):
@@ -98,6 +99,7 @@ def test_fresh_adapter_trains_the_down_projection_after_the_first_step(device):
 
 # -- values and gradients -----------------------------------------------------------------
 
+
 @HYP
 @given(
     lead=st.lists(st.integers(0, 5), max_size=2),
@@ -110,7 +112,9 @@ def test_fresh_adapter_trains_the_down_projection_after_the_first_step(device):
     seed=st.integers(0, 2**16),
 )
 def test_forward_and_backward_match_formula(device, lead, d, r, activation, scale, parallel, dtype, seed):
-    ad = make_adapter(d, r, activation=activation, scale=scale, parallel=parallel, dtype=dtype, device=device, seed=seed)
+    ad = make_adapter(
+        d, r, activation=activation, scale=scale, parallel=parallel, dtype=dtype, device=device, seed=seed
+    )
     x = randn(*lead, d, dtype=dtype, device=device, seed=seed + 1).requires_grad_()
     res = randn(*lead, d, dtype=dtype, device=device, seed=seed + 2).requires_grad_() if parallel else None
     y = ad(x, res) if parallel else ad(x)
@@ -123,7 +127,7 @@ def test_forward_and_backward_match_formula(device, lead, d, r, activation, scal
     assert_close(y, y_ref, dtype=dtype, name="y")
     names = ("dx", "dres", "dWd", "dbd", "dWu", "dbu")
     tensors = (x, res, ad.down.weight, ad.down.bias, ad.up.weight, ad.up.bias)
-    for name, t, ref in zip(names, tensors, leaves):
+    for name, t, ref in zip(names, tensors, leaves, strict=False):
         if t is None:
             continue
         assert t.grad is not None, f"{name} is None"
@@ -140,6 +144,7 @@ def test_adapter_module_matches_the_functional_op(device):
 
 
 # -- residual handling --------------------------------------------------------------------
+
 
 def test_parallel_adapter_requires_a_residual():
     ad = BottleneckAdapter(8, 2, parallel=True)
@@ -171,6 +176,7 @@ def test_wrong_feature_size():
 
 # -- autocast, compile, dtype, odd shapes ---------------------------------------------------
 
+
 @pytest.mark.parametrize("parallel", [False, True])
 def test_autocast_bf16_with_float32_parameters(device, parallel):
     ad = make_adapter(32, 8, parallel=parallel, device=device, seed=1)
@@ -190,13 +196,13 @@ def test_autocast_bf16_with_float32_parameters(device, parallel):
     bf = lambda t: None if t is None else t.detach().to(torch.bfloat16)  # noqa: E731
     shadow = make_adapter(32, 8, parallel=parallel, dtype=torch.float64, device=device)
     with torch.no_grad():
-        for p, q in zip(shadow.parameters(), ad.parameters()):
+        for p, q in zip(shadow.parameters(), ad.parameters(), strict=False):
             p.copy_(bf(q).double())
     y_ref, leaves = formula(shadow, bf(x), bf(res), "gelu", 1.0)
     y_ref.backward(bf(g).double())
     assert_close(y, y_ref, dtype=torch.bfloat16, name="y")
     assert_close(x.grad, leaves[0].grad, dtype=torch.bfloat16, kind="bwd", name="dx")
-    for (name, p), ref in zip(ad.named_parameters(), leaves[2:]):
+    for (name, p), ref in zip(ad.named_parameters(), leaves[2:], strict=False):
         assert_close(p.grad, ref.grad, dtype=torch.bfloat16, kind="bwd", name=name)
 
 
@@ -220,7 +226,7 @@ def test_torch_compile_fullgraph_matches_eager(device, backend, parallel):
     y_e, g_e = run(ad)
     y_c, g_c = run(torch.compile(ad, fullgraph=True, backend=backend))
     assert_close(y_c, y_e, name="compiled y")
-    for i, (a, b) in enumerate(zip(g_c, g_e)):
+    for i, (a, b) in enumerate(zip(g_c, g_e, strict=False)):
         assert_close(a, b, kind="bwd", name=f"compiled grad {i}")
 
 
@@ -254,7 +260,10 @@ def test_state_dict_round_trip():
     src = make_adapter(10, 4, activation="relu", seed=3)
     sd = src.state_dict()
     assert {k: tuple(v.shape) for k, v in sd.items()} == {
-        "down.weight": (4, 10), "down.bias": (4,), "up.weight": (10, 4), "up.bias": (10,)
+        "down.weight": (4, 10),
+        "down.bias": (4,),
+        "up.weight": (10, 4),
+        "up.bias": (10,),
     }
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -273,6 +282,7 @@ def test_mark_only_adapters_trainable_freezes_the_host_model():
 
 
 # -- bad constructor arguments --------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, exc, match",

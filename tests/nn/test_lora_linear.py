@@ -27,8 +27,21 @@ HYP = settings(suppress_health_check=[*settings.default.suppress_health_check, H
 
 # -- helpers ------------------------------------------------------------------------------
 
-def make_layer(in_f, out_f, *, r=4, alpha=8.0, bias=True, dropout=0.0, use_rslora=False, dtype=torch.float32,
-               device="cpu", seed=0, random_b=True):
+
+def make_layer(
+    in_f,
+    out_f,
+    *,
+    r=4,
+    alpha=8.0,
+    bias=True,
+    dropout=0.0,
+    use_rslora=False,
+    dtype=torch.float32,
+    device="cpu",
+    seed=0,
+    random_b=True,
+):
     """A LoRALinear whose B is random (a fresh B is zero, which would hide every bug in A)."""
     torch.manual_seed(seed)
     layer = LoRALinear(in_f, out_f, bias=bias, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, dtype=dtype)
@@ -48,8 +61,10 @@ def formula(x, weight, bias, lora_a, lora_b, scale):
 
 def formula_with_grads(layer, x, grad_out, scale):
     """Output and gradients (x, weight, bias, A, B) of :func:`formula` by float64 autograd."""
-    leaves = [t.detach().to(torch.float64).requires_grad_() if t is not None else None
-              for t in (x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight)]
+    leaves = [
+        t.detach().to(torch.float64).requires_grad_() if t is not None else None
+        for t in (x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight)
+    ]
     y = formula(*leaves, scale)
     y.backward(grad_out.to(torch.float64))
     return y.detach(), [t.grad if t is not None else None for t in leaves]
@@ -61,6 +76,7 @@ def randn(*shape, dtype=torch.float32, device="cpu", seed=None):
 
 
 # -- drop-in ------------------------------------------------------------------------------
+
 
 def test_from_linear_shares_the_parameters_and_keeps_the_linear_interface(device):
     lin = nn.Linear(12, 7).to(device)
@@ -134,6 +150,7 @@ def test_scaling(r, alpha, use_rslora):
 
 # -- values and gradients against the independent formula ----------------------------
 
+
 @HYP
 @given(
     lead=st.lists(st.integers(0, 5), max_size=2),
@@ -150,7 +167,9 @@ def test_scaling(r, alpha, use_rslora):
 def test_forward_and_backward_match_merged_formula(
     device, lead, in_f, out_f, r, alpha, bias, use_rslora, train_base, dtype, seed
 ):
-    layer = make_layer(in_f, out_f, r=r, alpha=alpha, bias=bias, use_rslora=use_rslora, dtype=dtype, device=device, seed=seed)
+    layer = make_layer(
+        in_f, out_f, r=r, alpha=alpha, bias=bias, use_rslora=use_rslora, dtype=dtype, device=device, seed=seed
+    )
     layer.weight.requires_grad_(train_base)
     if bias:
         layer.bias.requires_grad_(train_base)
@@ -190,6 +209,7 @@ def test_non_contiguous_input_and_sum_backward(device):
 
 
 # -- training: gradients reach the adapter, not the frozen base ---------------------------
+
 
 def test_gradients_reach_lora_a_and_b_and_training_moves_them(device):
     torch.manual_seed(0)
@@ -234,6 +254,7 @@ def test_frozen_base_gets_no_gradient_but_input_does(device):
 
 
 # -- merge / unmerge ----------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
 def test_merge_and_unmerge(device, dtype):
@@ -289,6 +310,7 @@ def test_training_a_merged_layer_is_an_error():
 
 
 # -- dropout ------------------------------------------------------------------------------
+
 
 def identity_adapter(n, p, *, alpha, device, dtype=torch.float64, seed=0):
     """A = B = I (r = n), random W and b: the low-rank path is ``s * dropout(x)``, so the
@@ -360,6 +382,7 @@ def test_dropout_is_off_in_eval_mode(device):
 
 # -- autocast -----------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backward_inside", [False, True])
 def test_autocast_bf16_with_float32_parameters(device, backward_inside):
     """Float32 parameters, float32 input, run inside bfloat16 autocast: forward and backward
@@ -388,7 +411,7 @@ def test_autocast_bf16_with_float32_parameters(device, backward_inside):
     ref = formula(leaves[0], bf(layer.weight), bf(layer.bias), leaves[1], leaves[2], layer.scaling)
     ref.backward(bf(g).to(torch.float64))
     assert_close(y, ref, dtype=torch.bfloat16, name="y")
-    for name, t, r in zip(("dx", "dA", "dB"), (x, layer.lora_A.weight, layer.lora_B.weight), leaves):
+    for name, t, r in zip(("dx", "dA", "dB"), (x, layer.lora_A.weight, layer.lora_B.weight), leaves, strict=False):
         assert_close(t.grad, r.grad, dtype=torch.bfloat16, kind="bwd", name=name)
 
 
@@ -412,6 +435,7 @@ def test_autocast_training_step_and_merged_forward(device):
 
 # -- torch.compile ------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("bias", [True, False])
 def test_torch_compile_fullgraph_matches_eager(device, backend, bias):
@@ -432,7 +456,7 @@ def test_torch_compile_fullgraph_matches_eager(device, backend, bias):
     y_eager, g_eager = run(layer)
     y_comp, g_comp = run(torch.compile(layer, fullgraph=True, backend=backend))
     assert_close(y_comp, y_eager, name="compiled y")
-    for name, a, b in zip(("dx", "dA", "dB", "db"), g_comp, g_eager):
+    for name, a, b in zip(("dx", "dA", "dB", "db"), g_comp, g_eager, strict=False):
         assert_close(a, b, kind="bwd", name=f"compiled {name}")
     assert layer.weight.grad is None
 
@@ -449,11 +473,15 @@ def test_torch_compile_fullgraph_with_dropout_follows_the_seed(device):
     y_eager = layer(x)
     assert_close(y_comp, y_eager)
     layer.eval()
-    assert_close(compiled(x), formula(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling),
-                 dtype=torch.float32)
+    assert_close(
+        compiled(x),
+        formula(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling),
+        dtype=torch.float32,
+    )
 
 
 # -- state dict, dtype, odd shapes ---------------------------------------------------------
+
 
 def test_state_dict_round_trip_and_loading_an_nn_linear_state_dict():
     src = make_layer(9, 7, r=3, alpha=6, seed=1)
@@ -504,7 +532,9 @@ def test_to_dtype(device, dtype):
     assert y.dtype == dtype
     y.sum().backward()
     assert layer.lora_A.weight.grad.dtype == dtype and x.grad.dtype == dtype
-    assert_close(y, formula(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling), dtype=dtype)
+    assert_close(
+        y, formula(x, layer.weight, layer.bias, layer.lora_A.weight, layer.lora_B.weight, layer.scaling), dtype=dtype
+    )
 
 
 @pytest.mark.parametrize("shape", [(0, 10), (3, 0, 10), (0, 0, 10)])
@@ -521,6 +551,7 @@ def test_zero_size_batch(device, shape):
 
 
 # -- bad input ----------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize(
     "kwargs, exc, match",

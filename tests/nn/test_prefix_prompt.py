@@ -47,6 +47,7 @@ def attention_formula(q, k, v, pk, pv, causal=True, key_padding_mask=None):
 
 # == PrefixKV ==============================================================================
 
+
 @pytest.mark.parametrize("reparam_hidden", [None, 16])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_prefix_shapes_dtype_device(device, reparam_hidden, dtype):
@@ -74,10 +75,12 @@ def test_prefix_without_reparam_gives_each_layer_its_own_keys_and_values():
     for layer in range(layers):
         for kv in range(2):
             grads = torch.autograd.grad(out[layer][kv].sum(), params, retain_graph=True, allow_unused=True)
-            touched = [torch.zeros_like(s) if g is None else g != 0 for g, s in zip(grads, seen)]
+            touched = [torch.zeros_like(s) if g is None else g != 0 for g, s in zip(grads, seen, strict=False)]
             assert sum(int(t.sum()) for t in touched) == hkv * p * d
-            assert not any((t & s).any() for t, s in zip(touched, seen)), f"layer {layer} kv {kv} overlaps another block"
-            seen = [s | t for s, t in zip(seen, touched)]
+            assert not any((t & s).any() for t, s in zip(touched, seen, strict=False)), (
+                f"layer {layer} kv {kv} overlaps another block"
+            )
+            seen = [s | t for s, t in zip(seen, touched, strict=False)]
     assert all(s.all() for s in seen)
     # Unit-variance init (as HF PEFT's prefix embedding): 120 draws, std within 25%.
     values = torch.cat([t.flatten() for t in params])
@@ -109,14 +112,14 @@ def test_merge_reparam_keeps_the_prefixes_and_drops_the_mlp(device):
     pkv.merge_reparam()
     assert pkv.reparam_hidden is None
     assert [n for n, _ in pkv.named_parameters()] == ["prefix"]
-    for (k0, v0), (k1, v1) in zip(before, pkv()):
+    for (k0, v0), (k1, v1) in zip(before, pkv(), strict=False):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     # The merged prefix is a trainable leaf, and its checkpoint loads into a plain PrefixKV.
     sum(k.sum() + v.sum() for k, v in pkv()).backward()
     assert pkv.prefix.grad is not None and torch.count_nonzero(pkv.prefix.grad) == pkv.prefix.numel()
     plain = PrefixKV(2, 2, 3, 4, device=device)
     plain.load_state_dict(pkv.state_dict())
-    for (k0, v0), (k1, v1) in zip(before, plain()):
+    for (k0, v0), (k1, v1) in zip(before, plain(), strict=False):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     with pytest.raises(RuntimeError, match="no reparameterisation"):
         pkv.merge_reparam()
@@ -163,7 +166,7 @@ def test_prefixes_through_prefix_attention_match_the_attention_formula(
     out_ref, grads_ref = run(lambda q_, k_, v_, pk, pv: attention_formula(q_, k_, v_, pk, pv, causal=causal))
     assert_close(out, out_ref, name="attention output")
     names = ["dq", "dk", "dv"] + [f"d{n}" for n, _ in pkv.named_parameters()]
-    for name, a, b in zip(names, grads, grads_ref):
+    for name, a, b in zip(names, grads, grads_ref, strict=False):
         assert_close(a, b, kind="bwd", name=name)
         assert torch.count_nonzero(a) > 0, f"{name} is all zeros"
 
@@ -197,16 +200,17 @@ def test_prefix_state_dict_round_trip_and_to_dtype(reparam_hidden):
     torch.manual_seed(1)
     dst = PrefixKV(2, 2, 3, 4, reparam_hidden=reparam_hidden)
     dst.load_state_dict(torch.load(buf))
-    for (k0, v0), (k1, v1) in zip(src(), dst()):
+    for (k0, v0), (k1, v1) in zip(src(), dst(), strict=False):
         assert torch.equal(k0, k1) and torch.equal(v0, v1)
     dst.to(torch.float64)
-    for (k0, v0), (k1, v1) in zip(src(), dst()):
+    for (k0, v0), (k1, v1) in zip(src(), dst(), strict=False):
         assert k1.dtype == torch.float64
         assert_close(k1, k0.double(), dtype=torch.float32)
         assert_close(v1, v0.double(), dtype=torch.float32)
 
 
 # == PromptEmbedding ======================================================================
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_prompt_prepends_the_learned_embeddings(device, dtype):

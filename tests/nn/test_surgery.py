@@ -7,7 +7,15 @@ import torch
 from torch import nn
 
 import peftops
-from peftops.nn import BottleneckAdapter, LoRALinear, PrefixKV, PromptEmbedding, apply_lora, count_trainable, mark_only_adapters_trainable
+from peftops.nn import (
+    BottleneckAdapter,
+    LoRALinear,
+    PrefixKV,
+    PromptEmbedding,
+    apply_lora,
+    count_trainable,
+    mark_only_adapters_trainable,
+)
 from peftops.testing import assert_close
 
 
@@ -65,10 +73,14 @@ IDS = torch.tensor([[1, 4, 2, 9], [3, 3, 0, 10]])
 
 # -- apply_lora ---------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize(
     "targets, expected",
     [
-        (["q_proj", "v_proj"], {"blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.1.attn.q_proj", "blocks.1.attn.v_proj"}),
+        (
+            ["q_proj", "v_proj"],
+            {"blocks.0.attn.q_proj", "blocks.0.attn.v_proj", "blocks.1.attn.q_proj", "blocks.1.attn.v_proj"},
+        ),
         (r"blocks\.1\.attn\.(k|o)_proj", {"blocks.1.attn.k_proj", "blocks.1.attn.o_proj"}),
         (r"blocks\.\d+\.mlp\.(0|2)", {"blocks.0.mlp.0", "blocks.0.mlp.2", "blocks.1.mlp.0", "blocks.1.mlp.2"}),
         (["head"], {"head"}),
@@ -85,7 +97,10 @@ def test_apply_lora_swaps_exactly_the_targets(targets, expected):
     assert out is model  # in place
     swapped = {n for n, m in model.named_modules() if isinstance(m, LoRALinear)}
     assert swapped == expected
-    assert linear_names(model) - {f"{n}.lora_A" for n in swapped} - {f"{n}.lora_B" for n in swapped} == set(originals) - expected
+    assert (
+        linear_names(model) - {f"{n}.lora_A" for n in swapped} - {f"{n}.lora_B" for n in swapped}
+        == set(originals) - expected
+    )
     for name in expected:
         new = model.get_submodule(name)
         assert new.weight is originals[name].weight and new.bias is originals[name].bias  # shared, not copied
@@ -102,9 +117,17 @@ def test_apply_lora_swaps_exactly_the_targets(targets, expected):
 def test_apply_lora_freezes_everything_but_lora():
     model = apply_lora(toy(), ["q_proj", "v_proj", "head"], r=2, alpha=4)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
-    expected = {f"{m}.lora_{ab}.weight" for m in ("blocks.0.attn.q_proj", "blocks.0.attn.v_proj",
-                                                  "blocks.1.attn.q_proj", "blocks.1.attn.v_proj", "head")
-                for ab in "AB"}
+    expected = {
+        f"{m}.lora_{ab}.weight"
+        for m in (
+            "blocks.0.attn.q_proj",
+            "blocks.0.attn.v_proj",
+            "blocks.1.attn.q_proj",
+            "blocks.1.attn.v_proj",
+            "head",
+        )
+        for ab in "AB"
+    }
     assert trainable == expected
     d, vocab, r = 8, 11, 2
     lora_params = 4 * r * (d + d) - 2 * r * (d - d // 2) + r * (d + vocab)  # q: d->d, v: d->d/2, head: d->vocab
@@ -149,6 +172,7 @@ def test_apply_lora_then_train_changes_only_lora():
 
 # -- apply_lora errors --------------------------------------------------------------------
 
+
 def assert_untouched(model, reference):
     assert [type(m) for m in model.modules()] == [type(m) for m in reference.modules()]
     assert all(p.requires_grad for p in model.parameters())
@@ -156,7 +180,9 @@ def assert_untouched(model, reference):
 
 def test_apply_lora_no_match_lists_the_linears():
     model = toy()
-    with pytest.raises(ValueError, match=r"target_modules: expected to match at least one module.*blocks\.0\.attn\.q_proj"):
+    with pytest.raises(
+        ValueError, match=r"target_modules: expected to match at least one module.*blocks\.0\.attn\.q_proj"
+    ):
         apply_lora(model, ["query"], r=2, alpha=2)
     # A string is a regex matched against the full name (as HF PEFT): a bare suffix does not match.
     with pytest.raises(ValueError, match=r"target_modules: .*no match for 'q_proj'"):
@@ -222,6 +248,7 @@ def test_apply_lora_bad_model():
 
 # -- mark_only_adapters_trainable / count_trainable -------------------------------------------
 
+
 class Mixed(nn.Module):
     def __init__(self):
         super().__init__()
@@ -237,10 +264,17 @@ def test_mark_only_adapters_trainable():
     assert peftops.mark_only_adapters_trainable(model) is model
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     assert trainable == {
-        "lora.lora_A.weight", "lora.lora_B.weight",
-        "adapter.down.weight", "adapter.down.bias", "adapter.up.weight", "adapter.up.bias",
-        "prefix.embedding", "prefix.reparam.0.weight", "prefix.reparam.0.bias",
-        "prefix.reparam.2.weight", "prefix.reparam.2.bias",
+        "lora.lora_A.weight",
+        "lora.lora_B.weight",
+        "adapter.down.weight",
+        "adapter.down.bias",
+        "adapter.up.weight",
+        "adapter.up.bias",
+        "prefix.embedding",
+        "prefix.reparam.0.weight",
+        "prefix.reparam.0.bias",
+        "prefix.reparam.2.weight",
+        "prefix.reparam.2.bias",
         "prompt.weight",
     }
     # Idempotent, and it also re-freezes a base parameter that was unfrozen by hand.

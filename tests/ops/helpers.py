@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -22,7 +22,7 @@ def backend_params(op: str) -> list:
     return params
 
 
-def grads_of(fn: Callable[..., Tensor], inputs: dict[str, Optional[Tensor]], seed: int = 0):
+def grads_of(fn: Callable[..., Tensor], inputs: dict[str, Tensor | None], seed: int = 0):
     """``(out, {name: grad})`` for a random (not all-ones) incoming gradient."""
     out = fn(**inputs)
     leaves = {k: v for k, v in inputs.items() if isinstance(v, Tensor) and v.requires_grad}
@@ -30,10 +30,10 @@ def grads_of(fn: Callable[..., Tensor], inputs: dict[str, Optional[Tensor]], see
     g = torch.randn(out.shape, generator=gen, dtype=torch.float64).to(out)
     # allow_unused so that a gradient silently missing shows up as None and fails the comparison.
     grads = torch.autograd.grad(out, list(leaves.values()), g, allow_unused=True) if leaves else ()
-    return out, dict(zip(leaves, grads))
+    return out, dict(zip(leaves, grads, strict=False))
 
 
-def as_float64(inputs: dict[str, Optional[Tensor]]) -> dict[str, Optional[Tensor]]:
+def as_float64(inputs: dict[str, Tensor | None]) -> dict[str, Tensor | None]:
     """Leaf float64 copies (floating tensors only) keeping requires_grad."""
     out = {}
     for k, v in inputs.items():
@@ -61,8 +61,9 @@ def use(backend: str):
     return peftops.use_backend(backend)
 
 
-def check_graph_replay(fn: Callable[..., Tensor], inputs: dict[str, Optional[Tensor]],
-                       fresh: dict[str, Optional[Tensor]]) -> None:
+def check_graph_replay(
+    fn: Callable[..., Tensor], inputs: dict[str, Tensor | None], fresh: dict[str, Tensor | None]
+) -> None:
     """Capture ``fn``'s forward and the gradients of every input requiring grad in one CUDA graph, copy ``fresh``
     into the captured inputs, replay, and require bitwise equality with an eager call on
     ``fresh``: no host synchronisation, no allocation-dependent launch arguments, nothing read
@@ -96,5 +97,5 @@ def check_graph_replay(fn: Callable[..., Tensor], inputs: dict[str, Optional[Ten
     want = torch.autograd.grad(want_y, [fresh[k] for k in wrt], g_out)
     torch.cuda.synchronize()
     assert torch.equal(y, want_y)
-    for name, got, exp in zip(wrt, grads, want):
+    for name, got, exp in zip(wrt, grads, want, strict=False):
         assert torch.equal(got, exp), name

@@ -25,13 +25,16 @@ def op_call(backend, **kw):
     def fn(x, weight, lora_a, lora_b, bias):
         with use(backend):
             return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias, **kw)
+
     return fn
 
 
 def merged_truth(scale):
     """Independent formulation: one linear layer with the merged weight ``W + s B A``."""
+
     def fn(x, weight, lora_a, lora_b, bias):
         return F.linear(x, weight + scale * lora_b @ lora_a, bias)
+
     return fn
 
 
@@ -40,7 +43,9 @@ def merged_truth(scale):
 def test_matches_merged_weight_forward_and_gradients(device, backend, case: LoraCase, data):
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     inputs = case.inputs(dtype, device)
-    assert_matches(op_call(backend, scale=case.scale), merged_truth(case.scale), inputs, dtype, what=f"{backend} {case}")
+    assert_matches(
+        op_call(backend, scale=case.scale), merged_truth(case.scale), inputs, dtype, what=f"{backend} {case}"
+    )
 
 
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
@@ -51,7 +56,9 @@ def test_gradcheck_float64(dropout_p, with_bias):
 
     def fn(x, weight, lora_a, lora_b, *bias):
         torch.manual_seed(1234)  # the same dropout seed on every evaluation
-        return peftops.lora_linear(x, weight, lora_a, lora_b, bias=bias[0] if bias else None, scale=0.7, dropout_p=dropout_p)
+        return peftops.lora_linear(
+            x, weight, lora_a, lora_b, bias=bias[0] if bias else None, scale=0.7, dropout_p=dropout_p
+        )
 
     args = [t["x"], t["weight"], t["lora_a"], t["lora_b"]] + ([t["bias"]] if with_bias else [])
     assert torch.autograd.gradcheck(fn, args)
@@ -69,8 +76,10 @@ def test_opcheck(device, backend, dropout_p, with_bias):
         _, lora_u = torch.ops.peftops.lora_linear(*args)
     g = torch.randn(3, 9, device=device)
     detached = [t[k].detach() for k in ("x", "weight", "lora_a", "lora_b")]
-    opcheck(torch.ops.peftops.lora_linear_backward.default,
-            (g, *detached, lora_u, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend))
+    opcheck(
+        torch.ops.peftops.lora_linear_backward.default,
+        (g, *detached, lora_u, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend),
+    )
 
 
 def _keep_rate_setup(n_rows, width, p, device):
@@ -208,7 +217,11 @@ BAD_INPUTS = [
     (dict(weight=torch.randn(6, 8, 1)), ValueError, r"weight: expected 2 dims, got 3"),
     (dict(x=torch.randn(())), ValueError, r"x: expected at least 1 dim"),
     (dict(bias=torch.randn(5)), ValueError, r"bias: expected shape \(6,\)"),
-    (dict(lora_a=torch.randn(2, 8, dtype=torch.float64)), TypeError, r"lora_a: expected dtype torch.float32.*got torch.float64"),
+    (
+        dict(lora_a=torch.randn(2, 8, dtype=torch.float64)),
+        TypeError,
+        r"lora_a: expected dtype torch.float32.*got torch.float64",
+    ),
     (dict(x=torch.ones(4, 8, dtype=torch.int64)), TypeError, r"x: expected a floating-point tensor"),
     (dict(x=[[1.0] * 8]), TypeError, r"x: expected a torch.Tensor, got list"),
     (dict(x=torch.randn(4, 8, device="meta")), ValueError, r"weight: expected device meta"),
@@ -223,8 +236,16 @@ BAD_INPUTS = [
 
 @pytest.mark.parametrize("change,exc,match", BAD_INPUTS)
 def test_bad_input_is_rejected_with_a_named_argument(change, exc, match):
-    args = dict(x=torch.randn(4, 8), weight=torch.randn(6, 8), lora_a=torch.randn(2, 8), lora_b=torch.randn(6, 2),
-                bias=None, scale=1.0, dropout_p=0.0, training=True)
+    args = dict(
+        x=torch.randn(4, 8),
+        weight=torch.randn(6, 8),
+        lora_a=torch.randn(2, 8),
+        lora_b=torch.randn(6, 2),
+        bias=None,
+        scale=1.0,
+        dropout_p=0.0,
+        training=True,
+    )
     args.update(change)
     with pytest.raises(exc, match=r"lora_linear: " + match):
         peftops.lora_linear(args.pop("x"), args.pop("weight"), args.pop("lora_a"), args.pop("lora_b"), **args)

@@ -17,8 +17,9 @@ from .helpers import as_float64, assert_matches, backend_params, grads_of, use
 OP = "multi_lora_linear"
 
 
-def make(seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2,
-         device="cpu"):
+def make(
+    seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2, device="cpu"
+):
     t = _make(seed, tokens, in_f, out_f, num, r_max, dtype, ranks, bias, base_only)
     return {k: (None if v is None else v.detach().to(device).requires_grad_(v.requires_grad)) for k, v in t.items()}
 
@@ -49,6 +50,7 @@ def backend_call(backend):
     def fn(**kw):
         with use(backend):
             return op_call(**kw)
+
     return fn
 
 
@@ -74,18 +76,29 @@ DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.f
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 @given(
-    seed=st.integers(0, 2**31 - 1), tokens=st.integers(1, 40), in_f=st.integers(1, 40), out_f=st.integers(1, 40),
-    num=st.integers(1, 6), r_max=st.integers(1, 20), ranks=st.booleans(), bias=st.booleans(),
-    base_only=st.sampled_from([0.0, 0.3, 1.0]), data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+    tokens=st.integers(1, 40),
+    in_f=st.integers(1, 40),
+    out_f=st.integers(1, 40),
+    num=st.integers(1, 6),
+    r_max=st.integers(1, 20),
+    ranks=st.booleans(),
+    bias=st.booleans(),
+    base_only=st.sampled_from([0.0, 0.3, 1.0]),
+    data=st.data(),
 )
-def test_matches_per_token_adapters_forward_and_gradients(device, backend, seed, tokens, in_f, out_f, num, r_max, ranks,
-                                                          bias, base_only, data):
+def test_matches_per_token_adapters_forward_and_gradients(
+    device, backend, seed, tokens, in_f, out_f, num, r_max, ranks, bias, base_only, data
+):
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     if backend == "reference" and dtype != torch.float32:
         dtype = torch.float32  # the spec is the same at every dtype; its kernels are what vary
-    t = make(seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only, device=device,
-             dtype=dtype)
-    assert_matches(backend_call(backend), per_adapter_truth, t, dtype, what=f"{backend} T={tokens} N={num} r_max={r_max}")
+    t = make(
+        seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only, device=device, dtype=dtype
+    )
+    assert_matches(
+        backend_call(backend), per_adapter_truth, t, dtype, what=f"{backend} T={tokens} N={num} r_max={r_max}"
+    )
 
 
 @pytest.mark.parametrize("device,backend", [p for p in backend_params(OP) if "reference" not in p.id])
@@ -97,23 +110,57 @@ def test_kernel_dropout_is_the_same_mask_in_forward_and_backward(device, backend
     with torch.no_grad():
         t["lora_a"].copy_(torch.eye(12, dtype=dtype, device=device).expand(3, 12, 12))
         t["x"].copy_(t["x"].sign() * (t["x"].abs() + 0.5))  # no zeros in x: u = 0 only where dropped
-    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], None, 0.4,
-            torch.tensor(1234, device=device))
+    args = (
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        t["scales"],
+        t["bias"],
+        None,
+        0.4,
+        torch.tensor(1234, device=device),
+    )
     y, u = torch.ops.peftops.multi_lora_linear(*args, backend)
     has = t["adapter_ids"] >= 0
     keep = (u != 0) | ~has[:, None]
     rate = keep[has].float().mean().item()
     assert 0.45 < rate < 0.75, f"keep rate {rate:.2f}, expected about 0.6"
-    want_y, want_u = reference.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                                 t["scales"], t["bias"], None, keep, 0.4)
+    want_y, want_u = reference.multi_lora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], None, keep, 0.4
+    )
     assert_close(y, want_y, dtype=dtype)
     g = torch.randn_like(y)
-    got = torch.ops.peftops.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"],
-                                                       t["adapter_ids"], t["scales"], None, u, 0.4, args[-1],
-                                                       [True, False, True, True, False], backend)
-    want = reference.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                                t["scales"], None, keep, 0.4, [True, False, True, True, False])
-    for name, a, b in zip(("dx", "dW", "dA", "dB"), got, want):
+    got = torch.ops.peftops.multi_lora_linear_backward(
+        g,
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        t["scales"],
+        None,
+        u,
+        0.4,
+        args[-1],
+        [True, False, True, True, False],
+        backend,
+    )
+    want = reference.multi_lora_linear_backward(
+        g,
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        t["scales"],
+        None,
+        keep,
+        0.4,
+        [True, False, True, True, False],
+    )
+    for name, a, b in zip(("dx", "dW", "dA", "dB"), got, want, strict=False):
         if b is not None:
             assert_close(a, b, dtype=dtype, kind="bwd", name=name)
 
@@ -121,13 +168,35 @@ def test_kernel_dropout_is_the_same_mask_in_forward_and_backward(device, backend
 def test_reference_backward_matches_autograd():
     t = make(1, 30, 12, 10, 4, 6, dtype=torch.float64)
     keep = torch.rand(30, 12, generator=torch.Generator().manual_seed(2)) > 0.25
-    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], t["ranks"], keep, 0.25)
+    args = (
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        t["scales"],
+        t["bias"],
+        t["ranks"],
+        keep,
+        0.25,
+    )
     y, _ = reference.multi_lora_linear(*args)
     g = torch.randn_like(y)
     want = torch.autograd.grad(y, (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"]), g)
-    got = reference.multi_lora_linear_backward(g, t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                               t["scales"], t["ranks"], keep, 0.25, [True] * 5)
-    for name, a, b in zip(("dx", "dW", "dA", "dB", "db"), got, want):
+    got = reference.multi_lora_linear_backward(
+        g,
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        t["scales"],
+        t["ranks"],
+        keep,
+        0.25,
+        [True] * 5,
+    )
+    for name, a, b in zip(("dx", "dW", "dA", "dB", "db"), got, want, strict=False):
         assert_close(a, b, kind="bwd", name=name)
 
 
@@ -151,8 +220,14 @@ def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows(device, backend)
         a_own = t["lora_a"][a, :r].detach().clone().requires_grad_()
         b_own = t["lora_b"][a, :, :r].detach().clone().requires_grad_()
         with use("reference"):
-            own = peftops.lora_linear(t["x"][rows].detach(), t["weight"].detach(), a_own, b_own,
-                                      scale=float(t["scales"][a]), bias=t["bias"].detach())
+            own = peftops.lora_linear(
+                t["x"][rows].detach(),
+                t["weight"].detach(),
+                a_own,
+                b_own,
+                scale=float(t["scales"][a]),
+                bias=t["bias"].detach(),
+            )
         want_a, want_b = torch.autograd.grad(own, (a_own, b_own), g[rows])
         assert_close(da[a, :r], want_a, kind="bwd", name=f"dA[{a}]")
         assert_close(db[a, :, :r], want_b, kind="bwd", name=f"dB[{a}]")
@@ -162,8 +237,9 @@ def test_each_adapter_gets_exactly_the_gradient_of_its_own_rows(device, backend)
 def test_one_adapter_for_every_token_is_lora_linear():
     t = make(4, 17, 9, 7, 3, 4, ranks=False)
     t["adapter_ids"] = torch.full((17,), 1)
-    want = peftops.lora_linear(t["x"], t["weight"], t["lora_a"][1], t["lora_b"][1], scale=float(t["scales"][1]),
-                               bias=t["bias"])
+    want = peftops.lora_linear(
+        t["x"], t["weight"], t["lora_a"][1], t["lora_b"][1], scale=float(t["scales"][1]), bias=t["bias"]
+    )
     assert_close(op_call(**t), want)
 
 
@@ -171,11 +247,20 @@ def test_per_row_ids_for_batched_input():
     t = make(5, 12, 8, 6, 3, 4)
     x3 = t["x"].detach().reshape(3, 4, 8)
     row_ids = torch.tensor([2, -1, 0])
-    got = peftops.multi_lora_linear(x3, t["weight"], t["lora_a"], t["lora_b"], row_ids, scales=t["scales"],
-                                    bias=t["bias"], ranks=t["ranks"])
+    got = peftops.multi_lora_linear(
+        x3, t["weight"], t["lora_a"], t["lora_b"], row_ids, scales=t["scales"], bias=t["bias"], ranks=t["ranks"]
+    )
     per_token = row_ids.repeat_interleave(4)
-    want = peftops.multi_lora_linear(x3.reshape(12, 8), t["weight"], t["lora_a"], t["lora_b"], per_token,
-                                     scales=t["scales"], bias=t["bias"], ranks=t["ranks"])
+    want = peftops.multi_lora_linear(
+        x3.reshape(12, 8),
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        per_token,
+        scales=t["scales"],
+        bias=t["bias"],
+        ranks=t["ranks"],
+    )
     assert torch.equal(got.reshape(12, -1), want)
 
 
@@ -183,25 +268,38 @@ def test_dropout_eval_is_exact_and_gradcheck_with_dropout():
     t = make(6, 9, 5, 4, 3, 3, dtype=torch.float64)
     args = {k: v for k, v in t.items()}
     no_drop = op_call(**args)
-    evald = peftops.multi_lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"],
-                                      scales=t["scales"], bias=t["bias"], ranks=t["ranks"], dropout_p=0.5,
-                                      training=False)
+    evald = peftops.multi_lora_linear(
+        t["x"],
+        t["weight"],
+        t["lora_a"],
+        t["lora_b"],
+        t["adapter_ids"],
+        scales=t["scales"],
+        bias=t["bias"],
+        ranks=t["ranks"],
+        dropout_p=0.5,
+        training=False,
+    )
     assert torch.equal(no_drop, evald)
 
     def fn(x, lora_a, lora_b):
         torch.manual_seed(0)  # the same mask on every call gradcheck makes
-        return peftops.multi_lora_linear(x, t["weight"], lora_a, lora_b, t["adapter_ids"], scales=t["scales"],
-                                         ranks=t["ranks"], dropout_p=0.4)
+        return peftops.multi_lora_linear(
+            x, t["weight"], lora_a, lora_b, t["adapter_ids"], scales=t["scales"], ranks=t["ranks"], dropout_p=0.4
+        )
 
     assert torch.autograd.gradcheck(fn, (t["x"], t["lora_a"], t["lora_b"]))
 
 
-@pytest.mark.parametrize("ids,match", [
-    (torch.tensor([0, 3]), r"adapter_ids: expected adapter ids \(-1 = base layer only\) in \[-1, 2\], got 3"),
-    (torch.tensor([-2, 0]), r"adapter_ids: .* got -2"),
-    (torch.tensor([0.0, 1.0]), "adapter_ids: expected an integer tensor"),
-    (torch.tensor([0, 1, 2]), r"adapter_ids: expected shape \(2,\)"),
-])
+@pytest.mark.parametrize(
+    "ids,match",
+    [
+        (torch.tensor([0, 3]), r"adapter_ids: expected adapter ids \(-1 = base layer only\) in \[-1, 2\], got 3"),
+        (torch.tensor([-2, 0]), r"adapter_ids: .* got -2"),
+        (torch.tensor([0.0, 1.0]), "adapter_ids: expected an integer tensor"),
+        (torch.tensor([0, 1, 2]), r"adapter_ids: expected shape \(2,\)"),
+    ],
+)
 def test_bad_adapter_ids_are_refused_by_name(ids, match):
     t = make(7, 2, 4, 3, 3, 2)
     t["adapter_ids"] = ids
@@ -222,8 +320,19 @@ def test_bad_ranks_scales_and_shapes_are_refused_by_name():
 def test_opcheck():
     t = make(9, 6, 5, 4, 3, 3)
     d = as_float64(t)
-    args = (d["x"], d["weight"], d["lora_a"], d["lora_b"], t["adapter_ids"], t["scales"].double(), d["bias"],
-            t["ranks"], 0.0, None, "reference")
+    args = (
+        d["x"],
+        d["weight"],
+        d["lora_a"],
+        d["lora_b"],
+        t["adapter_ids"],
+        t["scales"].double(),
+        d["bias"],
+        t["ranks"],
+        0.0,
+        None,
+        "reference",
+    )
     opcheck(torch.ops.peftops.multi_lora_linear.default, args)
 
 

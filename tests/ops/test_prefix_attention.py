@@ -25,13 +25,17 @@ DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.f
 def op_call(backend, case: AttentionCase):
     def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
         with use(backend):
-            return peftops.prefix_attention(q, k, v, prefix_k, prefix_v, causal=case.causal, key_padding_mask=key_padding_mask)
+            return peftops.prefix_attention(
+                q, k, v, prefix_k, prefix_v, causal=case.causal, key_padding_mask=key_padding_mask
+            )
+
     return fn
 
 
 def loop_truth(case: AttentionCase):
     """Independent formulation: per (row, head), concatenate the keys explicitly, build the
     mask from index grids, ``torch.softmax``, and zero the rows that see nothing."""
+
     def fn(q, k, v, prefix_k, prefix_v, key_padding_mask):
         batch, hq, q_len, d = q.shape
         hkv, seq_len = k.shape[1], k.shape[2]
@@ -57,6 +61,7 @@ def loop_truth(case: AttentionCase):
                 heads.append(torch.nan_to_num(probs, nan=0.0) @ values)
             rows.append(torch.stack(heads))
         return torch.stack(rows)
+
     return fn
 
 
@@ -64,20 +69,38 @@ def loop_truth(case: AttentionCase):
 @given(case=attention_cases(), data=st.data())
 def test_matches_explicit_concatenation_forward_and_gradients(device, backend, case: AttentionCase, data):
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
-    assert_matches(op_call(backend, case), loop_truth(case), case.inputs(dtype, device), dtype, what=f"{backend} {case}")
+    assert_matches(
+        op_call(backend, case), loop_truth(case), case.inputs(dtype, device), dtype, what=f"{backend} {case}"
+    )
 
 
-@pytest.mark.parametrize("prefix_mode,padding,group", [("shared", "random", 2), ("per_row", "none", 1), ("none", "whole_rows", 4)])
+@pytest.mark.parametrize(
+    "prefix_mode,padding,group", [("shared", "random", 2), ("per_row", "none", 1), ("none", "whole_rows", 4)]
+)
 def test_gradcheck_float64(prefix_mode, padding, group):
-    case = AttentionCase(batch=2, hkv=1, group=group, q_len=4, seq_len=5, head_dim=3, prefix_len=2,
-                         prefix_mode=prefix_mode, causal=True, padding=padding, layout="transposed", seed=1)
+    case = AttentionCase(
+        batch=2,
+        hkv=1,
+        group=group,
+        q_len=4,
+        seq_len=5,
+        head_dim=3,
+        prefix_len=2,
+        prefix_mode=prefix_mode,
+        causal=True,
+        padding=padding,
+        layout="transposed",
+        seed=1,
+    )
     t = case.inputs(torch.float64, "cpu")
     kpm = t.pop("key_padding_mask")
     names = [n for n in ("q", "k", "v", "prefix_k", "prefix_v") if t[n] is not None]
 
     def fn(*args):
-        kw = dict(zip(names, args))
-        return peftops.prefix_attention(kw["q"], kw["k"], kw["v"], kw.get("prefix_k"), kw.get("prefix_v"), key_padding_mask=kpm)
+        kw = dict(zip(names, args, strict=False))
+        return peftops.prefix_attention(
+            kw["q"], kw["k"], kw["v"], kw.get("prefix_k"), kw.get("prefix_v"), key_padding_mask=kpm
+        )
 
     assert torch.autograd.gradcheck(fn, [t[n] for n in names])
 
@@ -85,8 +108,20 @@ def test_gradcheck_float64(prefix_mode, padding, group):
 @pytest.mark.parametrize("device,backend", backend_params(OP))
 @pytest.mark.parametrize("prefix_mode", ["shared", "per_row", "none"])
 def test_opcheck(device, backend, prefix_mode):
-    case = AttentionCase(batch=2, hkv=2, group=2, q_len=5, seq_len=7, head_dim=8, prefix_len=3,
-                         prefix_mode=prefix_mode, causal=True, padding="random", layout="transposed", seed=2)
+    case = AttentionCase(
+        batch=2,
+        hkv=2,
+        group=2,
+        q_len=5,
+        seq_len=7,
+        head_dim=8,
+        prefix_len=3,
+        prefix_mode=prefix_mode,
+        causal=True,
+        padding="random",
+        layout="transposed",
+        seed=2,
+    )
     t = case.inputs(torch.float32, device)
     args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], t["key_padding_mask"], True, 0.3)
     opcheck(torch.ops.peftops.prefix_attention.default, (*args, backend))
@@ -94,9 +129,20 @@ def test_opcheck(device, backend, prefix_mode):
         out, lse = torch.ops.peftops.prefix_attention(*args, backend)
     has_prefix = t["prefix_k"] is not None
     detached = [None if x is None else x.detach() for x in args[:5]]
-    opcheck(torch.ops.peftops.prefix_attention_backward.default,
-            (torch.randn_like(out), *detached, t["key_padding_mask"], out, lse, True, 0.3,
-             [True, True, True, has_prefix, has_prefix], backend))
+    opcheck(
+        torch.ops.peftops.prefix_attention_backward.default,
+        (
+            torch.randn_like(out),
+            *detached,
+            t["key_padding_mask"],
+            out,
+            lse,
+            True,
+            0.3,
+            [True, True, True, has_prefix, has_prefix],
+            backend,
+        ),
+    )
 
 
 def test_sdpa_top_left_causal_is_wrong_for_prefixes_and_peftops_is_right():
@@ -105,8 +151,20 @@ def test_sdpa_top_left_causal_is_wrong_for_prefixes_and_peftops_is_right():
     SDPA given the right mask explicitly (and ``causal_lower_right``)."""
     from torch.nn.attention.bias import causal_lower_right
 
-    case = AttentionCase(batch=2, hkv=2, group=1, q_len=6, seq_len=6, head_dim=8, prefix_len=4,
-                         prefix_mode="shared", causal=True, padding="none", layout="contiguous", seed=3)
+    case = AttentionCase(
+        batch=2,
+        hkv=2,
+        group=1,
+        q_len=6,
+        seq_len=6,
+        head_dim=8,
+        prefix_len=4,
+        prefix_mode="shared",
+        causal=True,
+        padding="none",
+        layout="contiguous",
+        seed=3,
+    )
     t = case.inputs(torch.float64, "cpu", requires_grad=False)
     ours = peftops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], causal=True)
     keys = torch.cat([t["prefix_k"].expand(2, -1, -1, -1), t["k"]], dim=2)
@@ -119,18 +177,44 @@ def test_sdpa_top_left_causal_is_wrong_for_prefixes_and_peftops_is_right():
 
 
 def test_decode_step_sees_every_key():
-    case = AttentionCase(batch=2, hkv=1, group=4, q_len=1, seq_len=9, head_dim=16, prefix_len=5,
-                         prefix_mode="per_row", causal=True, padding="none", layout="contiguous", seed=4)
+    case = AttentionCase(
+        batch=2,
+        hkv=1,
+        group=4,
+        q_len=1,
+        seq_len=9,
+        head_dim=16,
+        prefix_len=5,
+        prefix_mode="per_row",
+        causal=True,
+        padding="none",
+        layout="contiguous",
+        seed=4,
+    )
     t = case.inputs(torch.float32, "cpu", requires_grad=False)
     args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"])
-    torch.testing.assert_close(peftops.prefix_attention(*args, causal=True), peftops.prefix_attention(*args, causal=False))
+    torch.testing.assert_close(
+        peftops.prefix_attention(*args, causal=True), peftops.prefix_attention(*args, causal=False)
+    )
 
 
 def test_rows_that_see_nothing_are_zeros_with_zero_gradients():
     """Row 0 is fully padded and there is no prefix; with L > S and causal, the first L - S
     queries of every row see no key either. All of these are zeros, never NaN."""
-    case = AttentionCase(batch=2, hkv=1, group=2, q_len=7, seq_len=4, head_dim=8, prefix_len=0,
-                         prefix_mode="none", causal=True, padding="whole_rows", layout="contiguous", seed=5)
+    case = AttentionCase(
+        batch=2,
+        hkv=1,
+        group=2,
+        q_len=7,
+        seq_len=4,
+        head_dim=8,
+        prefix_len=0,
+        prefix_mode="none",
+        causal=True,
+        padding="whole_rows",
+        layout="contiguous",
+        seed=5,
+    )
     t = case.inputs(torch.float32, "cpu")
     out = peftops.prefix_attention(t["q"], t["k"], t["v"], key_padding_mask=t["key_padding_mask"], causal=True)
     assert torch.isfinite(out).all()
@@ -143,25 +227,52 @@ def test_rows_that_see_nothing_are_zeros_with_zero_gradients():
 
 
 def test_shared_prefix_gradient_is_the_batch_sum_of_per_row_gradients():
-    case = AttentionCase(batch=3, hkv=2, group=2, q_len=5, seq_len=6, head_dim=8, prefix_len=3,
-                         prefix_mode="shared", causal=True, padding="random", layout="contiguous", seed=6)
+    case = AttentionCase(
+        batch=3,
+        hkv=2,
+        group=2,
+        q_len=5,
+        seq_len=6,
+        head_dim=8,
+        prefix_len=3,
+        prefix_mode="shared",
+        causal=True,
+        padding="random",
+        layout="contiguous",
+        seed=6,
+    )
     t = case.inputs(torch.float64, "cpu")
     g = torch.randn(3, 4, 5, 8, dtype=torch.float64)
-    shared = peftops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], key_padding_mask=t["key_padding_mask"])
-    dpk_shared, = torch.autograd.grad(shared, t["prefix_k"], g)
+    shared = peftops.prefix_attention(
+        t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], key_padding_mask=t["key_padding_mask"]
+    )
+    (dpk_shared,) = torch.autograd.grad(shared, t["prefix_k"], g)
     per_row_k = t["prefix_k"].detach().expand(3, -1, -1, -1).clone().requires_grad_(True)
-    per_row = peftops.prefix_attention(t["q"], t["k"], t["v"], per_row_k, t["prefix_v"].expand(3, -1, -1, -1),
-                                       key_padding_mask=t["key_padding_mask"])
+    per_row = peftops.prefix_attention(
+        t["q"], t["k"], t["v"], per_row_k, t["prefix_v"].expand(3, -1, -1, -1), key_padding_mask=t["key_padding_mask"]
+    )
     assert_close(per_row, shared)
-    dpk_rows, = torch.autograd.grad(per_row, per_row_k, g)
+    (dpk_rows,) = torch.autograd.grad(per_row, per_row_k, g)
     assert_close(dpk_shared, dpk_rows.sum(0), kind="bwd")
 
 
 def test_fa_error_rule_float16():
     """FlashAttention's rule at float16 on CPU: the op's error against a float32 reference is
     at most twice that of the same attention computed by PyTorch in float16."""
-    case = AttentionCase(batch=2, hkv=2, group=2, q_len=33, seq_len=47, head_dim=64, prefix_len=17,
-                         prefix_mode="shared", causal=True, padding="none", layout="contiguous", seed=7)
+    case = AttentionCase(
+        batch=2,
+        hkv=2,
+        group=2,
+        q_len=33,
+        seq_len=47,
+        head_dim=64,
+        prefix_len=17,
+        prefix_mode="shared",
+        causal=True,
+        padding="none",
+        layout="contiguous",
+        seed=7,
+    )
     t = case.inputs(torch.float16, "cpu", requires_grad=False)
     ours = peftops.prefix_attention(t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"])
     ref32, _ = reference.prefix_attention(*(t[n].float() for n in ("q", "k", "v", "prefix_k", "prefix_v")))
@@ -175,13 +286,27 @@ def test_fa_error_rule_float16():
 
 
 def test_compile_fullgraph_matches_eager():
-    case = AttentionCase(batch=2, hkv=1, group=2, q_len=6, seq_len=9, head_dim=8, prefix_len=3,
-                         prefix_mode="shared", causal=True, padding="random", layout="transposed", seed=8)
+    case = AttentionCase(
+        batch=2,
+        hkv=1,
+        group=2,
+        q_len=6,
+        seq_len=9,
+        head_dim=8,
+        prefix_len=3,
+        prefix_mode="shared",
+        causal=True,
+        padding="random",
+        layout="transposed",
+        seed=8,
+    )
 
     def step(q, k, v, prefix_k, prefix_v, key_padding_mask):
         return torch.tanh(peftops.prefix_attention(q, k, v, prefix_k, prefix_v, key_padding_mask=key_padding_mask))
 
-    (y0, g0), (y1, g1) = (grads_of(fn, case.inputs(torch.float32, "cpu")) for fn in (step, torch.compile(step, fullgraph=True)))
+    (y0, g0), (y1, g1) = (
+        grads_of(fn, case.inputs(torch.float32, "cpu")) for fn in (step, torch.compile(step, fullgraph=True))
+    )
     assert_close(y1, y0, name="compiled output")
     for name in g0:
         assert_close(g1[name], g0[name], kind="bwd", name=f"compiled d{name}")
@@ -199,25 +324,49 @@ def test_zero_sizes(batch, q_len, seq_len):
 
 
 def _bad(**change):
-    args = dict(q=torch.randn(2, 4, 5, 8), k=torch.randn(2, 2, 6, 8), v=torch.randn(2, 2, 6, 8),
-                prefix_k=torch.randn(2, 3, 8), prefix_v=torch.randn(2, 3, 8), causal=True, key_padding_mask=None, scale=None)
+    args = dict(
+        q=torch.randn(2, 4, 5, 8),
+        k=torch.randn(2, 2, 6, 8),
+        v=torch.randn(2, 2, 6, 8),
+        prefix_k=torch.randn(2, 3, 8),
+        prefix_v=torch.randn(2, 3, 8),
+        causal=True,
+        key_padding_mask=None,
+        scale=None,
+    )
     args.update(change)
     return args
 
 
 BAD_INPUTS = [
     (_bad(q=torch.randn(4, 5, 8)), ValueError, r"q: expected 4 dims, got 3"),
-    (_bad(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)), ValueError, r"k: expected a number of heads Hkv that divides Hq=4.*got Hkv=3"),
+    (
+        _bad(k=torch.randn(2, 3, 6, 8), v=torch.randn(2, 3, 6, 8)),
+        ValueError,
+        r"k: expected a number of heads Hkv that divides Hq=4.*got Hkv=3",
+    ),
     (_bad(k=torch.randn(2, 2, 6, 7)), ValueError, r"k: expected shape \(2, \*, \*, 8\)"),
     (_bad(v=torch.randn(2, 2, 5, 8)), ValueError, r"v: expected shape \(2, 2, 6, 8\)"),
     (_bad(k=torch.randn(3, 2, 6, 8)), ValueError, r"k: expected shape \(2, \*, \*, 8\).*got \(3, 2, 6, 8\)"),
     (_bad(prefix_v=None), ValueError, r"prefix_k, prefix_v: expected both tensors or both None"),
     (_bad(prefix_k=torch.randn(3, 3, 8)), ValueError, r"prefix_k: expected shape \(2, \*, 8\)"),
-    (_bad(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)), ValueError, r"prefix_k: expected shape \(2, 2, \*, 8\)"),
+    (
+        _bad(prefix_k=torch.randn(3, 2, 3, 8), prefix_v=torch.randn(3, 2, 3, 8)),
+        ValueError,
+        r"prefix_k: expected shape \(2, 2, \*, 8\)",
+    ),
     (_bad(prefix_v=torch.randn(2, 4, 8)), ValueError, r"prefix_v: expected shape \(2, 3, 8\)"),
-    (_bad(prefix_k=torch.randn(3, 8), prefix_v=torch.randn(3, 8)), ValueError, r"prefix_k: expected 3 or 4 dims, got 2"),
+    (
+        _bad(prefix_k=torch.randn(3, 8), prefix_v=torch.randn(3, 8)),
+        ValueError,
+        r"prefix_k: expected 3 or 4 dims, got 2",
+    ),
     (_bad(key_padding_mask=torch.ones(2, 6)), TypeError, r"key_padding_mask: expected dtype torch.bool"),
-    (_bad(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)), ValueError, r"key_padding_mask: expected shape \(2, 6\)"),
+    (
+        _bad(key_padding_mask=torch.ones(2, 5, dtype=torch.bool)),
+        ValueError,
+        r"key_padding_mask: expected shape \(2, 6\)",
+    ),
     (_bad(v=torch.randn(2, 2, 6, 8, dtype=torch.float16)), TypeError, r"v: expected dtype torch.float32"),
     (_bad(q=torch.randn(2, 4, 5, 8, device="meta")), ValueError, r"k: expected device meta"),
     (_bad(scale=float("nan")), ValueError, r"scale: expected a finite number, got nan"),
@@ -228,4 +377,6 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("args,exc,match", BAD_INPUTS)
 def test_bad_input_is_rejected_with_a_named_argument(args, exc, match):
     with pytest.raises(exc, match=r"prefix_attention: " + match):
-        peftops.prefix_attention(args.pop("q"), args.pop("k"), args.pop("v"), args.pop("prefix_k"), args.pop("prefix_v"), **args)
+        peftops.prefix_attention(
+            args.pop("q"), args.pop("k"), args.pop("v"), args.pop("prefix_k"), args.pop("prefix_v"), **args
+        )

@@ -48,14 +48,18 @@ def _lora(scale_error=1.0, drop_bias_grad=False):
     def fn(x, weight, lora_a, lora_b, bias):
         b = bias.detach() if drop_bias_grad else bias
         return F.linear(x, weight, b) + CASE.scale * scale_error * (x @ lora_a.T) @ lora_b.T
+
     return fn
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize("mutant,match", [
-    (dict(scale_error=1.1), "output"),             # a 10% error in the adapter's scale
-    (dict(drop_bias_grad=True), "gradient of bias is None|dbias"),
-])
+@pytest.mark.parametrize(
+    "mutant,match",
+    [
+        (dict(scale_error=1.1), "output"),  # a 10% error in the adapter's scale
+        (dict(drop_bias_grad=True), "gradient of bias is None|dbias"),
+    ],
+)
 def test_op_comparison_catches_mutants(dtype, mutant, match):
     inputs = CASE.inputs(dtype, "cpu")
     assert_matches(_lora(), merged_truth(CASE.scale), inputs, dtype, what="correct")
