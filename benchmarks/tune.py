@@ -9,7 +9,9 @@ down projection, the backward's dx GEMM, down projection and token reductions), 
 candidate configuration is timed with ``triton.testing.do_bench`` (median) and the fastest is
 kept, keyed by the launch's own ``(n, k, r)`` and the token bucket, in
 ``<out>/lora_linear/<device>.json`` (default ``peftops/kernels/configs``), which
-:mod:`peftops.kernels.block_config` reads. Nothing tunes at run time.
+:mod:`peftops.kernels.block_config` reads (with the GPU's compute capability, so that a GPU of
+the same capability without a file of its own uses it). Each candidate reaches its launch
+through the launcher's ``cfg=``. Nothing tunes at run time.
 """
 
 from __future__ import annotations
@@ -130,11 +132,21 @@ def tune(
     return entries
 
 
-def write(entries: list[dict], device_name: str, out_dir: Path, dtype, op: str = "lora_linear") -> Path:
+def write(
+    entries: list[dict],
+    device_name: str,
+    out_dir: Path,
+    dtype,
+    op: str = "lora_linear",
+    capability: tuple[int, int] | None = None,
+) -> Path:
+    """The tuned-config file; with the GPU's ``capability``, other GPUs of that capability
+    (an H200 for an H100) use it when they have no file of their own."""
     path = out_dir / op / block_config.file_name(device_name)
     path.parent.mkdir(parents=True, exist_ok=True)
     doc = {
         "device": device_name,
+        **({"capability": list(capability)} if capability is not None else {}),
         "op": op,
         "dtype": str(dtype).removeprefix("torch."),
         "torch": torch.__version__,
@@ -169,7 +181,8 @@ def main(argv=None) -> int:
     else:
         problems = [(t, i, o, r) for t in args.tokens for i, o in LLAMA for r in args.ranks]
         entries = tune(problems, torch.bfloat16, device, args.quick, kernels=args.kernels)
-    print(f"wrote {write(entries, name, args.out, torch.bfloat16, args.op)}")
+    path = write(entries, name, args.out, torch.bfloat16, args.op, torch.cuda.get_device_capability(device))
+    print(f"wrote {path}")
     return 0
 
 

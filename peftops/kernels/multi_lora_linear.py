@@ -39,18 +39,26 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from .common import dot_precision, empty, interpreting, on_device
+from . import block_config
+from .common import dot_precision, empty, on_device
 from .lowrank import keep_mask, pow2, tn
 
 OP = "multi_lora_linear"
 MAX_RANK = 128
 
-GPU = dict(BLOCK_M=64, BLOCK_N=128, BLOCK_K=64, num_warps=4, num_stages=3)
-INTERPRETED = dict(BLOCK_M=16, BLOCK_N=16, BLOCK_K=16, num_warps=1, num_stages=1)
 
-
-def _blocks(device: torch.device) -> dict:
-    return dict(INTERPRETED if device.type != "cuda" or interpreting() else GPU)
+def launch_config(x: Tensor, weight: Tensor, lora_a: Tensor, cfg: dict | None) -> dict:
+    """The segmented kernels' shared config (``BLOCK_M``, ``BLOCK_N``, ``BLOCK_K``, warps,
+    stages): ``cfg`` if given (a tuner's candidate), else the ``seg`` lookup of
+    :mod:`.block_config`, keyed by the forward's ``(tokens, out, in, r_max)`` in both directions."""
+    if cfg:
+        cfg = dict(cfg)
+    else:
+        t, (out_f, in_f), r_max = x.shape[0], weight.shape, lora_a.shape[1]
+        cfg = block_config.config(OP, "seg", x.device, t, out_f, in_f, r_max, x.dtype)
+    # The GEMM's x and W tiles are the largest per pipeline stage of the three kernels.
+    block_config.fit_stages(cfg, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
+    return cfg
 
 
 def _tiles(ids: Tensor, num_adapters: int, block_m: int) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
@@ -401,11 +409,12 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
     return out
 
 
-def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
+def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed, *, cfg: dict | None = None):
+    """``(y, u)``; ``cfg`` forces the segmented kernels' block configuration."""
     t, out_f, (n, r_max, _) = x.shape[0], weight.shape[0], lora_a.shape
     if t == 0:
         return empty((0, out_f), dtype=x.dtype, device=x.device), empty((0, r_max), dtype=x.dtype, device=x.device)
-    cfg = _blocks(x.device)
+    cfg = launch_config(x, weight, lora_a, cfg)
     with on_device(x.device):
         tiles = _tiles(adapter_ids, n, cfg["BLOCK_M"])
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
@@ -440,12 +449,25 @@ def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout
 
 
 def backward(
-    grad, x, weight, lora_a, lora_b, adapter_ids, scales, ranks, lora_u, dropout_p, seed, output_mask: Sequence[bool]
+    grad,
+    x,
+    weight,
+    lora_a,
+    lora_b,
+    adapter_ids,
+    scales,
+    ranks,
+    lora_u,
+    dropout_p,
+    seed,
+    output_mask: Sequence[bool],
+    *,
+    cfg: dict | None = None,
 ):
+    """``(dx, dW, dA, dB, dbias)``, None where ``output_mask`` says so; ``cfg`` as in :func:`forward`."""
     need_x, need_w, need_a, need_b, need_bias = output_mask
     t, (n, r_max, in_f) = x.shape[0], lora_a.shape
     dx = dw = da = db = dbias = None
-    cfg = _blocks(x.device)
     with on_device(x.device):
         if t == 0:
             zeros = lambda like: torch.zeros_like(like)  # noqa: E731
@@ -456,6 +478,7 @@ def backward(
                 zeros(lora_b) if need_b else None,
                 grad.new_zeros(grad.shape[-1]) if need_bias else None,
             )
+        cfg = launch_config(x, weight, lora_a, cfg)
         tiles = _tiles(adapter_ids, n, cfg["BLOCK_M"])
         keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
         if need_x or need_a:

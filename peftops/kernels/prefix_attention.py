@@ -40,9 +40,7 @@ Offsets of the batch and head are int64; inside one (b, h) slice they are int32,
 
 from __future__ import annotations
 
-import functools
-import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 import triton
@@ -50,85 +48,13 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from . import block_config as _cfg
+from . import block_config
 from .common import dot_precision, empty, interpreting, on_device
 
 OP = "prefix_attention"
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 MAX_HEAD_DIM = 256
-
-#: Block sizes per kernel and head-dim class (``BLOCK_D <= 64``, ``128``, ``256``) on Hopper
-#: and newer (compute capability 9+), and for older GPUs, unless the GPU has a swept file
-#: (``configs/prefix_attention/<GPU>.json``). float32 halves BLOCK_N. The D=128
-#: entries are the fastest of ``benchmarks/sweep_attention.py`` on an H100 (bf16, B=4, H=32,
-#: L=2048, P=64: results/NVIDIA-H100-80GB-HBM3-2026-11-23-attention-sweep-run2.json); the
-#: others are scaled from them, unmeasured.
-CONFIGS = {
-    "fwd": {
-        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=4),
-        128: dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
-        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-    },
-    "dkdv": {
-        64: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-        128: dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-        256: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-    },
-    "dq": {
-        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        128: dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
-        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-    },
-}
-CONFIGS_PRE_HOPPER = {
-    "fwd": {
-        64: dict(BLOCK_M=128, BLOCK_N=64, num_warps=4, num_stages=3),
-        128: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-        256: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=1),
-    },
-    "dkdv": {
-        64: dict(BLOCK_M=32, BLOCK_N=128, num_warps=8, num_stages=2),
-        128: dict(BLOCK_M=32, BLOCK_N=64, num_warps=8, num_stages=2),
-        256: dict(BLOCK_M=16, BLOCK_N=64, num_warps=8, num_stages=1),
-    },
-    "dq": {
-        64: dict(BLOCK_M=128, BLOCK_N=32, num_warps=8, num_stages=2),
-        128: dict(BLOCK_M=64, BLOCK_N=32, num_warps=8, num_stages=2),
-        256: dict(BLOCK_M=64, BLOCK_N=16, num_warps=8, num_stages=1),
-    },
-}
-#: The interpreter runs one program at a time in numpy: small blocks keep odd shapes cheap
-#: and make the tests cross several blocks.
-INTERPRETER = dict(BLOCK_M=16, BLOCK_N=16, num_warps=1, num_stages=1)
-
-
-@functools.cache
-def _tuned(device_name: str) -> dict:
-    """``{(kernel, block_d, dtype): config}`` from ``configs/prefix_attention/<GPU>.json``
-    (written by ``benchmarks/sweep_attention.py`` on that GPU), or empty."""
-    path = _cfg.CONFIG_DIR / OP / _cfg.file_name(device_name)
-    if not path.exists():
-        return {}
-    doc = json.loads(path.read_text())
-    return {(e["kernel"], e["block_d"], e["dtype"]): e["config"] for e in doc["entries"]}
-
-
-def block_config(kernel: str, block_d: int, dtype: torch.dtype, device: torch.device) -> dict:
-    if device.type != "cuda" or interpreting():
-        return dict(INTERPRETER)
-    tuned = _tuned(torch.cuda.get_device_name(device)).get(
-        (kernel, max(64, block_d), str(dtype).removeprefix("torch."))
-    )
-    if tuned is not None:
-        return dict(tuned)
-    table = CONFIGS if torch.cuda.get_device_capability(device)[0] >= 9 else CONFIGS_PRE_HOPPER
-    cfg = dict(table[kernel][max(64, block_d)])
-    if dtype == torch.float32:  # twice the bytes per element
-        cfg["BLOCK_N"] = max(16, cfg["BLOCK_N"] // 2)
-        cfg["num_stages"] = max(1, cfg["num_stages"] - 1)
-    return cfg
-
 
 # ---------------------------------------------------------------------------------------------
 # Shared pieces
@@ -1017,7 +943,15 @@ def _block_d(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
-def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+def launch_config(kernel: str, block_d: int, q: Tensor, cfg: dict | None) -> tuple[dict, dict]:
+    """``(block sizes, launch options)`` for one attention kernel: ``cfg`` if given (a sweep's
+    candidate), else the lookup of :mod:`.block_config` by head-dim class and dtype."""
+    cfg = dict(cfg) if cfg else block_config.config(OP, kernel, q.device, dtype=q.dtype, block_d=block_d)
+    return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+
+
+def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg: dict | None = None):
+    """``(out, lse)``; ``cfg`` forces the forward kernel's block configuration."""
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
     out = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -1027,8 +961,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
     pk, pv, spk, spv, prefix_len = _prefix_args(k, v, prefix_k, prefix_v)
     kpm, stride_mb, has_kpm = _mask_args(key_padding_mask, k)
     block_d = _block_d(head_dim)
-    cfg = block_config("fwd", block_d, q.dtype, q.device)
-    meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    cfg, meta = launch_config("fwd", block_d, q, cfg)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
     with on_device(q.device):
         _fwd_kernel[grid](
@@ -1065,12 +998,28 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
 
 
 def _launch_dkdv(
-    q, do, lse2, delta, keys, values, dk, dv, kpm, stride_mb, has_kpm, causal, n_keys, c, batch_strides, scale, block_d
+    q,
+    do,
+    lse2,
+    delta,
+    keys,
+    values,
+    dk,
+    dv,
+    kpm,
+    stride_mb,
+    has_kpm,
+    causal,
+    n_keys,
+    c,
+    batch_strides,
+    scale,
+    block_d,
+    cfg,
 ):
     batch, hq, q_len, head_dim = q.shape
     hkv = keys.shape[-3]
-    cfg = block_config("dkdv", block_d, q.dtype, q.device)
-    meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
+    cfg, meta = launch_config("dkdv", block_d, q, cfg)
     # A short prefix (P = 64 under BLOCK_N = 128) would leave half of every tile idle.
     cfg["BLOCK_N"] = max(16, min(cfg["BLOCK_N"], triton.next_power_of_2(n_keys)))
     grid = (triton.cdiv(n_keys, cfg["BLOCK_N"]), batch * hkv)
@@ -1111,8 +1060,24 @@ def _launch_dkdv(
 
 
 def backward(
-    grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask: Sequence[bool]
+    grad_out,
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    key_padding_mask,
+    out,
+    lse,
+    causal,
+    scale,
+    output_mask: Sequence[bool],
+    *,
+    cfg: Mapping[str, dict] | None = None,
 ):
+    """``(dq, dk, dv, dprefix_k, dprefix_v)``, None where ``output_mask`` says so; ``cfg`` forces
+    the configuration of the kernels it names (``{"dkdv": ..., "dq": ...}``)."""
+    cfg = cfg or {}
     need_q, need_k, need_v, need_pk, need_pv = output_mask
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
@@ -1175,6 +1140,7 @@ def backward(
                     (k.stride(), v.stride(), dk_t.stride(), dv_t.stride()),
                     scale,
                     block_d,
+                    cfg.get("dkdv"),
                 )
         if need_pk or need_pv:
             if prefix_len:
@@ -1196,6 +1162,7 @@ def backward(
                     (_strides4(prefix_k), _strides4(prefix_v), dpk_rows.stride(), dpv_rows.stride()),
                     scale,
                     block_d,
+                    cfg.get("dkdv"),
                 )
             else:
                 dpk_rows.zero_()
@@ -1208,9 +1175,8 @@ def backward(
                 dpv = dpv_rows if need_pv else None
         if need_q:
             pk, pv, spk, spv, _ = _prefix_args(k, v, prefix_k, prefix_v)
-            cfg = block_config("dq", block_d, q.dtype, q.device)
-            meta = dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
-            _dq_kernel[(triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)](
+            dq_cfg, meta = launch_config("dq", block_d, q, cfg.get("dq"))
+            _dq_kernel[(triton.cdiv(q_len, dq_cfg["BLOCK_M"]), batch * hq)](
                 q,
                 k,
                 v,
@@ -1241,7 +1207,7 @@ def backward(
                 HEAD_DIM=head_dim,
                 BLOCK_D=block_d,
                 PRECISION=dot_precision(q.dtype),
-                **cfg,
+                **dq_cfg,
                 **meta,
             )
     return dq, dk, dv, dpk, dpv

@@ -11,7 +11,7 @@ from benchmarks import tune
 from peftops.kernels import block_config
 
 
-def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(tmp_path):
+def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(tmp_path, monkeypatch):
     # Two interpreter-sized candidates per kernel; a fake clock makes the second one faster.
     def candidates(kernel, quick):
         small = dict(block_config.INTERPRETER[kernel])
@@ -37,12 +37,20 @@ def test_tuner_keeps_the_fastest_candidate_per_launch_and_writes_loadable_json(t
     assert len(entries) == 6  # forward down + GEMM, backward down + dx GEMM + two reductions
     assert all(e["config"]["BLOCK_M"] == 16 and e["ms"] == 1.0 for e in entries)
 
-    path = tune.write(entries, "Test GPU 80GB", tmp_path, torch.float32)
+    path = tune.write(entries, "Test GPU 80GB", tmp_path, torch.float32, capability=(9, 0))
     assert path == tmp_path / "lora_linear" / "Test_GPU_80GB.json"
     doc = json.loads(path.read_text())
-    assert doc["device"] == "Test GPU 80GB" and doc["dtype"] == "float32"
-    got = block_config.nearest(doc["entries"], "gemm", 40, 36, 48, 8)  # the forward GEMM: n = out, k = in
-    assert got == next(e["config"] for e in entries if e["kernel"] == "gemm" and (e["n"], e["k"]) == (36, 48))
+    assert doc["device"] == "Test GPU 80GB" and doc["dtype"] == "float32" and doc["capability"] == [9, 0]
+    want = next(e["config"] for e in entries if e["kernel"] == "gemm" and (e["n"], e["k"]) == (36, 48))
+    assert block_config.nearest(doc["entries"], "gemm", 40, 36, 48, 8) == want  # the forward GEMM: n = out, k = in
+    # What the kernels will launch with, on this GPU and on another of its capability.
+    monkeypatch.setattr(block_config, "CONFIG_DIR", tmp_path)
+    block_config.clear_caches()
+    try:
+        for name in ("Test GPU 80GB", "Test GPU 141GB"):
+            assert block_config.lookup("lora_linear", "gemm", name, (9, 0), torch.float32, 40, 36, 48, 8) == want
+    finally:
+        block_config.clear_caches()
 
 
 def test_tuner_refuses_to_run_without_a_gpu(capsys, monkeypatch):
@@ -80,3 +88,42 @@ def test_adapter_tuning_runs_the_row_kernel_with_each_candidate_and_writes_its_o
     assert [(e["kernel"], e["n"], e["k"], e["r"], e["config"]["BLOCK_M"]) for e in entries] == [("rows", 24, 24, 4, 32)]
     path = tune.write(entries, "Test GPU", tmp_path, torch.float32, "bottleneck_adapter")
     assert json.loads(path.read_text())["op"] == "bottleneck_adapter" and path.parent.name == "bottleneck_adapter"
+
+
+def test_attention_sweep_launches_every_candidate_through_cfg(monkeypatch):
+    # The old sweep set a module-global default table, which a shipped file for the GPU
+    # overrides: on an H100 every candidate would have timed that file's config. Record what
+    # the kernels' launchers actually receive, under the interpreter, with a fake clock.
+    from benchmarks import sweep_attention as S
+    from peftops.kernels import prefix_attention as A
+
+    received = []
+    real = A.launch_config
+
+    def spy(kernel, block_d, q, cfg):
+        received.append((kernel, None if cfg is None else dict(cfg)))
+        return real(kernel, block_d, q, cfg)
+
+    monkeypatch.setattr(A, "launch_config", spy)
+    candidates = {
+        "fwd": [(16, 16, 1, 1), (32, 16, 1, 1)],
+        "dkdv": [(16, 16, 1, 1), (16, 32, 1, 1)],
+        "dq": [(32, 16, 1, 1), (16, 16, 1, 1)],
+    }
+    runs = S.launches((1, 2, 20, 16, 5), "cpu", torch.float32)
+    received.clear()  # launches() runs one forward for the backward's saved output
+    ticks = itertools.count(3.0, -1.0)  # later candidates are faster
+    results = S.sweep(runs, candidates, lambda fn: (fn(), next(ticks))[1], log=lambda *a: None)
+
+    want = []
+    for kernel, cands in candidates.items():
+        for cand in cands:
+            # The backward runs launch dK/dV twice (sequence keys, then the prefix's).
+            want += [(kernel, S.as_config(cand))] * (2 if kernel == "dkdv" else 1)
+    assert received == want
+    assert [e["ms"] for k in candidates for e in results[k]] == [3.0, 2.0, 1.0, 0.0, -1.0, -2.0]
+    doc = S.configs_doc(results, "Test GPU", (9, 0), "a test")
+    assert doc["capability"] == [9, 0] and doc["provenance"] == "a test"
+    assert [(e["kernel"], e["config"]) for e in doc["entries"]] == [
+        (k, S.as_config(cands[-1])) for k, cands in candidates.items()
+    ]

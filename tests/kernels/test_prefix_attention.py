@@ -189,16 +189,65 @@ def test_forward_and_backward_are_bitwise_deterministic():
 
 def test_shipped_config_files_are_well_formed_and_read():
     from peftops.kernels import block_config
-    from peftops.kernels import prefix_attention as A
 
     paths = list((block_config.CONFIG_DIR / "prefix_attention").glob("*.json"))
     for path in paths:
         doc = json.loads(path.read_text())
-        tuned = A._tuned.__wrapped__(doc["device"])
-        assert len(tuned) == len(doc["entries"]) > 0, path
-        for (kernel, block_d, dtype), cfg in tuned.items():
-            assert kernel in A.CONFIGS and block_d in A.CONFIGS[kernel] and dtype in ("bfloat16", "float16", "float32")
-            assert set(cfg) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}, path
+        assert len(doc["capability"]) == 2 and doc["provenance"], path
+        assert doc["entries"], path
+        for e in doc["entries"]:
+            kernel, block_d, dtype = e["kernel"], e["block_d"], getattr(torch, e["dtype"])
+            assert block_d in block_config.ATTENTION_DEFAULTS[kernel][None], path
+            assert set(e["config"]) == {"BLOCK_M", "BLOCK_N", "num_warps", "num_stages"}, path
+            # What the kernels launch with on that GPU, found by its name and capability.
+            got = block_config.lookup(
+                "prefix_attention", kernel, doc["device"], tuple(doc["capability"]), dtype, block_d=block_d
+            )
+            assert got == e["config"], path
+
+
+class _LaunchSpy:
+    """Stands in for a ``@triton.jit`` kernel: records the block sizes of each launch."""
+
+    def __init__(self, name, kernel, log):
+        self.name, self.kernel, self.log = name, kernel, log
+
+    def __getitem__(self, grid):
+        launch = self.kernel[grid]
+
+        def call(*args, **meta):
+            self.log.append((self.name, meta["BLOCK_M"], meta["BLOCK_N"]))
+            return launch(*args, **meta)
+
+        return call
+
+
+def test_launchers_take_a_forced_config(monkeypatch):
+    """Every attention launcher takes ``cfg=`` (how the sweep times its candidates) and the
+    kernels launch with it, not with the looked-up config; the results do not change."""
+    from peftops.kernels import prefix_attention as A
+
+    log = []
+    for name in ("_fwd_kernel", "_dkdv_kernel", "_dq_kernel"):
+        monkeypatch.setattr(A, name, _LaunchSpy(name, getattr(A, name), log))
+    case = case_of(batch=1, hkv=1, group=2, q_len=40, seq_len=40, head_dim=16, prefix_len=5, seed=19)
+    t = case.inputs(torch.float32, "cpu", requires_grad=False)
+    args = (t["q"], t["k"], t["v"], t["prefix_k"], t["prefix_v"], None, True, 0.25)
+    big = dict(BLOCK_M=32, BLOCK_N=32, num_warps=1, num_stages=1)
+    out, lse = A.forward(*args)
+    g = torch.randn_like(out)
+    mask = [True, True, True, True, True]
+    want = A.backward(g, *args[:6], out, lse, True, 0.25, mask)
+    assert {(m, n) for _, m, n in log} == {(16, 16)}  # the interpreter's defaults
+    log.clear()
+    out32, lse32 = A.forward(*args, cfg=big)
+    got = A.backward(g, *args[:6], out, lse, True, 0.25, mask, cfg={"dkdv": big, "dq": big})
+    # dK/dV of the 5 prefix keys: BLOCK_N cut to the prefix (16, the smallest tile).
+    assert log == [("_fwd_kernel", 32, 32), ("_dkdv_kernel", 32, 32), ("_dkdv_kernel", 32, 16), ("_dq_kernel", 32, 32)]
+    assert_close(out32, out, name="out")
+    assert_close(lse32, lse, name="lse")
+    for name, a, b in zip(GRAD_NAMES, got, want, strict=True):
+        assert_close(a, b, kind="bwd", name=f"d{name}")
 
 
 def test_head_dim_above_256_is_refused_by_name():
