@@ -95,7 +95,7 @@ def _tile_rows(TILE_SEG, TILE_START, SEG_START, SEG_COUNT, PERM, N_ADAPTERS, BLO
     tile = tl.program_id(0)
     seg = tl.load(TILE_SEG + tile)
     valid = seg <= N_ADAPTERS
-    seg_c = tl.minimum(seg, N_ADAPTERS)
+    seg_c = tl.minimum(seg, N_ADAPTERS)  # (an integer index: the kernels clamp no float value)
     first = tl.load(TILE_START + tile)
     end = tl.load(SEG_START + seg_c) + tl.load(SEG_COUNT + seg_c)
     end = tl.where(valid, end, first)  # a tile past the last has no rows

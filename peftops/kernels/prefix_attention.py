@@ -151,6 +151,10 @@ def _fwd_keys(
         s = tl.dot(q, tl.trans(k), input_precision=PRECISION)
         if MASKED or HAS_KPM:
             s = tl.where(_visible(rows, cols, n_keys, c, KPM, MASKED, CAUSAL, HAS_KPM), s, float("-inf"))
+        # tl.maximum and tl.max ignore NaN (maxnum), so a NaN score leaves m finite; its own
+        # p = 2^(NaN - m) is NaN and carries into l and acc (a NaN stays NaN under any later
+        # alpha), so the row comes out NaN as in the reference. The other maxima and minima
+        # here are integer block bounds.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         if MASKED or HAS_KPM:
             # A row with nothing visible yet keeps m = -inf: subtract 0 there, not -inf (NaN).

@@ -432,3 +432,32 @@ def test_strided_key_padding_mask():
     assert not strided.is_contiguous()
     t_strided = dict(t, key_padding_mask=strided)
     assert_matches(triton_call(case), loop_truth(case), t_strided, torch.float32, what="strided mask")
+
+
+# numpy (the interpreter) warns about the NaN arithmetic.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+@pytest.mark.parametrize("where", ["q row 3", "k key 2, a larger max later", "k key 18", "prefix key 1"])
+def test_nan_scores_give_nan_rows_as_in_the_reference(where):
+    """The online softmax's running max is ``tl.maximum`` (maxnum: it ignores a NaN score), so
+    m stays finite; the NaN must still reach the row through that score's own probability,
+    ``2^(NaN - m)``, into l and the accumulator, whatever the max does in later blocks. Rows
+    that cannot see a NaN key stay finite (it is masked to -inf, as in the reference)."""
+    g = torch.Generator().manual_seed(20)
+    q, k, v = (torch.randn(1, 1, 20, 16, generator=g) for _ in range(3))
+    pk, pv = torch.randn(1, 3, 16, generator=g), torch.randn(1, 3, 16, generator=g)
+    if where == "q row 3":
+        q[0, 0, 3, 5] = math.nan
+    elif where == "k key 18":
+        k[0, 0, 18, 5] = math.nan  # seen by rows 18 and 19 only, in a masked block
+    elif where == "prefix key 1":
+        pk[0, 1, 5] = math.nan
+    else:
+        # Rows 16-19 meet the NaN in an unmasked block, then key 17's large score raises m.
+        k[0, 0, 2, 5] = math.nan
+        k[0, 0, 17] = 20 * q[0, 0, 17]
+    out, lse = torch.ops.peftops.prefix_attention(q, k, v, pk, pv, None, True, 0.25, "triton")
+    ref_out, ref_lse = reference.prefix_attention(q, k, v, pk, pv, True, None, 0.25)
+    assert ref_out.isnan().any()
+    assert torch.equal(out.isnan(), ref_out.isnan()) and torch.equal(lse.isnan(), ref_lse.isnan())
+    assert_close(out.nan_to_num(), ref_out.nan_to_num(), name="out")
+    assert_close(lse.nan_to_num(), ref_lse.nan_to_num(), name="lse")
