@@ -37,7 +37,8 @@ import fnmatch
 import functools
 import itertools
 import sys
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,11 +46,13 @@ import torch
 
 from .checks import Expected, check_provider, evaluate_reference, verdict
 from .inputs import GRAD_OUT_SEED, make_grad_out, make_input_set, mode_steps, nbytes, rotation_sets
-from .registry import FULL, MODES, QUICK, QUICK_CPU, Case, Inputs, Provider, Registry, UsageError, Work
+from .registry import AUTO_PROVIDER, FULL, MODES, QUICK, QUICK_CPU, Case, Inputs, Provider, Registry, UsageError, Work
 from .report import (
     DEFAULT_THRESHOLD,
     SCHEMA_VERSION,
     _require_matplotlib,
+    auto_check_text,
+    auto_checks,
     check_same_device,
     compare_runs,
     default_json_path,
@@ -63,6 +66,7 @@ from .timing import (
     GRAPH_BELOW_MS,
     QUICK_BUDGET,
     Budget,
+    Clock,
     default_device,
     device_name,
     environment,
@@ -109,6 +113,11 @@ def plan(registry: Registry, selection: Selection, device: torch.device) -> list
         for name, op in registry.ops.items()
         if selection.ops is None or name in selection.ops
     }
+    offered = {p.name for ps in providers.values() for p in ps}
+    for pattern in selection.providers or ():
+        if not any(_provider_selected(name, [pattern]) for name in offered):
+            # Not an error: a session script may name a backend that this build lacks.
+            _progress(f"warning: --providers {pattern!r} matches no provider here ({', '.join(sorted(offered))})")
     work = []
     for case in registry.cases:
         if case.op not in providers or selection.suite not in case.suites:
@@ -187,6 +196,7 @@ def _new_result(case: Case, provider: Provider, mode: str, dtype: torch.dtype) -
         "pct_copy": None,
         "ratio_to_base": None,
         "check": None,
+        "picked": None,  # the auto provider only: the backend auto resolved to
     }
 
 
@@ -228,6 +238,7 @@ def run_case(
     ceilings: dict,
     graph_policy: str,
     counter: Iterable[str],
+    clock: Clock = time.perf_counter,
 ) -> list[dict]:
     """Check and time every (provider, mode) of one case; never raises for a provider's fault."""
     op = registry.ops[case.op]
@@ -251,16 +262,17 @@ def run_case(
     results = []
     for provider in providers:
         checks = _checks(provider, first, first_grad, case, expected, modes, dtype, device)
+        picked = op.auto_pick(first) if provider.name == AUTO_PROVIDER and op.auto_pick is not None else None
         for mode in modes:
             result = _new_result(case, provider, mode, dtype)
             work = case_work(case, provider, mode)
-            result.update(check=checks[mode], flops=work.flops, bytes=work.elems * itemsize)
+            result.update(check=checks[mode], flops=work.flops, bytes=work.elems * itemsize, picked=picked)
             if provider.untimed is not None:
                 result["timer"] = f"not timed: {provider.untimed}"
             elif not checks[mode].startswith("error"):
                 make_steps = functools.partial(mode_steps, provider.fn, sets, grad_outs, case.grad_inputs, mode)
                 try:
-                    timing = time_steps(make_steps, device, budget, cuda_graph)
+                    timing = time_steps(make_steps, device, budget, cuda_graph, clock)
                 except Exception as exc:  # noqa: BLE001 - e.g. out of memory: reported, the run goes on
                     result["check"] = _error(exc)
                 else:
@@ -316,31 +328,58 @@ def run(
     budget: Budget,
     graph_policy: str = "auto",
     cpu_threads: int = 1,
+    clock: Clock = time.perf_counter,
+    checkpoint: Callable[[dict], None] | None = None,
 ) -> dict:
     """Measure the ceilings, then check and time every (case, provider) of ``work`` (from
-    :func:`plan`) in the selection's modes. Returns the run as the JSON document (:func:`write_json`)."""
+    :func:`plan`) in the selection's modes. Returns the run as the JSON document (:func:`write_json`).
+
+    ``clock`` is the CPU timer's wall clock (tests pass a fake one). ``checkpoint(doc)``, if
+    given, receives the document so far after each case, marked ``complete: false``: a run
+    killed by a time limit still leaves the cases it finished.
+    """
     total = sum(len(providers) for _, providers in work) * len(selection.modes)
     counter = (f"{i}/{total}" for i in itertools.count(1))
     started = datetime.datetime.now(datetime.timezone.utc)
+    rivals = {case.op: list(registry.ops[case.op].auto_rivals) for case, _ in work if registry.ops[case.op].auto_rivals}
+
+    def document(results: list[dict], complete: bool) -> dict:
+        return {
+            "schema": SCHEMA_VERSION,
+            **env,
+            "timestamp": started.isoformat(timespec="seconds"),
+            "timer": timer_description(device),
+            "dtype": str(dtype).removeprefix("torch."),
+            "suite": selection.suite,
+            "ceilings": ceilings,
+            "results": results,
+            "auto_rule": rivals,
+            "auto_check": auto_checks(results, rivals),
+            "complete": complete,
+        }
+
     with _run_settings(device, cpu_threads):
+        env = environment(device)
         _progress(f"measuring ceilings on {device_name(device)} ...")
-        ceilings = measure_ceilings(device, dtype, budget)
+        ceilings = measure_ceilings(device, dtype, budget, clock)
         results = []
         for case, providers in work:
             results += run_case(
-                registry, case, providers, selection.modes, device, dtype, budget, ceilings, graph_policy, counter
+                registry,
+                case,
+                providers,
+                selection.modes,
+                device,
+                dtype,
+                budget,
+                ceilings,
+                graph_policy,
+                counter,
+                clock,
             )
-        env = environment(device)
-    return {
-        "schema": SCHEMA_VERSION,
-        **env,
-        "timestamp": started.isoformat(timespec="seconds"),
-        "timer": timer_description(device),
-        "dtype": str(dtype).removeprefix("torch."),
-        "suite": selection.suite,
-        "ceilings": ceilings,
-        "results": results,
-    }
+            if checkpoint is not None:
+                checkpoint(document(list(results), complete=False))
+    return document(results, complete=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -401,6 +440,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--force", action="store_true", help="compare runs from different devices anyway")
     p.add_argument("--list", action="store_true", help="list the selected cases and providers, run nothing")
+    host = p.add_argument_group(
+        "host overhead",
+        "--host-overhead replaces the benchmark run: host time per eager call on tiny shapes (one CPU "
+        "thread) of peftops.lora_linear and peftops.nn.LoRALinear (auto and every available backend) against "
+        "the 3-line LoRA function and module, F.linear and nn.Linear, in the same run "
+        "(benchmarks/host_overhead.py). It honours --device, --dtype, --json and --quick.",
+    )
+    host.add_argument("--host-overhead", action="store_true", help="time host overhead per call instead")
+    host.add_argument(
+        "--repeats", type=int, metavar="N", help="timed batches per call and mode (default 200, quick 30)"
+    )
+    host.add_argument("--calls", type=int, metavar="N", help="calls per timed batch (default 20, quick 10)")
     return p
 
 
@@ -419,10 +470,17 @@ def _selection(args: argparse.Namespace, device: torch.device) -> Selection:
     )
 
 
-def _run_and_report(args, registry: Registry) -> int:
+def _run_and_report(args, registry: Registry, clock: Clock) -> int:
     device = torch.device(args.device) if args.device else default_device()
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
+    if args.host_overhead:
+        from . import host_overhead
+
+        return host_overhead.run_and_report(device, dtype, args.quick, args.repeats, args.calls, args.json)
+    if args.repeats is not None or args.calls is not None:
+        raise UsageError("--repeats and --calls go with --host-overhead")
     selection = _selection(args, device)
     work = plan(registry, selection, device)
     if args.list:
@@ -441,10 +499,15 @@ def _run_and_report(args, registry: Registry) -> int:
     if device.type == "cpu" and not args.quick:
         _progress("warning: the full suite at Llama-3-8B shapes on a CPU takes hours; try --quick")
 
-    dtype = DTYPES[args.dtype] if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     budget = QUICK_BUDGET if args.quick else FULL_BUDGET
-    run_doc = run(registry, work, selection, device, dtype, budget, args.cuda_graph, args.threads)
+
+    def checkpoint(doc: dict) -> None:
+        write_json(doc, args.json or default_json_path(doc))
+
+    run_doc = run(registry, work, selection, device, dtype, budget, args.cuda_graph, args.threads, clock, checkpoint)
     print(results_table(run_doc))
+    if run_doc["auto_check"]:
+        print("\n" + auto_check_text(run_doc["auto_check"]))
     path = args.json or default_json_path(run_doc)
     write_json(run_doc, path)
     print(f"\nwrote {path}")
@@ -467,8 +530,9 @@ def _run_and_report(args, registry: Registry) -> int:
     return code
 
 
-def main(argv: Sequence[str] | None = None, registry: Registry | None = None) -> int:
-    """The command line, callable in-process: returns the exit code (0 ok, 1 fail, 2 usage)."""
+def main(argv: Sequence[str] | None = None, registry: Registry | None = None, clock: Clock | None = None) -> int:
+    """The command line, callable in-process: returns the exit code (0 ok, 1 fail, 2 usage).
+    ``clock`` replaces the CPU timer's wall clock (``time.perf_counter``), for tests."""
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
@@ -488,7 +552,7 @@ def main(argv: Sequence[str] | None = None, registry: Registry | None = None) ->
             from .cases import default_registry
 
             registry = default_registry()
-        return _run_and_report(args, registry)
+        return _run_and_report(args, registry, clock or time.perf_counter)
     except UsageError as exc:
         print(f"python -m benchmarks: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

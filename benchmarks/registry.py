@@ -14,6 +14,9 @@ import torch
 
 MODES = ("fwd", "bwd", "fwd+bwd")
 
+# The provider that calls the public op with ``auto``: what a user gets without choosing.
+AUTO_PROVIDER = "peftops"
+
 # Suites a case can belong to. ``quick`` is the one small real-shape case per op used by
 # ``--quick`` on a GPU; on a CPU ``--quick`` runs the scaled-down ``quick-cpu`` cases instead,
 # where a Llama-shaped call takes seconds.
@@ -73,11 +76,17 @@ class Op:
 
     ``providers(device)`` lists the providers that can run on ``device`` (the peftops backends
     available there differ by device).
+    ``auto_rivals`` names the baselines that the ``auto`` provider (:data:`AUTO_PROVIDER`) must
+    be no slower than, the better of them in the same case and mode of the same run.
+    ``auto_pick(inputs)``, if given, names the backend ``auto`` resolves to on those inputs
+    (``None`` if it cannot tell), recorded with the ``auto`` provider's results.
     """
 
     name: str
     reference: Callable[[Inputs], torch.Tensor]
     providers: Callable[[torch.device], list[Provider]]
+    auto_rivals: tuple[str, ...] = ()
+    auto_pick: Callable[[Inputs], str | None] | None = None
 
 
 @dataclass(frozen=True)

@@ -10,7 +10,7 @@ import re
 from collections.abc import Sequence
 from pathlib import Path
 
-from .registry import UsageError
+from .registry import AUTO_PROVIDER, UsageError
 
 SCHEMA_VERSION = 1
 
@@ -95,6 +95,80 @@ def results_table(run_doc: dict, check_width: int = 48) -> str:
     return "\n".join(head) + "\n\n" + format_table(rows, header)
 
 
+def auto_checks(results: list[dict], rivals: dict[str, Sequence[str]]) -> list[dict]:
+    """Issue 10's rule: in every case and mode, what ``auto`` (:data:`AUTO_PROVIDER`) picks is no
+    slower than the better of the op's rivals (``rivals[op]``, e.g. ``addmm`` and ``hf-peft``)
+    in the same run. One row per timed ``auto`` result that has at least one timed rival.
+
+    ``verdict``: ``ok`` (median at most the best rival's), ``slower`` (median above it and the
+    p20-p80 ranges disjoint) or ``slower (p20-p80 ranges overlap)``: above on the median, but
+    within the run's spread, so a rerun may say otherwise.
+    """
+    timed = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in results if r["median_ms"] is not None}
+    rows = []
+    for r in results:
+        names = rivals.get(r["op"], ())
+        if r["provider"] != AUTO_PROVIDER or r["median_ms"] is None or not names:
+            continue
+        present = [timed[k] for k in ((r["op"], r["case"], r["mode"], n) for n in names) if k in timed]
+        if not present:
+            continue
+        best = min(present, key=lambda o: o["median_ms"])
+        if r["median_ms"] <= best["median_ms"]:
+            verdict = "ok"
+        elif r["p20_ms"] > best["p80_ms"]:
+            verdict = "slower"
+        else:
+            verdict = "slower (p20-p80 ranges overlap)"
+        rows.append(
+            {
+                "op": r["op"],
+                "case": r["case"],
+                "mode": r["mode"],
+                "picked": r.get("picked"),
+                "auto_ms": r["median_ms"],
+                "rivals": [o["provider"] for o in present],
+                "best_rival": best["provider"],
+                "best_rival_ms": best["median_ms"],
+                "ratio": r["median_ms"] / best["median_ms"],
+                "verdict": verdict,
+            }
+        )
+    return rows
+
+
+def auto_check_text(rows: list[dict]) -> str:
+    """The auto rule's table, then one ``AUTO SLOWER`` line per case and mode that breaks it."""
+    if not rows:
+        return "auto rule: no case with a timed auto provider and a timed rival"
+    table = format_table(
+        [
+            [
+                r["op"],
+                r["case"],
+                r["mode"],
+                r["picked"] or "?",
+                f"{r['auto_ms']:.4g}",
+                r["best_rival"],
+                f"{r['best_rival_ms']:.4g}",
+                f"{r['ratio']:.3f}x",
+                r["verdict"],
+            ]
+            for r in rows
+        ],
+        ["op", "case", "mode", "auto picked", "auto ms", "best rival", "rival ms", "auto/rival", "verdict"],
+    )
+    slower = [r for r in rows if r["verdict"] != "ok"]
+    lines = [
+        f"AUTO SLOWER: {r['op']} / {r['case']} / {r['mode']}: {AUTO_PROVIDER} (picked {r['picked'] or '?'}) "
+        f"{r['auto_ms']:.4g} ms > {r['best_rival']} {r['best_rival_ms']:.4g} ms ({r['ratio']:.3f}x)"
+        + ("" if r["verdict"] == "slower" else ", p20-p80 ranges overlap")
+        for r in slower
+    ]
+    summary = f"auto rule (no slower than the better of its rivals, same run): {len(slower)} of {len(rows)} broken"
+    return "\n".join([table, "", summary, *lines])
+
+
 def default_json_path(run_doc: dict) -> Path:
     slug = re.sub(r"[^A-Za-z0-9]+", "-", run_doc["device"]["name"]).strip("-")
     stamp = datetime.datetime.fromisoformat(run_doc["timestamp"]).strftime("%Y%m%dT%H%M%SZ")
@@ -103,8 +177,9 @@ def default_json_path(run_doc: dict) -> Path:
 
 def write_json(run_doc: dict, path: Path) -> None:
     """The run document: schema, device (name, kind), versions (torch, triton, python, peftops),
-    git_commit (None outside a checkout), git_dirty, timestamp, timer, dtype, suite, ceilings and
-    results (every quantile and derived figure)."""
+    git_commit (None outside a checkout), git_dirty, timestamp, timer, dtype, suite, ceilings,
+    results (every quantile and derived figure), auto_rule and auto_check (:func:`auto_checks`),
+    and complete (false in the copy written after each case while the run goes on)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(run_doc, indent=1) + "\n")
 

@@ -126,6 +126,10 @@ QUICK_BUDGET = Budget(warmup_ms=10, rep_ms=40, min_calls=5, max_calls=200)
 
 Step = Callable[[], Any]
 StepMaker = Callable[[], list[Step]]  # builds one step per input set; run where the timer says
+# A wall clock in seconds, as ``time.perf_counter``. The CPU timer takes it as an argument so
+# that tests can drive it with a fake clock: wall time on a shared machine makes any assertion
+# on measured times flaky.
+Clock = Callable[[], float]
 
 
 @dataclass(frozen=True)
@@ -142,21 +146,22 @@ def _quantiles(samples_ms: Sequence[float]) -> list[float]:
     return t.quantile(torch.tensor(QUANTILES, dtype=torch.float64)).tolist()
 
 
-def time_cpu(make_steps: StepMaker, budget: Budget) -> Timing:
-    """Wall clock (``time.perf_counter``) around each call, after warmup; gc off while timing."""
+def time_cpu(make_steps: StepMaker, budget: Budget, clock: Clock = time.perf_counter) -> Timing:
+    """Wall clock (``clock``, by default ``time.perf_counter``) around each call, after warmup;
+    gc off while timing."""
     steps = itertools.cycle(make_steps())
-    start = time.perf_counter()
+    start = clock()
     next(steps)()  # the first call compiles / allocates: never timed
-    while time.perf_counter() - start < budget.warmup_ms / 1e3:
+    while clock() - start < budget.warmup_ms / 1e3:
         next(steps)()
     samples: list[float] = []
     spent_ms = 0.0
     gc.disable()
     try:
         while len(samples) < budget.max_calls and (len(samples) < budget.min_calls or spent_ms < budget.rep_ms):
-            t0 = time.perf_counter()
+            t0 = clock()
             next(steps)()
-            samples.append((time.perf_counter() - t0) * 1e3)
+            samples.append((clock() - t0) * 1e3)
             spent_ms += samples[-1]
     finally:
         gc.enable()
@@ -205,10 +210,13 @@ def time_cuda_graph(make_steps: StepMaker, budget: Budget) -> Timing:
     return Timing(median / n, p20 / n, p80 / n, "cuda-graph")
 
 
-def time_steps(make_steps: StepMaker, device: torch.device, budget: Budget, cuda_graph: bool) -> Timing:
-    """Time on ``device``; a graph that cannot be captured falls back to eager events, labelled."""
+def time_steps(
+    make_steps: StepMaker, device: torch.device, budget: Budget, cuda_graph: bool, clock: Clock = time.perf_counter
+) -> Timing:
+    """Time on ``device``; a graph that cannot be captured falls back to eager events, labelled.
+    ``clock`` is the CPU timer's wall clock (GPUs time with CUDA events)."""
     if device.type != "cuda":
-        return time_cpu(make_steps, budget)
+        return time_cpu(make_steps, budget, clock)
     if not cuda_graph:
         return time_cuda_events(make_steps, budget)
     try:
@@ -241,13 +249,13 @@ def timer_description(device: torch.device) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _gemm_ceiling(device: torch.device, dtype: torch.dtype, budget: Budget) -> dict:
+def _gemm_ceiling(device: torch.device, dtype: torch.dtype, budget: Budget, clock: Clock) -> dict:
     n = 8192 if device.type == "cuda" else 1024  # 8192^3 takes seconds per call on a CPU
     gen = torch.Generator(device=device)
     gen.manual_seed(0)
     a = torch.randn(n, n, generator=gen, device=device).to(dtype)
     b = torch.randn(n, n, generator=gen, device=device).to(dtype)
-    timing = time_steps(lambda: [functools.partial(torch.mm, a, b)], device, budget, cuda_graph=False)
+    timing = time_steps(lambda: [functools.partial(torch.mm, a, b)], device, budget, False, clock)
     return {
         "what": f"{str(dtype).removeprefix('torch.')} matmul {n}x{n}x{n}",
         "median_ms": timing.median_ms,
@@ -257,11 +265,11 @@ def _gemm_ceiling(device: torch.device, dtype: torch.dtype, budget: Budget) -> d
     }
 
 
-def _copy_ceiling(device: torch.device, budget: Budget) -> dict:
+def _copy_ceiling(device: torch.device, budget: Budget, clock: Clock) -> dict:
     size = 2**30 if device.type == "cuda" else 2**28  # far beyond the last-level cache
     src = torch.ones(size, dtype=torch.uint8, device=device)
     dst = torch.empty_like(src)
-    timing = time_steps(lambda: [functools.partial(dst.copy_, src)], device, budget, cuda_graph=False)
+    timing = time_steps(lambda: [functools.partial(dst.copy_, src)], device, budget, False, clock)
     return {
         "what": f"copy of a {size // 2**20} MiB buffer (GB/s counts read + write)",
         "median_ms": timing.median_ms,
@@ -271,13 +279,15 @@ def _copy_ceiling(device: torch.device, budget: Budget) -> dict:
     }
 
 
-def measure_ceilings(device: torch.device, dtype: torch.dtype, budget: Budget) -> dict:
+def measure_ceilings(
+    device: torch.device, dtype: torch.dtype, budget: Budget, clock: Clock = time.perf_counter
+) -> dict:
     """A large GEMM and a large copy on this device, timed like everything else.
 
     The GEMM uses the run's dtype (bf16 8192^3 on a GPU; 1024^3 on a CPU), so "% of GEMM
     ceiling" compares like with like. The copy is ``dst.copy_(src)`` into a preallocated buffer:
     a clone without the allocation, which on a CPU would time page faults rather than bandwidth.
     """
-    ceilings = {"gemm": _gemm_ceiling(device, dtype, budget), "copy": _copy_ceiling(device, budget)}
+    ceilings = {"gemm": _gemm_ceiling(device, dtype, budget, clock), "copy": _copy_ceiling(device, budget, clock)}
     release_memory(device)
     return ceilings

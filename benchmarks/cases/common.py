@@ -8,7 +8,7 @@ import torch
 
 import peftops
 
-from ..registry import FULL, QUICK, Inputs, Op, Provider, Registry
+from ..registry import AUTO_PROVIDER, FULL, QUICK, Inputs, Op, Provider, Registry
 
 
 def normal(
@@ -24,6 +24,9 @@ def real_shape_suites(name: str, quick_case: str) -> frozenset:
 
 
 def _peftops_provider(public: Callable[[Inputs], torch.Tensor], backend: str, device: torch.device) -> Provider:
+    """``peftops[<backend>]``, or :data:`AUTO_PROVIDER` for ``auto``. The backend is always
+    selected explicitly, so that a ``PEFTOPS_BACKEND`` in the environment changes nothing."""
+
     def fn(inputs: Inputs) -> torch.Tensor:
         # The backward runs on the forward's backend (peftops records it), so the block only
         # needs to cover the forward.
@@ -31,9 +34,8 @@ def _peftops_provider(public: Callable[[Inputs], torch.Tensor], backend: str, de
             return public(inputs)
 
     interpreted = backend == "triton" and device.type == "cpu"
-    return Provider(
-        f"peftops[{backend}]", fn, untimed="Triton interpreter (TRITON_INTERPRET=1)" if interpreted else None
-    )
+    name = AUTO_PROVIDER if backend == "auto" else f"peftops[{backend}]"
+    return Provider(name, fn, untimed="Triton interpreter (TRITON_INTERPRET=1)" if interpreted else None)
 
 
 def _compiled(fn: Callable[[Inputs], torch.Tensor]) -> Callable[[Inputs], torch.Tensor]:
@@ -57,20 +59,26 @@ def register_op(
     public: Callable[[Inputs], torch.Tensor],
     reference: Callable[[Inputs], torch.Tensor],
     baselines: Sequence[Provider],
+    auto_rivals: Sequence[str] = (),
+    auto_pick: Callable[[Inputs], str | None] | None = None,
 ) -> None:
     """Register op ``name`` with its standard providers, then ``baselines``.
 
-    * ``peftops[<backend>]`` for each backend in ``peftops.available_backends(name, device)``:
-      ``public(inputs)`` (the public op) inside ``peftops.use_backend(backend)``;
+    * ``peftops``: ``public(inputs)`` inside ``peftops.use_backend("auto")``, what a user who
+      chooses nothing gets;
+    * ``peftops[<backend>]`` for each backend in ``peftops.available_backends(name, device)``
+      (whatever backends peftops registers, none named here): ``public(inputs)`` inside
+      ``peftops.use_backend(backend)``;
     * ``reference``: the reference function with plain autograd, in the run's dtype;
     * ``compile(reference)``: ``torch.compile`` of it (``dynamic=False``: one graph per shape,
       as a model with fixed shapes would get).
 
     ``reference`` is also the float32 spec every checked provider is compared against.
+    ``auto_rivals`` and ``auto_pick`` are :class:`Op`'s.
     """
 
     def providers(device: torch.device) -> list[Provider]:
-        backends = [_peftops_provider(public, b, device) for b in peftops.available_backends(name, device)]
+        backends = [_peftops_provider(public, b, device) for b in ("auto", *peftops.available_backends(name, device))]
         return [
             *backends,
             Provider("reference", reference),
@@ -78,4 +86,4 @@ def register_op(
             *baselines,
         ]
 
-    registry.add_op(Op(name, reference, providers))
+    registry.add_op(Op(name, reference, providers, tuple(auto_rivals), auto_pick))

@@ -114,6 +114,18 @@ def linear(t: dict) -> torch.Tensor:
     return F.linear(t["x"], t["weight"], t["bias"])
 
 
+def auto_pick(t: dict) -> str | None:
+    """The backend ``auto`` resolves to on these inputs, asked the way ``peftops.lora_linear``
+    asks (its dispatch arguments); ``None`` if peftops' internals no longer answer that way."""
+    x, p = t["x"], t["dropout_p"]
+    seed = torch.zeros((), dtype=torch.int64, device=x.device) if p else None
+    args = (x, t["weight"], t["lora_a"], t["lora_b"], t["bias"], t["scale"], p, seed)
+    try:
+        return peftops.backends.resolve_backend(OP, x.device, args, "auto")
+    except Exception:  # noqa: BLE001 - a record for the reader, never a reason to stop the run
+        return None
+
+
 def _linear_work(c: Case, direction: str) -> Work:
     p = c.params
     return work(p["tokens"], p["in"], p["out"], 0, direction)
@@ -130,6 +142,9 @@ def register(registry: Registry) -> None:
             Provider("addmm", addmm),
             Provider("linear", linear, checked=False, work=_linear_work),
         ],
+        # Issue 10: in every case, what auto picks is no slower than the better of these.
+        auto_rivals=("addmm", "hf-peft"),
+        auto_pick=auto_pick,
     )
     for proj, (k, n) in PROJECTIONS.items():
         for tokens in TOKENS:
