@@ -1,7 +1,14 @@
 #!/usr/bin/env bash
 # Everything a GPU session checks, in one command (device time is scarce: one call does it all).
-# Stages, in this order (choose with STAGES="..."; default all; the tuning stages run before the
-# benchmarks that use their results):
+# Stages, in this order (choose with STAGES="..."; default lora10, issue 10's run; the tuning
+# stages run before the benchmarks that use their results):
+#   lora10     issue 10 in at most ~8 minutes: the LoRA gpu tests; a quick GEMM tune at 8192
+#              tokens, copied into peftops/kernels/configs/ on the device machine so the
+#              benchmarks use it; every lora_linear case under CUDA graphs with peftops[triton],
+#              peftops[torch], peftops (auto), addmm, hf-peft and linear in the same run; the
+#              512-token cases again eager; host overhead per call on the GPU and on its host CPU.
+#              Writes gpu_tests_lora.log, configs/, lora_linear_graphs.json,
+#              lora_linear_T512_eager.json, host_overhead_cuda.json, host_overhead_cpu.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA adapter kernel
 #   lora adapter attention
@@ -15,12 +22,15 @@
 #              copied into peftops/kernels/configs/ on this machine, so later stages use them
 # GPU_TESTS narrows the tests stage (pytest paths/args; default: all of tests/).
 # Results land in $OUT (the device tool's output folder) or benchmarks/out/; test output in
-# gpu_tests.log, everything else in session.log. From the repo root:
-#   bash benchmarks/gpu_session.sh
+# gpu_tests.log, everything else in session.log. Every step has its own time limit, and a
+# benchmark killed by one keeps the cases it finished in its JSON ("complete": false). From the
+# repo root:
+#   bash benchmarks/gpu_session.sh                        # issue 10's run (lora10)
+#   STAGES="tests memcheck tune_adapter sweep lora adapter attention profile tune" bash benchmarks/gpu_session.sh
 set -uo pipefail
 export PYTHONPATH=. PYTHONUNBUFFERED=1 PEFTOPS_CACHE=${PEFTOPS_CACHE:-build/peftops-cache}
 OUT=${OUT:-benchmarks/out}
-STAGES=${STAGES:-tests memcheck tune_adapter sweep lora adapter attention profile tune}
+STAGES=${STAGES:-lora10}
 mkdir -p "$OUT"
 LOG="$OUT/session.log"
 status=0
@@ -29,9 +39,9 @@ has() { [[ " $STAGES " == *" $1 "* ]]; }
 nvidia-smi -L
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name())"
 } 2>&1 | tee -a "$LOG"
+# Triton compiles on the host: spread the tests over workers when pytest-xdist is there.
+par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}")
 if has tests; then
-    # Triton compiles on the host: spread the tests over workers when pytest-xdist is there.
-    par=$(python3 -c "import xdist" 2>/dev/null && echo "-n ${GPU_TEST_WORKERS:-12}")
     timeout "${GPU_TEST_SECONDS:-300}" python3 -m pytest -m gpu ${GPU_TESTS:-tests} -q -rfE -p no:cacheprovider $par \
         2>&1 | tee "$OUT/gpu_tests.log" | tail -40 || status=1
 fi
@@ -40,6 +50,37 @@ run() {  # run SECONDS CMD...: one stage, its output appended to the session log
     echo "== $*" | tee -a "$LOG"
     timeout "$limit" "$@" 2>&1 | tee -a "$LOG" || status=1
 }
+gpu_state() {  # clocks and power cap, read only: ratios come from one run, so note its state
+    nvidia-smi --query-gpu=clocks.sm,clocks.max.sm,power.draw,temperature.gpu,clocks_throttle_reasons.active \
+        --format=csv,noheader 2>&1 | sed "s/^/[$1] /" | tee -a "$LOG"
+}
+if has lora10; then
+    gpu_state start
+    lora_tests=()
+    for f in tests/ops/test_lora_linear.py tests/kernels/test_lora_linear.py tests/kernels/test_lora_linear_tma.py; do
+        [[ -e $f ]] && lora_tests+=("$f")
+    done
+    if ((${#lora_tests[@]})); then
+        echo "== pytest -m gpu ${lora_tests[*]}" | tee -a "$LOG"
+        timeout 120 python3 -m pytest -m gpu "${lora_tests[@]}" -q -rfE -p no:cacheprovider $par \
+            2>&1 | tee "$OUT/gpu_tests_lora.log" | tail -30 || status=1
+    fi
+    run 90 python3 benchmarks/tune.py --quick --tokens 8192 --ranks 16 --kernels gemm --out "$OUT/configs"
+    if compgen -G "$OUT/configs/lora_linear/*.json" >/dev/null; then
+        mkdir -p peftops/kernels/configs/lora_linear
+        cp "$OUT"/configs/lora_linear/*.json peftops/kernels/configs/lora_linear/ || status=1
+    fi
+    # Names that match no provider are skipped by the harness (peftops[torch] before that
+    # backend is registered); peftops is the auto choice, judged against addmm and hf-peft.
+    lora_providers=('peftops[triton]' 'peftops[torch]' peftops addmm hf-peft linear)
+    run 170 python3 -m benchmarks --ops lora_linear --providers "${lora_providers[@]}" --cuda-graph on \
+        --json "$OUT/lora_linear_graphs.json"
+    run 45 python3 -m benchmarks --ops lora_linear --cases T512 --providers "${lora_providers[@]}" \
+        --cuda-graph off --json "$OUT/lora_linear_T512_eager.json"
+    run 40 python3 -m benchmarks --host-overhead --device cuda --quick --json "$OUT/host_overhead_cuda.json"
+    run 25 python3 -m benchmarks --host-overhead --device cpu --quick --json "$OUT/host_overhead_cpu.json"
+    gpu_state end
+fi
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
     python3 -m pytest tests/kernels/test_cuda_adapter.py -q -p no:cacheprovider -k "smoke and gelu and 64-4096"
 if has tune_adapter; then
