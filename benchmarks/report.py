@@ -102,7 +102,9 @@ def auto_checks(results: list[dict], rivals: dict[str, Sequence[str]]) -> list[d
 
     ``verdict``: ``ok`` (median at most the best rival's), ``slower`` (median above it and the
     p20-p80 ranges disjoint) or ``slower (p20-p80 ranges overlap)``: above on the median, but
-    within the run's spread, so a rerun may say otherwise.
+    within the run's spread, so a rerun may say otherwise. ``timers_differ`` marks a comparison
+    across timers (a provider whose CUDA graph capture failed was timed eagerly, host time
+    included): such a row compares unlike figures.
     """
     timed = {(r["op"], r["case"], r["mode"], r["provider"]): r for r in results if r["median_ms"] is not None}
     rows = []
@@ -132,6 +134,7 @@ def auto_checks(results: list[dict], rivals: dict[str, Sequence[str]]) -> list[d
                 "best_rival_ms": best["median_ms"],
                 "ratio": r["median_ms"] / best["median_ms"],
                 "verdict": verdict,
+                "timers_differ": r["timer"] != best["timer"],
             }
         )
     return rows
@@ -163,6 +166,7 @@ def auto_check_text(rows: list[dict]) -> str:
         f"AUTO SLOWER: {r['op']} / {r['case']} / {r['mode']}: {AUTO_PROVIDER} (picked {r['picked'] or '?'}) "
         f"{r['auto_ms']:.4g} ms > {r['best_rival']} {r['best_rival_ms']:.4g} ms ({r['ratio']:.3f}x)"
         + ("" if r["verdict"] == "slower" else ", p20-p80 ranges overlap")
+        + (", timed with different timers" if r["timers_differ"] else "")
         for r in slower
     ]
     summary = f"auto rule (no slower than the better of its rivals, same run): {len(slower)} of {len(rows)} broken"

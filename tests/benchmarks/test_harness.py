@@ -27,7 +27,7 @@ from benchmarks.cases import default_registry, lora_linear, prefix_attention
 from benchmarks.harness import Selection, plan, run
 from benchmarks.inputs import make_input_set
 from benchmarks.registry import ALL_SUITES, AUTO_PROVIDER, QUICK_CPU
-from benchmarks.report import auto_checks, classify
+from benchmarks.report import auto_check_text, auto_checks, classify
 from benchmarks.timing import QUICK_BUDGET, Budget, time_cpu
 
 SIZE = 64
@@ -296,6 +296,7 @@ def _timed(provider: str, median: float, p20: float, p80: float, case: str = "c"
         "p20_ms": p20,
         "p80_ms": p80,
         "picked": "torch" if provider == AUTO_PROVIDER else None,
+        "timer": "cuda-graph",
     }
 
 
@@ -319,6 +320,14 @@ def test_auto_rule_compares_with_the_better_rival(auto, verdict):
     assert (row["best_rival"], row["best_rival_ms"], row["rivals"]) == ("addmm", 1.2, ["addmm", "hf-peft"])
     assert row["ratio"] == pytest.approx(auto[0] / 1.2)
     assert (row["verdict"], row["picked"], row["case"], row["mode"]) == (verdict, "torch", "c", "fwd")
+    assert row["timers_differ"] is False
+
+
+def test_auto_rule_marks_a_comparison_across_timers():
+    eager = {**_timed(AUTO_PROVIDER, 1.5, 1.45, 1.55), "timer": "cuda-events (graph capture failed: ...)"}
+    [row] = auto_checks([eager, _timed("addmm", 1.2, 1.1, 1.25)], {"op": ["addmm"]})
+    assert row["timers_differ"] is True and row["verdict"] == "slower"
+    assert auto_check_text([row]).endswith("(1.250x), timed with different timers")
 
 
 def test_auto_rule_uses_the_rivals_that_were_timed():
