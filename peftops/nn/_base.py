@@ -6,7 +6,7 @@ import math
 import numbers
 from collections.abc import Iterator
 
-from torch import nn
+from torch import Tensor, nn
 
 
 class AdapterModule(nn.Module):
@@ -16,7 +16,7 @@ class AdapterModule(nn.Module):
     held inside an adapter module (``LoRALinear.weight``) stays frozen.
     """
 
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+    def adapter_parameters(self) -> Iterator[Tensor]:
         return self.parameters()
 
 
@@ -26,6 +26,14 @@ def positive_int(owner: str, name: str, value: object) -> int:
     if value < 1:
         raise ValueError(f"{owner}: {name}: expected an int >= 1, got {value}")
     return int(value)
+
+
+def nonempty_linear(owner: str, linear: nn.Linear) -> None:
+    """A layer with no input or no output features has nothing to adapt (and the ops reject it)."""
+    out_features, in_features = linear.weight.shape
+    for name, value in (("in_features", in_features), ("out_features", out_features)):
+        if value < 1:
+            raise ValueError(f"{owner}: linear: expected {name} >= 1, got {value}")
 
 
 def finite(owner: str, name: str, value: object) -> float:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import Tensor, nn
 
-from ..ops import bottleneck_adapter
+from ..ops.bottleneck_adapter import bottleneck_adapter
 from ..reference import ACTIVATIONS
 from ._base import AdapterModule, finite, positive_int, strict_bool
 

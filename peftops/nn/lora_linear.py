@@ -9,8 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops import lora_linear
-from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
+from ..ops.lora_linear import lora_linear
+from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
 
 
 class LoRALinear(AdapterModule):
@@ -24,6 +24,21 @@ class LoRALinear(AdapterModule):
     B zeros, so a fresh layer computes exactly the base layer.
 
     ``scaling = alpha / r``, or ``alpha / sqrt(r)`` with rsLoRA (Kalajdzievski 2023).
+
+    :meth:`merge` writes ``W + s B A`` into ``weight`` in place, so every module holding that
+    Parameter sees it. That includes the ``nn.Linear`` given to :meth:`from_linear` (the
+    documented sharing: after :func:`peftops.apply_lora` it is no longer in the model). A weight
+    that other modules of the model still use (a tied ``lm_head``/embedding, a layer also
+    reachable under a name that was not targeted) is never merged into: :meth:`merge` refuses
+    the ties :func:`peftops.apply_lora` found, and :func:`peftops.nn.merge_adapters` checks the
+    whole model when it merges. A layer alone cannot see a tie made after ``apply_lora`` or one
+    outside the model: merge through ``merge_adapters(model)``.
+
+    State dicts always hold the unmerged base weight. Loading into a merged layer unmerges it
+    first and re-merges once everything is loaded, so whatever the state dict holds (a full
+    checkpoint, an adapter-only one loaded with ``strict=False``, a strict load that raises
+    after copying what it could), the layer holds the base weight (loaded or kept) plus
+    ``s B A`` (loaded or kept).
     """
 
     def __init__(
@@ -39,6 +54,9 @@ class LoRALinear(AdapterModule):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        positive_int(owner, "in_features", in_features)
+        positive_int(owner, "out_features", out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         super().__init__()
         self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora)
@@ -50,12 +68,13 @@ class LoRALinear(AdapterModule):
         """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
+        nonempty_linear(f"{cls.__name__}.from_linear", linear)
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
         layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
         return layer
 
-    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, r, alpha, dropout, use_rslora) -> None:
+    def _setup(self, weight: Tensor, bias: Tensor | None, r, alpha, dropout, use_rslora) -> None:
         owner = type(self).__name__
         r = positive_int(owner, "r", r)
         alpha = finite(owner, "alpha", alpha)
@@ -70,17 +89,23 @@ class LoRALinear(AdapterModule):
         self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, use_rslora
         self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.merged = False
+        self._remerge_pending = False
+        # Other modules' parameters that are this weight, as (name, module, attribute), found
+        # by apply_lora / merge_adapters; merge() refuses the ones that still hold it.
+        self._ties: tuple[tuple[str, nn.Module, str], ...] = ()
         self.reset_lora_parameters()
         # Checkpoints always hold the unmerged base weight, so they load the same into any
-        # layer; a merged layer re-merges after loading.
+        # layer. A merged layer is unmerged before loading and re-merged after: re-adding
+        # s B A to a weight the load did not overwrite would count the update twice.
         self.register_state_dict_post_hook(_unmerged_weight_in_state_dict)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
         self.register_load_state_dict_post_hook(_remerge_after_load)
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
 
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+    def adapter_parameters(self) -> Iterator[Tensor]:
         yield self.lora_A.weight
         yield self.lora_B.weight
 
@@ -111,22 +136,39 @@ class LoRALinear(AdapterModule):
     def _merged_weight(self, sign: float) -> Tensor:
         return (self.weight.to(torch.float64) + sign * self.delta_weight().to(torch.float64)).to(self.weight.dtype)
 
+    def weight_shared_with(self) -> list[str]:
+        """Names of the other modules' parameters, found by :func:`peftops.apply_lora` or
+        :func:`peftops.nn.merge_adapters`, that still are this layer's ``weight`` (tied)."""
+        return [name for name, module, attr in self._ties if getattr(module, attr, None) is self.weight]
+
     @torch.no_grad()
     def merge(self) -> None:
         """Fold the update into the base weight: one rounding of ``W + s B A`` to the weight's
-        dtype. The merged layer runs as a plain linear; its adapter gets no gradient."""
+        dtype. The merged layer runs as a plain linear; its adapter gets no gradient.
+
+        Raises ``RuntimeError`` if the weight is tied to another module of the model (see the
+        class docstring): merging would change that module's function too."""
         if self.merged:
             raise RuntimeError("LoRALinear.merge: the adapter is already merged")
-        self.weight.copy_(self._merged_weight(+1.0))
-        self.merged = True
+        tied = self.weight_shared_with()
+        if tied:
+            raise RuntimeError(
+                f"LoRALinear.merge: the weight is shared with {', '.join(map(repr, tied))} (tied), and merging "
+                "would write the update into those modules too; untie the weight (give this layer its own "
+                "copy) or keep the adapter unmerged"
+            )
+        self._fold(+1.0)
+
+    def _fold(self, sign: float) -> None:
+        self.weight.copy_(self._merged_weight(sign))
+        self.merged = sign > 0
 
     @torch.no_grad()
     def unmerge(self) -> None:
         """Undo :meth:`merge` (exact up to the weight dtype's rounding of the merged sum)."""
         if not self.merged:
             raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self.weight.copy_(self._merged_weight(-1.0))
-        self.merged = False
+        self._fold(-1.0)
 
     def extra_repr(self) -> str:
         return (
@@ -141,7 +183,18 @@ def _unmerged_weight_in_state_dict(module: LoRALinear, state_dict, prefix, local
             state_dict[prefix + "weight"] = module._merged_weight(-1.0)
 
 
-def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
+def _unmerge_before_load(module: LoRALinear, state_dict, prefix, *args) -> None:
+    # The load then writes unmerged values next to unmerged ones, whichever keys it has. If it
+    # stops before the post-hook, the layer is left unmerged and says so.
     if module.merged:
         with torch.no_grad():
-            module.weight.copy_(module._merged_weight(+1.0))
+            module._fold(-1.0)
+        module._remerge_pending = True
+
+
+def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
+    # Runs after the children (lora_A, lora_B) loaded, and before a strict load raises.
+    if module._remerge_pending:
+        module._remerge_pending = False
+        with torch.no_grad():
+            module._fold(+1.0)

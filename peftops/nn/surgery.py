@@ -56,6 +56,10 @@ def apply_lora(
     ``target_modules`` is, as in HF PEFT, either a regex matched against the full module
     name, or names matched exactly or as the last dotted components (``"q_proj"`` matches
     ``layers.0.attn.q_proj``). The base weights are shared, not copied.
+
+    A target whose weight other modules of ``model`` also hold (a tied ``lm_head``/embedding,
+    a layer also reachable under a name not targeted) is wrapped, and trains as usual; the
+    tie is recorded, so that :meth:`LoRALinear.merge` refuses to write the update through it.
     """
     _module("apply_lora", model)
     if not isinstance(target_modules, str):
@@ -97,8 +101,70 @@ def apply_lora(
             )
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapped[id(module)])
+    for _, layer, ties in _lora_layers(model):
+        layer._ties = tuple(ties)
     mark_only_adapters_trainable(model)
     return model
+
+
+def merge_adapters(model: nn.Module) -> nn.Module:
+    """Merge every :class:`LoRALinear` of ``model`` not merged yet (:meth:`LoRALinear.merge`)
+    and return ``model``.
+
+    Refuses, merging none, when a layer's weight is also held by another module of ``model``
+    (a tied ``lm_head``/embedding, a layer also reachable under a name that was not
+    targeted): writing ``W + s B A`` into a shared Parameter would change those modules too.
+    Ties are looked up now, so ties made after :func:`apply_lora` (``tie_weights``) count.
+    """
+    layers = _lora_layers(model, "merge_adapters")
+    tied = [
+        f"'{name + '.' if name else ''}weight' is also {', '.join(repr(t) for t, _, _ in ties)}"
+        for name, _, ties in layers
+        if ties
+    ]
+    for _, layer, ties in layers:
+        layer._ties = tuple(ties)
+    if tied:
+        raise ValueError(
+            f"merge_adapters: model: expected LoRALinear weights that no other module holds, got tied weights "
+            f"({'; '.join(tied)}): merging would write the update into those modules too. Untie them (give the "
+            "LoRALinear its own copy of the weight) or keep the adapters unmerged"
+        )
+    for _, layer, _ in layers:
+        if not layer.merged:
+            layer.merge()
+    return model
+
+
+def unmerge_adapters(model: nn.Module) -> nn.Module:
+    """Unmerge every merged :class:`LoRALinear` of ``model`` and return ``model``."""
+    for _, layer, _ in _lora_layers(model, "unmerge_adapters"):
+        if layer.merged:
+            layer.unmerge()
+    return model
+
+
+def _lora_layers(model: nn.Module, owner: str | None = None) -> list[tuple[str, LoRALinear, list]]:
+    """``(name, layer, ties)`` for each LoRALinear of ``model`` (once, under its first name);
+    ``ties``: ``(name, module, attribute)`` of the other modules' parameters that are its weight."""
+    if owner is not None:
+        _module(owner, model)
+    holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
+    layers: dict[int, tuple[str, LoRALinear]] = {}
+    # remove_duplicate=False: a module or Parameter reachable under a second name is a tie.
+    for mod_name, module in model.named_modules(remove_duplicate=False):
+        if isinstance(module, LoRALinear):
+            layers.setdefault(id(module), (mod_name, module))
+        for attr, p in module.named_parameters(recurse=False, remove_duplicate=False):
+            holders.setdefault(id(p), []).append((f"{mod_name}.{attr}" if mod_name else attr, module, attr))
+    if owner is not None and not layers:
+        raise ValueError(f"{owner}: model: expected LoRALinear layers (apply_lora), got none")
+    out = []
+    for name, layer in layers.values():
+        # The same LoRALinear under two names is one layer, merged once: not a tie.
+        ties = [h for h in holders.get(id(layer.weight), []) if h[1] is not layer]
+        out.append((name, layer, ties))
+    return out
 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
@@ -111,8 +177,8 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     for p in model.parameters():
         p.requires_grad_(False)
     for m in adapters:
-        for p in m.adapter_parameters():
-            p.requires_grad_(True)
+        for t in m.adapter_parameters():
+            t.requires_grad_(True)
     return model
 
 

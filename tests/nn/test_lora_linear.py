@@ -523,6 +523,92 @@ def test_state_dict_round_trip_of_a_merged_layer():
     assert_close(other(x), expected, name="merged checkpoint into a merged layer")
 
 
+# Loading into a merged layer: whatever the state dict holds, the layer afterwards holds the
+# base weight (loaded or kept) plus s B A (loaded or kept), and unmerge() gives that base back.
+
+
+def merged_pair(seed=1):
+    """A merged float64 layer, its base weight before merging, and another adapter's state dict."""
+    layer = make_layer(9, 7, r=3, alpha=6, dtype=torch.float64, seed=seed)
+    base = layer.weight.detach().clone()
+    other = make_layer(9, 7, r=3, alpha=6, dtype=torch.float64, seed=seed + 10)
+    layer.merge()
+    return layer, base, other
+
+
+def adapter_only(layer):
+    return {k: v for k, v in layer.state_dict().items() if k.startswith("lora_")}
+
+
+def assert_holds(layer, base, lora_a, lora_b, what):
+    expected = base.double() + layer.scaling * (lora_b.double() @ lora_a.double())
+    assert layer.merged
+    assert_close(layer.weight, expected, dtype=torch.float64, name=f"{what}: merged weight")
+    layer.unmerge()
+    assert_close(layer.weight, base, dtype=torch.float64, name=f"{what}: base weight after unmerge")
+
+
+def test_loading_an_adapter_into_a_merged_layer_merges_it_once():
+    # The usual adapter checkpoint: A and B only, loaded with strict=False.
+    layer, base, other = merged_pair()
+    result = layer.load_state_dict(adapter_only(other), strict=False)
+    assert sorted(result.missing_keys) == ["bias", "weight"]
+    assert_holds(layer, base, other.lora_A.weight, other.lora_B.weight, "another adapter")
+    # Reloading the layer's own adapter changes nothing.
+    layer, base, _ = merged_pair()
+    a, b = layer.lora_A.weight.detach().clone(), layer.lora_B.weight.detach().clone()
+    layer.load_state_dict(adapter_only(layer), strict=False)
+    assert_holds(layer, base, a, b, "its own adapter")
+
+
+def test_loading_a_full_state_dict_into_a_merged_layer():
+    layer, _, other = merged_pair()
+    layer.load_state_dict(other.state_dict())
+    assert_holds(layer, other.weight, other.lora_A.weight, other.lora_B.weight, "full state dict")
+    # A merged checkpoint holds the unmerged weight, so it loads the same.
+    layer, _, other = merged_pair()
+    other_base = other.weight.detach().clone()
+    other.merge()
+    layer.load_state_dict(other.state_dict())
+    assert_holds(layer, other_base, other.lora_A.weight, other.lora_B.weight, "merged checkpoint")
+
+
+def test_a_strict_load_that_raises_leaves_the_merged_layer_consistent():
+    # The hooks run before load_state_dict raises: what was copied stays, merged once.
+    layer, base, other = merged_pair()
+    with pytest.raises(RuntimeError, match=r"Missing key\(s\).*weight"):
+        layer.load_state_dict(adapter_only(other))
+    assert_holds(layer, base, other.lora_A.weight, other.lora_B.weight, "adapter-only, strict")
+    layer, base, other = merged_pair()
+    with pytest.raises(RuntimeError, match=r"Unexpected key\(s\).*junk"):
+        layer.load_state_dict({**adapter_only(other), "weight": base, "bias": other.bias, "junk": torch.zeros(1)})
+    assert_holds(layer, base, other.lora_A.weight, other.lora_B.weight, "unexpected key")
+    # A shape mismatch: weight and B load, A is kept.
+    layer, base, other = merged_pair()
+    a = layer.lora_A.weight.detach().clone()
+    new_base = other.weight.detach().clone()
+    sd = {**other.state_dict(), "lora_A.weight": torch.zeros(2, 9, dtype=torch.float64)}
+    with pytest.raises(RuntimeError, match=r"size mismatch for lora_A.weight"):
+        layer.load_state_dict(sd)
+    assert_holds(layer, new_base, a, other.lora_B.weight, "size mismatch")
+
+
+def test_loading_into_a_merged_layer_keeps_the_wrapped_linear_intact():
+    """``from_linear`` shares the Parameter: the original layer must get its base weight back."""
+    torch.manual_seed(0)
+    lin = nn.Linear(16, 16, dtype=torch.float64)
+    base = lin.weight.detach().clone()
+    layer = LoRALinear.from_linear(lin, r=4, alpha=8)
+    with torch.no_grad():
+        layer.lora_B.weight.normal_()
+    sd = adapter_only(layer)
+    layer.merge()
+    for _ in range(3):
+        layer.load_state_dict(sd, strict=False)
+    layer.unmerge()
+    assert_close(lin.weight, base, dtype=torch.float64, name="wrapped nn.Linear weight")
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16, torch.float16])
 def test_to_dtype(device, dtype):
     layer = make_layer(12, 10, r=4, device=device, seed=1).to(dtype)
@@ -574,6 +660,15 @@ def test_bad_constructor_arguments(kwargs, exc, match):
         LoRALinear(8, 4, **kwargs)
     with pytest.raises(exc, match=match):
         LoRALinear.from_linear(nn.Linear(8, 4), **kwargs)
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("in_f, out_f, name", [(0, 4, "in_features"), (4, 0, "out_features"), (0, 0, "in_features")])
+def test_zero_features_are_rejected(in_f, out_f, name):
+    with pytest.raises(ValueError, match=rf"LoRALinear: {name}: expected an int >= 1, got 0"):
+        LoRALinear(in_f, out_f)
+    with pytest.raises(ValueError, match=rf"LoRALinear.from_linear: linear: expected {name} >= 1, got 0"):
+        LoRALinear.from_linear(nn.Linear(in_f, out_f))
 
 
 def test_from_linear_rejects_non_linear():

@@ -16,6 +16,7 @@ from peftops.nn import (
     count_trainable,
     mark_only_adapters_trainable,
 )
+from peftops.nn.surgery import merge_adapters, unmerge_adapters
 from peftops.testing import assert_close
 
 
@@ -326,3 +327,111 @@ def test_apply_lora_refuses_to_wrap_lora_internals():
     model = apply_lora(nn.Sequential(nn.Linear(3, 3)), ["0"], r=2, alpha=2)
     with pytest.raises(ValueError, match=r"apply_lora: target_modules: '0.lora_A' is part of a LoRALinear"):
         apply_lora(model, ["lora_A"], r=2, alpha=2)
+
+
+# -- merging: tied weights ----------------------------------------------------------------
+
+
+def with_random_b(model):
+    """Random B (a fresh B is zero, which would hide a wrong merge)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, LoRALinear):
+                m.lora_B.weight.normal_()
+    return model
+
+
+def tied_toy():
+    model = toy()
+    model.head.weight = model.embed.weight  # tied lm_head / embedding
+    return model
+
+
+def test_merge_adapters_and_unmerge_adapters_round_trip():
+    model = with_random_b(apply_lora(toy(), ["q_proj", "v_proj", "head"], r=2, alpha=4)).eval()
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    y0 = model(IDS)
+    assert merge_adapters(model) is model
+    layers = [m for m in model.modules() if isinstance(m, LoRALinear)]
+    assert len(layers) == 5 and all(m.merged for m in layers)
+    assert_close(model(IDS), y0, name="merged model")
+    assert unmerge_adapters(model) is model
+    assert not any(m.merged for m in layers)
+    assert_close(model(IDS), y0, name="unmerged model")
+    for n, p in model.named_parameters():
+        assert_close(p, weights[n], name=n)
+
+
+def test_merging_into_a_tied_weight_is_refused_naming_the_tie():
+    """The lm_head's LoRA update must not leak into the embedding that shares its weight."""
+    model = with_random_b(apply_lora(tied_toy(), ["head", "q_proj"], r=2, alpha=4)).eval()
+    embed_before = model.embed.weight.detach().clone()
+    with pytest.raises(ValueError, match=r"merge_adapters: model: .*'head\.weight' is also 'embed\.weight'"):
+        merge_adapters(model)
+    # All or nothing: no layer was merged, no weight moved.
+    assert not any(m.merged for m in model.modules() if isinstance(m, LoRALinear))
+    assert torch.equal(model.embed.weight, embed_before)
+    # The layer alone knows the tie apply_lora saw.
+    with pytest.raises(RuntimeError, match=r"LoRALinear\.merge: .*weight is shared with 'embed\.weight'"):
+        model.head.merge()
+    assert torch.equal(model.embed.weight, embed_before) and not model.head.merged
+    # Layers whose weight is not shared still merge one by one.
+    model.blocks[0].attn.q_proj.merge()
+
+
+def test_merging_a_layer_also_reachable_under_an_untargeted_name_is_refused():
+    shared = nn.Linear(4, 4)
+    model = nn.ModuleDict({"a": shared, "b": shared})
+    with_random_b(apply_lora(model, ["a"], r=2, alpha=2))
+    assert isinstance(model["a"], LoRALinear) and type(model["b"]) is nn.Linear
+    with pytest.raises(ValueError, match=r"'a\.weight' is also 'b\.weight'"):
+        merge_adapters(model)
+    with pytest.raises(RuntimeError, match=r"weight is shared with 'b\.weight'"):
+        model["a"].merge()
+
+
+def test_a_tied_module_swapped_under_every_name_merges():
+    """One LoRALinear under two names is one layer: merging it once is right."""
+    shared = nn.Linear(4, 4)
+    model = nn.Sequential(shared, nn.Tanh(), shared)
+    with_random_b(apply_lora(model, ["0", "2"], r=2, alpha=2)).eval()
+    x = torch.randn(3, 4)
+    y0 = model(x)
+    merge_adapters(model)
+    assert_close(model(x), y0, name="merged")
+    unmerge_adapters(model)
+
+
+def test_ties_are_checked_when_merging_not_only_when_wrapping():
+    # Tied after apply_lora (HF's tie_weights): the model-level helper sees it.
+    model = with_random_b(apply_lora(toy(), ["head"], r=2, alpha=4)).eval()
+    model.embed.weight = model.head.weight
+    with pytest.raises(ValueError, match=r"'head\.weight' is also 'embed\.weight'"):
+        merge_adapters(model)
+    # Untied after apply_lora: the tie is gone, so both merges go ahead.
+    model = with_random_b(apply_lora(tied_toy(), ["head"], r=2, alpha=4)).eval()
+    model.embed.weight = nn.Parameter(model.embed.weight.detach().clone())
+    model.head.merge()
+    model.head.unmerge()
+    merge_adapters(model)
+
+
+def test_merge_through_from_linear_writes_into_the_wrapped_linear():
+    """The documented sharing: ``from_linear`` wraps the Parameter, so the linear it came from
+    computes the merged function while the layer is merged."""
+    lin = nn.Linear(4, 3)
+    layer = with_random_b(nn.Sequential(LoRALinear.from_linear(lin, r=2, alpha=2)))[0].eval()
+    x = torch.randn(2, 4)
+    layer.merge()
+    assert layer.weight is lin.weight
+    assert_close(lin(x), layer(x), name="wrapped linear while merged")
+
+
+def test_merge_adapters_without_lora_layers():
+    with pytest.raises(ValueError, match=r"merge_adapters: model: expected LoRALinear layers"):
+        merge_adapters(nn.Linear(2, 2))
+    with pytest.raises(ValueError, match=r"unmerge_adapters: model: expected LoRALinear layers"):
+        unmerge_adapters(nn.Linear(2, 2))
+    with pytest.raises(TypeError, match=r"merge_adapters: model: expected an nn.Module"):
+        merge_adapters("model")
