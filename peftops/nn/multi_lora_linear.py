@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.multi_lora_linear import multi_lora_linear
-from ._base import AdapterModule, dropout_rate, finite, positive_int, strict_bool
+from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
 
 AdapterRef = str | int | None
 
@@ -28,7 +28,23 @@ class MultiLoRALinear(AdapterModule):
     Gradients: each adapter's slot gets exactly the gradient of its own tokens; the slots of
     adapters absent from the batch get zeros (an optimizer with weight decay or momentum still
     moves them: use per-adapter optimizers or mask their updates if that matters).
+
+    The per-slot scales are float32 whatever the module's dtype: ``.half()``,
+    ``.to(torch.bfloat16)`` and the like leave them as they are (``1/3`` stays ``1/3``, not
+    bfloat16's ``0.334``), and the op gets them in float32.
+
+    Ids naming a free slot (never filled, or removed): names and slot ints raise ``ValueError``
+    when they are turned into ids; a tensor of ids raises ``ValueError`` naming the slot in
+    eager mode (one read-back of the ids, as the op's range check does). While
+    ``torch.compile`` traces or a CUDA graph captures, nothing can be read back, so that check
+    is skipped: a row naming a free slot then gets the base layer only, because a free slot's
+    scale is 0; only a non-finite value left in the free slot's A or B (an optimizer step can
+    move a freed slot's weights; a fresh or removed slot is zeros) would reach its rows, as NaN.
     """
+
+    scales: Tensor
+    ranks: Tensor
+    in_use: Tensor
 
     def __init__(
         self,
@@ -42,6 +58,9 @@ class MultiLoRALinear(AdapterModule):
         device=None,
         dtype=None,
     ) -> None:
+        owner = type(self).__name__
+        positive_int(owner, "in_features", in_features)
+        positive_int(owner, "out_features", out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         super().__init__()
         self._setup(base.weight, base.bias, capacity, r_max, dropout)
@@ -51,12 +70,13 @@ class MultiLoRALinear(AdapterModule):
         """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"MultiLoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
+        nonempty_linear(f"{cls.__name__}.from_linear", linear)
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
         layer._setup(linear.weight, linear.bias, capacity, r_max, dropout)
         return layer
 
-    def _setup(self, weight: nn.Parameter, bias: nn.Parameter | None, capacity, r_max, dropout) -> None:
+    def _setup(self, weight: Tensor, bias: Tensor | None, capacity, r_max, dropout) -> None:
         owner = type(self).__name__
         self.capacity = positive_int(owner, "capacity", capacity)
         self.r_max = positive_int(owner, "r_max", r_max)
@@ -65,11 +85,16 @@ class MultiLoRALinear(AdapterModule):
         self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
-        f = {"device": weight.device, "dtype": weight.dtype}
-        self.lora_A = nn.Parameter(torch.zeros(self.capacity, self.r_max, self.in_features, **f))
-        self.lora_B = nn.Parameter(torch.zeros(self.capacity, self.out_features, self.r_max, **f))
+        dev, dt = weight.device, weight.dtype
+        self.lora_A = nn.Parameter(torch.zeros(self.capacity, self.r_max, self.in_features, device=dev, dtype=dt))
+        self.lora_B = nn.Parameter(torch.zeros(self.capacity, self.out_features, self.r_max, device=dev, dtype=dt))
         self.register_buffer("scales", torch.zeros(self.capacity, device=weight.device, dtype=torch.float32))
         self.register_buffer("ranks", torch.ones(self.capacity, device=weight.device, dtype=torch.int64))
+        # Which slots hold an adapter, on the device, for the eager check of tensor ids; derived
+        # from the slot names, so not saved.
+        self.register_buffer(
+            "in_use", torch.zeros(self.capacity, device=weight.device, dtype=torch.bool), persistent=False
+        )
         self._slots: dict[str, int] = {}
         self._batch_ids: Tensor | None = None
 
@@ -107,6 +132,7 @@ class MultiLoRALinear(AdapterModule):
         self.scales[slot] = alpha / math.sqrt(r) if use_rslora else alpha / r
         self.ranks[slot] = r
         self._slots[name] = slot
+        self.in_use[slot] = True
         return slot
 
     @torch.no_grad()
@@ -117,6 +143,7 @@ class MultiLoRALinear(AdapterModule):
         self.lora_B[slot].zero_()
         self.scales[slot] = 0.0
         self.ranks[slot] = 1
+        self.in_use[slot] = False
         del self._slots[name]
 
     def adapter_id(self, name: str) -> int:
@@ -156,8 +183,27 @@ class MultiLoRALinear(AdapterModule):
 
     def set_extra_state(self, state: dict) -> None:
         self._slots = dict(state["slots"])
+        self._sync_in_use()
 
-    def adapter_parameters(self) -> Iterator[nn.Parameter]:
+    @torch.no_grad()
+    def _sync_in_use(self) -> None:
+        if not self.in_use.is_meta:
+            self.in_use.zero_()
+            self.in_use[list(self._slots.values())] = True
+
+    def _apply(self, fn, recurse=True):
+        # The scales stay float32 when the module is cast (1/3 in bfloat16 is 0.334): the cast
+        # moves them, then the exact values are put back on the device it chose.
+        scales = self.scales
+        super()._apply(fn, recurse)
+        moved = self.scales
+        if moved.dtype != torch.float32:
+            # Out of meta (to_empty) there are no values to keep.
+            self.scales = moved.float() if scales.is_meta else scales.to(device=moved.device, dtype=torch.float32)
+        self._sync_in_use()  # to_empty leaves it undefined; it follows the slot names
+        return self
+
+    def adapter_parameters(self) -> Iterator[Tensor]:
         yield self.lora_A
         yield self.lora_B
 
@@ -170,7 +216,10 @@ class MultiLoRALinear(AdapterModule):
                 f"{type(self).__name__}: adapter_ids: expected the batch's adapters (forward argument "
                 "or set_batch_adapters), got none"
             )
-        if not isinstance(ids, Tensor):
+        if isinstance(ids, Tensor):
+            # Also when set by name earlier: the adapter may have been removed since.
+            self._check_slots_in_use(ids)
+        else:
             ids = self.adapter_ids(list(ids), device=input.device)
         return multi_lora_linear(
             input,
@@ -184,6 +233,23 @@ class MultiLoRALinear(AdapterModule):
             dropout_p=self.lora_dropout,
             training=self.training,
         )
+
+    def _check_slots_in_use(self, ids: Tensor) -> None:
+        """Eager only: a tensor id naming a free slot raises (see the class docstring)."""
+        if ids.numel() == 0 or torch.compiler.is_compiling():
+            return
+        if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+            return  # a read-back would invalidate the capture
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool:
+            return  # the op rejects the dtype, by name
+        # Out-of-range ids are the op's to reject; only in-range ones index the slot table here.
+        in_range = (ids >= 0) & (ids < self.capacity)
+        free = in_range & ~self.in_use.to(ids.device)[ids.long().clamp(0, self.capacity - 1)]
+        if bool(free.any()):
+            raise ValueError(
+                f"{type(self).__name__}: adapter_ids: expected slots in use {sorted(self._slots.values())} or -1 "
+                f"(base layer only), got {int(ids[free][0])}, a free slot"
+            )
 
     def extra_repr(self) -> str:
         return (

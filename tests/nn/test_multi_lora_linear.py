@@ -136,3 +136,125 @@ def test_apply_lora_with_capacity_builds_multi_adapter_layers_and_trains_per_use
     assert peftops.count_trainable(model).trainable == sum(m.lora_A.numel() + m.lora_B.numel() for m in layers)
     with pytest.raises(ValueError, match="set_batch_adapters: model: expected MultiLoRALinear layers"):
         peftops.nn.set_batch_adapters(nn.Linear(2, 2), ["alice"])
+
+
+# -- bad sizes ----------------------------------------------------------------------------
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors is a no-op")
+@pytest.mark.parametrize("in_f, out_f, name", [(0, 4, "in_features"), (4, 0, "out_features")])
+def test_zero_features_are_rejected(in_f, out_f, name):
+    with pytest.raises(ValueError, match=rf"MultiLoRALinear: {name}: expected an int >= 1, got 0"):
+        MultiLoRALinear(in_f, out_f, capacity=2, r_max=4)
+    with pytest.raises(ValueError, match=rf"MultiLoRALinear.from_linear: linear: expected {name} >= 1, got 0"):
+        MultiLoRALinear.from_linear(nn.Linear(in_f, out_f), capacity=2, r_max=4)
+
+
+@pytest.mark.parametrize("kwargs, name", [({"capacity": 0}, "capacity"), ({"r_max": 0}, "r_max")])
+def test_zero_capacity_or_rank_is_rejected(kwargs, name):
+    with pytest.raises(ValueError, match=rf"MultiLoRALinear: {name}: expected an int >= 1, got 0"):
+        MultiLoRALinear(4, 4, **{"capacity": 2, "r_max": 4, **kwargs})
+    layer = MultiLoRALinear(4, 4, capacity=2, r_max=4)
+    with pytest.raises(ValueError, match=r"add_adapter: r: expected an int >= 1, got 0"):
+        layer.add_adapter("a", r=0, alpha=1)
+
+
+# -- scales stay float32 ------------------------------------------------------------------
+
+
+def thirds_layer():
+    layer = MultiLoRALinear(12, 10, capacity=3, r_max=6)
+    layer.add_adapter("third", r=6, alpha=2)  # 1/3: not a float16 or bfloat16 number
+    layer.add_adapter("rs", r=5, alpha=1, use_rslora=True)
+    with torch.no_grad():
+        layer.lora_B.normal_()
+    return layer
+
+
+@pytest.mark.parametrize(
+    "cast",
+    [
+        lambda m: m.half(),
+        lambda m: m.bfloat16(),
+        lambda m: m.to(torch.bfloat16),
+        lambda m: m.to("cpu", torch.float16),
+        lambda m: m.double(),
+        lambda m: nn.Sequential(m).half()[0],  # cast through a parent model
+    ],
+    ids=["half", "bfloat16", "to-bf16", "to-cpu-fp16", "double", "parent-half"],
+)
+def test_casting_the_module_keeps_the_scales_float32_and_exact(cast):
+    layer = thirds_layer()
+    expected = layer.scales.clone()
+    assert expected[0].item() == pytest.approx(1 / 3, rel=1e-7)
+    layer = cast(layer)
+    assert layer.scales.dtype == torch.float32 and torch.equal(layer.scales, expected)
+    assert layer.ranks.dtype == torch.int64
+    dtype = layer.weight.dtype
+    assert dtype != torch.float32 and layer.lora_A.dtype == dtype
+    # The output uses the exact scale: compare with a LoRALinear holding scale 1/3 as a Python float.
+    x = torch.randn(4, 12, dtype=dtype)
+    single = as_lora_linear(layer.float(), "third").to(dtype)
+    assert single.scaling == pytest.approx(1 / 3, rel=1e-7)
+    assert_close(layer.to(dtype)(x, ["third"] * 4), single(x), dtype=dtype)
+
+
+def test_float32_scales_survive_state_dict_and_load_state_dict():
+    layer = thirds_layer()
+    expected = layer.scales.clone()
+    half = thirds_layer().half()
+    sd = half.state_dict()
+    assert sd["scales"].dtype == torch.float32 and torch.equal(sd["scales"], expected)
+    fresh = MultiLoRALinear(12, 10, capacity=3, r_max=6, dtype=torch.bfloat16)
+    fresh.load_state_dict(sd)
+    assert fresh.scales.dtype == torch.float32 and torch.equal(fresh.scales, expected)
+    # ``to_empty`` from meta (deferred init) keeps the buffer float32 as well.
+    meta = MultiLoRALinear(12, 10, capacity=3, r_max=6, device="meta").half().to_empty(device="cpu")
+    assert meta.scales.dtype == torch.float32 and meta.lora_A.dtype == torch.float16
+    assert not meta.in_use.any()  # no adapter yet, whatever the uninitialised memory held
+
+
+# -- ids naming a free slot ----------------------------------------------------------------
+
+
+def test_tensor_ids_naming_a_free_or_removed_slot_raise_in_eager():
+    layer = layer_with_adapters()  # slots 0..2 in use, 3 free
+    x = torch.randn(3, 12)
+    with pytest.raises(ValueError, match=r"MultiLoRALinear: adapter_ids: .*got 3, a free slot"):
+        layer(x, torch.tensor([0, 3, -1]))
+    layer.remove_adapter("bob")  # slot 1
+    with pytest.raises(ValueError, match=r"adapter_ids: .*got 1, a free slot"):
+        layer(x, torch.tensor([0, -1, 1]))
+    with pytest.raises(ValueError, match=r"adapter_ids: .*got 1, a free slot"):
+        layer(torch.randn(2, 5, 12), torch.tensor([2, 1]))  # one id per row
+    layer.set_batch_adapters(torch.tensor([2, 1, 0]))
+    with pytest.raises(ValueError, match=r"adapter_ids: .*got 1, a free slot"):
+        layer(x)
+    # The same rule as slot ints in a list.
+    with pytest.raises(ValueError, match=r"adapter id 1 is not a slot in use"):
+        layer(x, [0, 1, None])
+    # Ids in use and -1 pass; out-of-range ids still get the op's own range error.
+    assert_close(layer(x, torch.tensor([2, -1, 0])), layer(x, ["carol", None, "alice"]))
+    with pytest.raises(
+        ValueError, match=r"multi_lora_linear: adapter_ids: expected adapter ids .* in \[-1, 3\], got 7"
+    ):
+        layer(x, torch.tensor([0, 7, -1]))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_free_slot_ids_under_torch_compile_give_the_base_layer(backend):
+    """Traced code cannot read ids back, so the eager check is skipped: a free slot's scale is 0
+    and its weights finite, so its rows get the base layer only."""
+    layer = layer_with_adapters()
+    layer.remove_adapter("bob")
+    with torch.no_grad():  # a freed slot an optimizer has moved since: finite, scale still 0
+        layer.lora_A[1].normal_()
+        layer.lora_B[1].normal_()
+    x = torch.randn(4, 12)
+    with peftops.use_backend(backend):
+        compiled = torch.compile(lambda x, ids: layer(x, ids), backend="eager", fullgraph=True)
+        y = compiled(x, torch.tensor([1, 3, 0, -1]))
+        others = layer(x[2:], ["alice", None])
+    base = nn.functional.linear(x, layer.weight, layer.bias)
+    assert_close(y[:2], base[:2], name="free-slot rows")
+    assert_close(y[2:], others, name="other rows")
