@@ -19,10 +19,11 @@ base weight does not; gradients accumulate in place after the first call).
 
 Each figure is the wall time (``time.perf_counter_ns``) of a batch of calls divided by the
 number of calls, over many batches: the minimum (the issue's figure: the cost with nothing
-else in the way) and the median. On CUDA the batch is only enqueued while timed;
+else in the way) and the median. Within a mode the subjects take turns, one batch each per
+round, so that load on a shared host falls on all of them alike. On CUDA the batch is only enqueued while timed;
 ``torch.cuda.synchronize`` follows each batch, untimed, so the figure is the time to enqueue.
-The backend is selected once around the whole measurement (``peftops.use_backend``), so its
-context manager is not part of the per-call figure. Triton on a CPU runs in the interpreter
+The backend (``peftops.use_backend``) and ``no_grad`` are entered around each batch, outside
+the timed region, so their context managers are not part of the per-call figure. Triton on a CPU runs in the interpreter
 and is skipped.
 """
 
@@ -30,13 +31,14 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import gc
 import re
 import statistics
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -176,37 +178,65 @@ def _around(subject: Subject, mode: str) -> Iterator[None]:
         yield
 
 
-def time_batches(
-    step: Callable[[], None],
+@dataclass
+class Job:
+    """One subject in one mode: ``around()`` is what the caller sets once (entered outside the
+    timed region for every batch), ``step()`` one call."""
+
+    around: Callable[[], contextlib.AbstractContextManager]
+    step: Callable[[], None]
+    samples: list[float] = field(default_factory=list)
+    error: str | None = None
+
+
+def _batch(job: Job, calls: int, clock_ns: ClockNs) -> int:
+    with job.around():
+        t0 = clock_ns()
+        for _ in range(calls):
+            job.step()
+        return clock_ns() - t0
+
+
+def time_round_robin(
+    jobs: list[Job],
     calls: int,
     repeats: int,
     sync: Callable[[], None],
     clock_ns: ClockNs = time.perf_counter_ns,
     warmup: int = WARMUP_BATCHES,
-) -> list[float]:
-    """Microseconds per call of each of ``repeats`` batches of ``calls`` calls, gc off.
+) -> None:
+    """Fill each job's ``samples`` with microseconds per call of ``repeats`` batches of ``calls``
+    calls, gc off; a job that raises gets its ``error`` and drops out.
 
-    ``sync`` runs after each batch, outside the timed region (CUDA: the time to enqueue).
+    The jobs take turns, one batch each per round, so that a spell of load on a shared host
+    falls on all of them alike and their ratios stay fair. ``sync`` runs after each batch,
+    outside the timed region (CUDA: the figure is the time to enqueue).
     """
+
+    def one_round(timed: bool) -> None:
+        for job in jobs:
+            if job.error is not None:
+                continue
+            try:
+                ns = _batch(job, calls, clock_ns)
+                sync()
+            except Exception as exc:  # noqa: BLE001 - a broken subject is a result, not a crash
+                job.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
+                job.samples.clear()
+                continue
+            if timed:
+                job.samples.append(ns / calls / 1e3)
+
     for _ in range(warmup):
-        for _ in range(calls):
-            step()
-        sync()
-    samples = []
+        one_round(timed=False)
     gc_was_enabled = gc.isenabled()
     gc.disable()
     try:
         for _ in range(repeats):
-            t0 = clock_ns()
-            for _ in range(calls):
-                step()
-            t1 = clock_ns()
-            sync()
-            samples.append((t1 - t0) / calls / 1e3)
+            one_round(timed=True)
     finally:
         if gc_was_enabled:
             gc.enable()
-    return samples
 
 
 def _summary(samples: list[float]) -> dict:
@@ -264,8 +294,15 @@ def run(
         subjects, grad_out, named = _subjects(device, dtype)
         picked = auto_pick(named)
         results = []
-        for subject in subjects:
-            for mode in MODES:
+        for mode in MODES:
+            jobs = {
+                subject.name: Job(functools.partial(_around, subject, mode), _step(subject, mode, grad_out))
+                for subject in subjects
+                if subject.skipped is None
+            }
+            time_round_robin(list(jobs.values()), calls, repeats, sync, clock_ns)
+            for subject in subjects:
+                job = jobs.get(subject.name)
                 result = {
                     "group": subject.group,
                     "subject": subject.name,
@@ -278,16 +315,10 @@ def run(
                     "p20_us": None,
                     "p80_us": None,
                     "skipped": subject.skipped,
-                    "error": None,
+                    "error": None if job is None else job.error,
                 }
-                if subject.skipped is None:
-                    try:
-                        with _around(subject, mode):
-                            samples = time_batches(_step(subject, mode, grad_out), calls, repeats, sync, clock_ns)
-                    except Exception as exc:  # noqa: BLE001 - a broken subject is a result, not a crash
-                        result["error"] = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"[:400]
-                    else:
-                        result.update(_summary(samples))
+                if job is not None and job.samples:
+                    result.update(_summary(job.samples))
                 results.append(result)
                 if progress is not None:
                     us = "-" if result["min_us"] is None else f"{result['min_us']:.1f} us"
@@ -301,8 +332,9 @@ def run(
         "timestamp": started.isoformat(timespec="seconds"),
         "method": (
             "wall time (time.perf_counter_ns) of a batch of calls / calls, over repeats; min and median "
-            "per call; one CPU thread; gc off while timing; CUDA: synchronize after each batch, untimed "
-            "(time to enqueue); backend selected once around the measurement"
+            "per call; subjects take turns, one batch each per round; one CPU thread; gc off while timing; "
+            "CUDA: synchronize after each batch, untimed (time to enqueue); backend and no_grad entered "
+            "around each batch, outside the timed region"
         ),
         "dtype": str(dtype).removeprefix("torch."),
         "shape": {

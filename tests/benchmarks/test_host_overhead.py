@@ -3,6 +3,7 @@ the per-call arithmetic on a fake clock. No assertion depends on how fast this m
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 
@@ -11,7 +12,7 @@ import torch
 
 import peftops
 from benchmarks import main
-from benchmarks.host_overhead import MODES, SCHEMA, TARGETS, run, time_batches
+from benchmarks.host_overhead import MODES, SCHEMA, TARGETS, Job, run, time_round_robin
 from benchmarks.registry import UsageError
 from benchmarks.report import load_json
 
@@ -84,24 +85,47 @@ def test_compare_refuses_a_host_overhead_file(smoke, tmp_path):
         load_json(path)
 
 
-def test_batches_are_timed_per_call_on_the_clock_given():
+def test_batches_are_timed_per_call_on_the_clock_given_taking_turns():
     """Each batch's clock difference over the number of calls, in microseconds; the warmup
-    batches and the synchronisation after each batch are outside the timed region."""
+    round, the synchronisation after each batch and the context entered around it are outside
+    the timed region; the jobs take turns; a job that raises drops out with its error."""
     now = [0]
+    order = []
 
     def clock_ns() -> int:
         return now[0]
 
-    costs = itertools.cycle((3_000, 5_000))  # ns per call, alternating
+    def costing(name: str, costs_ns: tuple[int, ...]):
+        costs = itertools.cycle(costs_ns)
 
-    def step() -> None:
-        now[0] += next(costs)
+        def step() -> None:
+            order.append(name)
+            now[0] += next(costs)
+
+        return step
+
+    @contextlib.contextmanager
+    def around():
+        now[0] += 7_000_000  # never counted
+        yield
+
+    def broken() -> None:
+        order.append("broken")
+        raise RuntimeError("no kernel")
 
     def sync() -> None:
         now[0] += 1_000_000  # never counted
 
-    samples = time_batches(step, calls=2, repeats=3, sync=sync, clock_ns=clock_ns, warmup=1)
-    assert samples == [4.0, 4.0, 4.0]
+    jobs = [
+        Job(around, costing("a", (3_000, 5_000))),
+        Job(contextlib.nullcontext, broken),
+        Job(contextlib.nullcontext, costing("b", (10_000,))),
+    ]
+    time_round_robin(jobs, calls=2, repeats=3, sync=sync, clock_ns=clock_ns, warmup=1)
+    assert jobs[0].samples == [4.0, 4.0, 4.0] and jobs[0].error is None
+    assert jobs[1].samples == [] and jobs[1].error == "RuntimeError: no kernel"
+    assert jobs[2].samples == [10.0, 10.0, 10.0]
+    assert order == ["a", "a", "broken", "b", "b"] + ["a", "a", "b", "b"] * 3
 
 
 def test_run_on_a_fake_clock_gives_exact_figures_and_ratios():
