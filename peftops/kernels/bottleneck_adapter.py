@@ -12,15 +12,22 @@ is stored for the backward, which then needs no pass over x to recompute it.
 
 Backward, for ``g = dL/dy``::
 
-    da  = s g Wu              lowrank.down over g: (T, r)
-    dh  = da * act'(h)        T x r, elementwise
+    da  = s g Wu              lowrank.down over g: (T, r), float32
+    dh  = da * act'(h)        T x r, elementwise, float32
     dx  = dh Wd (+ g serial)  _expand_kernel: the forward's second half, rows of dh
     dWu = s g^T act(h)        lowrank.tn: token reductions, float32 partials summed in order
     dWd = dh^T x
     dbu = s sum_T g,  dbd = sum_T dh
 
+from ``y = res + s (act(h) Wu^T + bu)``, ``h = x Wd^T + bd``: ``dL/da = s g Wu``,
+``dL/dh = dL/da * act'(h)``, and each weight's gradient is the token sum of the outer product
+of its output's gradient with its input. The rank-r values (``act(h)``, ``da``, ``dh``) stay
+float32 up to the products: in fp16 they can overflow where y is finite, so an fp16 product
+scales their rows into range first (:mod:`.lowrank`).
+
 Activation derivatives as in :mod:`peftops.reference.bottleneck_adapter`; tanh is written with exp so
-that the same code runs under the interpreter and on every Triton version.
+that the same code runs under the interpreter and on every Triton version. relu keeps NaN
+(``torch.relu`` does, and so does the backward's ``act'``); ``tl.maximum`` would return 0.
 """
 
 from __future__ import annotations
@@ -36,7 +43,7 @@ from .. import reference
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, empty, on_device
-from .lowrank import down, pow2, tn
+from .lowrank import down, fp16_row_factor, fp16_scaled, pow2, tn
 
 OP = "bottleneck_adapter"
 ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
@@ -51,9 +58,9 @@ def _tanh(z):
 @triton.jit
 def _act(h, ACT: tl.constexpr):
     """relu, gelu (erf), gelu_tanh, silu of a float32 tile; act(0) = 0 for all four, so padded
-    rank columns stay zero."""
+    rank columns stay zero. NaN stays NaN in all four."""
     if ACT == 0:
-        out = tl.maximum(h, 0.0)
+        out = tl.where(h < 0.0, 0.0, h)
     elif ACT == 1:
         out = 0.5 * h * (1.0 + tl.math.erf(h * 0.7071067811865476))
     elif ACT == 2:  # 0.79788... = sqrt(2 / pi)
@@ -83,17 +90,25 @@ def _expand(
     scale,
     HAS_BIAS: tl.constexpr,
     HAS_RES: tl.constexpr,
+    SCALE_A: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """For the row block ``rows`` with rank-r activations ``a`` (BLOCK_M x BLOCK_R, input dtype):
-    ``OUT = RES + scale * (a W^T + BIAS)`` one column block at a time, ``W: (D, R)`` by strides."""
+    """For the row block ``rows`` with rank-r activations ``a`` (BLOCK_M x BLOCK_R, float32):
+    ``OUT = RES + scale * (a W^T + BIAS)`` one column block at a time, ``W: (D, R)`` by strides.
+    ``a`` is rounded to W's dtype once, its rows scaled into fp16's range first when ``SCALE_A``."""
     rs = tl.arange(0, BLOCK_R)[:, None]
+    if SCALE_A:
+        f = fp16_row_factor(a, 1)[:, None]
+        a = a / f
+    a = a.to(W.dtype.element_ty)
     for d0 in range(0, D, BLOCK_D):
         cols = (d0 + tl.arange(0, BLOCK_D)).to(tl.int64)[None, :]
         w = tl.load(W + cols * stride_wd + rs * stride_wr, mask=(rs < R) & (cols < D), other=0.0)
         z = tl.dot(a, w, input_precision=PRECISION)
+        if SCALE_A:
+            z = z * f
         if HAS_BIAS:
             z += tl.load(BIAS + cols, mask=cols < D, other=0.0).to(tl.float32)
         z = z * scale
@@ -131,14 +146,15 @@ def _forward_kernel(
     scale,
     HAS_BD: tl.constexpr,
     HAS_BU: tl.constexpr,
-    SERIAL: tl.constexpr,
+    SCALE_A: tl.constexpr,
     ACT: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """One row block: ``h = x Wd^T + bd`` over all of d, ``H = h``, then ``Y = res + s (act(h) Wu^T + bu)``."""
+    """One row block: ``h = x Wd^T + bd`` over all of d, ``H = h``, then ``Y = res + s (act(h) Wu^T + bu)``
+    (``RES`` is x itself for a serial adapter)."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     rs = tl.arange(0, BLOCK_R)[None, :]
     h = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
@@ -150,55 +166,30 @@ def _forward_kernel(
     if HAS_BD:
         h += tl.load(BD + rs, mask=rs < R, other=0.0).to(tl.float32)
     tl.store(H + rows * stride_hm + rs * stride_hr, h, mask=(rows < M) & (rs < R))
-    a = _act(h, ACT).to(X.dtype.element_ty)
-    if SERIAL:
-        _expand(
-            a,
-            rows,
-            WU,
-            BU,
-            X,
-            Y,
-            M,
-            D,
-            R,
-            stride_wud,
-            stride_wur,
-            stride_xm,
-            stride_xd,
-            stride_ym,
-            stride_yd,
-            scale,
-            HAS_BU,
-            True,
-            PRECISION,
-            BLOCK_D,
-            BLOCK_R,
-        )
-    else:
-        _expand(
-            a,
-            rows,
-            WU,
-            BU,
-            RES,
-            Y,
-            M,
-            D,
-            R,
-            stride_wud,
-            stride_wur,
-            stride_rm,
-            stride_rd,
-            stride_ym,
-            stride_yd,
-            scale,
-            HAS_BU,
-            True,
-            PRECISION,
-            BLOCK_D,
-            BLOCK_R,
-        )
+    _expand(
+        _act(h, ACT),
+        rows,
+        WU,
+        BU,
+        RES,
+        Y,
+        M,
+        D,
+        R,
+        stride_wud,
+        stride_wur,
+        stride_rm,
+        stride_rd,
+        stride_ym,
+        stride_yd,
+        scale,
+        HAS_BU,
+        True,
+        SCALE_A,
+        PRECISION,
+        BLOCK_D,
+        BLOCK_R,
+    )
 
 
 @triton.jit
@@ -219,15 +210,16 @@ def _expand_kernel(
     stride_om,
     stride_od,
     HAS_RES: tl.constexpr,
+    SCALE_A: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_R: tl.constexpr,
 ):
-    """``OUT = P W^T (+ RES)`` for ``P: (M, R)``, ``W: (D, R)``: the backward's dx."""
+    """``OUT = P W^T (+ RES)`` for ``P: (M, R)`` (float32), ``W: (D, R)``: the backward's dx."""
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     rs = tl.arange(0, BLOCK_R)[None, :]
-    a = tl.load(P + rows * stride_pm + rs * stride_pr, mask=(rows < M) & (rs < R), other=0.0)
+    a = tl.load(P + rows * stride_pm + rs * stride_pr, mask=(rows < M) & (rs < R), other=0.0).to(tl.float32)
     _expand(
         a,
         rows,
@@ -247,6 +239,7 @@ def _expand_kernel(
         1.0,
         False,
         HAS_RES,
+        SCALE_A,
         PRECISION,
         BLOCK_D,
         BLOCK_R,
@@ -305,7 +298,7 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation,
                 scale,
                 HAS_BD=down_bias is not None,
                 HAS_BU=up_bias is not None,
-                SERIAL=residual is None,
+                SCALE_A=x.dtype == torch.float16,
                 ACT=ACT_CODES[activation],
                 PRECISION=dot_precision(x.dtype),
                 BLOCK_R=block_r,
@@ -316,12 +309,12 @@ def forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation,
     return y.reshape(*lead, d), h.reshape(*lead, rank)
 
 
-def _expand_rows(p: Tensor, w: Tensor, res: Tensor | None, out_dtype: torch.dtype) -> Tensor:
+def _expand_rows(p: Tensor, w: Tensor, res: Tensor | None, out_dtype: torch.dtype, cfg: dict | None = None) -> Tensor:
     m, rank = p.shape
     d = w.shape[0]
     out = empty((m, d), dtype=out_dtype, device=p.device)
     if m:
-        block_r, cfg = _blocks(rank, p.device, m, d, p.dtype)
+        block_r, cfg = _blocks(rank, p.device, m, d, w.dtype, cfg)
         num_warps, num_stages = cfg.pop("num_warps"), cfg.pop("num_stages")
         r2 = res if res is not None else out
         _expand_kernel[(triton.cdiv(m, cfg["BLOCK_M"]),)](
@@ -341,7 +334,8 @@ def _expand_rows(p: Tensor, w: Tensor, res: Tensor | None, out_dtype: torch.dtyp
             out.stride(0),
             out.stride(1),
             HAS_RES=res is not None,
-            PRECISION=dot_precision(p.dtype),
+            SCALE_A=fp16_scaled(p, w),
+            PRECISION=dot_precision(w.dtype),
             BLOCK_R=block_r,
             num_warps=num_warps,
             num_stages=num_stages,
@@ -358,22 +352,22 @@ def backward(
     rank = down_weight.shape[0]
     g = grad.reshape(-1, d)
     x2 = x.reshape(-1, d)
-    h = hidden.reshape(-1, rank)
+    h = hidden.reshape(x2.shape[0], rank)  # not -1: with r = 0 there are no elements to infer it from
     dx = dwd = dbd = dwu = dbu = None
     with on_device(x.device):
         if need_wu:
-            a = reference.activation(h, activation).to(x.dtype)
+            # float32 activations: the reduction rounds them (scaled into range for fp16).
+            a = reference.activation(h, activation)
             dwu = tn(g, a, scale=scale, out_dtype=up_weight.dtype, op=OP)
         if need_bu:
             dbu = (scale * g.sum(0, dtype=torch.float32)).to(grad.dtype)
         if need_x or need_wd or need_bd:
-            da = down(g, up_weight, scale, 0.0, None, op=OP).to(h.dtype)
+            da = down(g, up_weight, scale, 0.0, None, op=OP, out_dtype=torch.float32)
             dh = da * reference.activation_grad(h, activation)
-            dh_lo = dh.to(x.dtype)
             if need_x:
-                dx = _expand_rows(dh_lo, down_weight.T, g if serial else None, x.dtype).reshape(x.shape)
+                dx = _expand_rows(dh, down_weight.T, g if serial else None, x.dtype).reshape(x.shape)
             if need_wd:
-                dwd = tn(dh_lo, x2, out_dtype=down_weight.dtype, op=OP)
+                dwd = tn(dh, x2, out_dtype=down_weight.dtype, op=OP)
             if need_bd:
                 dbd = dh.sum(0).to(grad.dtype)
     return dx, dwd, dbd, dwu, dbu

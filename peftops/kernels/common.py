@@ -19,7 +19,10 @@ def interpreting() -> bool:
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     if os.environ.get(POISON_ENV, "0") == "1":
-        return torch.full(shape, float("nan"), dtype=dtype, device=device)
+        # Integer outputs (packed dropout masks) get all bits set: a byte never written then
+        # reads as "keep everything", which the keep-rate tests see.
+        fill = float("nan") if dtype.is_floating_point else torch.iinfo(dtype).max
+        return torch.full(shape, fill, dtype=dtype, device=device)
     return torch.empty(shape, dtype=dtype, device=device)
 
 

@@ -3,27 +3,37 @@ r"""Triton kernels for ``peftops.lora_linear``, registered as its ``triton`` bac
 Forward, for ``x: (M, K)``, ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``, scale ``s``, dropout
 keep-mask ``m`` with probability ``1 - p``::
 
-    u = s * ((x * m) A^T) / (1 - p)          _down_kernel: one narrow pass over x, (M, r)
+    u = s * ((x * m) A^T) / (1 - p)          _down_kernel: one narrow pass over x, (M, r),
+                                             float32; the mask bits drawn in registers
     y = x W^T + u B^T + b                    _gemm_kernel: the base GEMM; the rank-r term is
                                              one more step of its K loop (the epilogue), so
                                              y is written once and never read back
 
 Backward, for ``g = dL/dy: (M, N)``::
 
-    v  = s * g B                             _down_kernel on g, (M, r)
-    dx = g W + (v A) * m / (1 - p)           _gemm_kernel with the mask applied to the
+    v  = s * g B                             _down_kernel on g, (M, r), float32; the same
+                                             launch draws the packed mask m, (M, K / 8) bytes
+    dx = g W + (v A) * m / (1 - p)           _gemm_kernel with the mask bits applied to the
                                              epilogue term only
-    dA = v^T (x * m) / (1 - p)               _tn_kernel: a reduction over tokens
+    dA = v^T (x * m) / (1 - p)               _tn_kernel: a reduction over tokens, mask bits read
     dB = g^T u                               _tn_kernel (u saved by the forward)
     dW = g^T x,  db = sum_m g                only when the frozen base is trained
 
-since ``dL/du = g B``, ``dL/dA = s (g B)^T (x m / (1 - p))`` and ``dL/dB = g^T u``.
+since ``y = x W^T + u B^T + b`` with ``u = s (x m / (1 - p)) A^T``: ``dL/dB = g^T u`` and
+``dL/du = g B``; then ``dL/dA = s (dL/du)^T (x m / (1 - p)) = v^T (x m) / (1 - p)`` and the
+low-rank part of ``dL/dx`` is ``s (dL/du) A`` masked: ``(v A) m / (1 - p)``.
 
-Offsets along the token dimension (x, g, y, dx, u) are int64, so activations past 2**31
-elements address correctly; weights must stay under 2**31 elements.
+The rank-r intermediates u and v stay float32 inside the kernels: rounded to fp16 they can
+overflow where y is finite (see :mod:`.lowrank` for how they meet 16-bit operands). The op
+saves u in x's dtype (what its schema declares), so dB still reads a rounded u.
 
-Dropout is counter-based (``lowrank.keep_mask``, keyed by seed, token and input feature): the
-forward and both backward kernels that need the mask regenerate it: nothing is stored.
+Offsets along the token dimension (x, g, y, dx, u, the mask) are int64, so activations past
+2**31 elements address correctly; weights must stay under 2**31 elements.
+
+Dropout (:mod:`.lowrank`): counter-based, keyed by seed, token and input feature, one Philox
+call per 8 features. The forward applies the bits it draws; the backward draws the packed
+mask once and both of its consumers read it, so the forward's mask is the backward's and
+nothing is stored between them.
 
 Reductions over tokens are split over programs into float32 partial sums that PyTorch adds
 in a fixed order: deterministic, no atomics.
@@ -41,7 +51,7 @@ from torch import Tensor
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, empty, on_device
-from .lowrank import down, keep_mask, launch_meta, pow2, tn
+from .lowrank import down, empty_mask, expand_bits, fp16_factor, fp16_scaled, launch_meta, pow2, tn
 
 OP = "lora_linear"
 
@@ -54,7 +64,7 @@ def _gemm_kernel(
     B,
     BIAS,
     OUT,
-    SEED,
+    MASK,
     M,
     N,
     K,
@@ -69,10 +79,11 @@ def _gemm_kernel(
     stride_bn,
     stride_om,
     stride_on,
+    stride_mm,
     epi_scale,
-    p,
     HAS_BIAS: tl.constexpr,
     EPI_DROPOUT: tl.constexpr,
+    SCALE_U: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -80,10 +91,11 @@ def _gemm_kernel(
     BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    """``OUT = X W + epi_scale * keep * (U B) + BIAS`` with ``keep(m, n)`` the dropout mask when
-    ``EPI_DROPOUT`` (the dx of the backward), else 1 (the forward).
+    """``OUT = X W + epi_scale * keep * (U B) + BIAS`` with ``keep(m, n)`` the dropout mask read
+    from the packed ``MASK`` when ``EPI_DROPOUT`` (the dx of the backward), else 1 (the forward).
 
-    ``X: (M, K)``, ``W: (K, N)``, ``U: (M, R)``, ``B: (R, N)``, all by strides. The rank-R term
+    ``X: (M, K)``, ``W: (K, N)``, ``U: (M, R)`` (float32, or X's dtype), ``B: (R, N)``, all by
+    strides; ``SCALE_U``: U's rows are scaled into fp16's range before rounding. The rank-R term
     is accumulated after the main K loop from the same output tile, so OUT is written once.
     Programs are ordered in groups of GROUP_M row blocks so that neighbours share W tiles in L2.
     """
@@ -101,15 +113,37 @@ def _gemm_kernel(
     # The rank-r term first, as the accumulator's starting value: its loop is not pipelined
     # (num_stages=1), so it costs no shared-memory buffers on top of the main loop's.
     low = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    if SCALE_U:
+        # One factor per row over all ranks, applied once after the loop: a factor per rank
+        # block would need a second (BLOCK_M, BLOCK_N) accumulator, and registers spill.
+        amax = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
+            rs = r0 + tl.arange(0, BLOCK_R)
+            u = tl.load(
+                U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur,
+                mask=(rows < M) & (rs[None, :] < R),
+                other=0.0,
+            )
+            # (NaN is dropped from the max, and propagates through u itself.)
+            amax = tl.maximum(amax, tl.max(tl.abs(u), axis=1))
+        f = fp16_factor(amax)[:, None]
     for r0 in tl.range(0, R, BLOCK_R, num_stages=1):
         rs = r0 + tl.arange(0, BLOCK_R)
         u = tl.load(
             U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur, mask=(rows < M) & (rs[None, :] < R), other=0.0
         )
         b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
-        low = tl.dot(u, b, low, input_precision=PRECISION)
+        if SCALE_U:
+            u = u / f
+        low = tl.dot(u.to(b.dtype), b, low, input_precision=PRECISION)
+    if SCALE_U:
+        low = low * f
     if EPI_DROPOUT:
-        low = tl.where(keep_mask(tl.load(SEED), rows, cols, p), low, 0.0)
+        # One byte per 8 columns, expanded in registers: a (BLOCK_M, BLOCK_N) gather of bytes
+        # would hold a register per element beside the accumulator.
+        bytes_n = (pid_n * (BLOCK_N // 8) + tl.arange(0, BLOCK_N // 8))[None, :]
+        bits = tl.load(MASK + rows * stride_mm + bytes_n, mask=(rows < M) & (bytes_n * 8 < N), other=0).to(tl.int32)
+        low = tl.where(expand_bits(bits, BLOCK_M, BLOCK_N), low, 0.0)
     acc = epi_scale * low
     for k0 in range(0, K, BLOCK_K):
         # int64: x may be a column-major view whose feature stride is the token count.
@@ -133,11 +167,11 @@ def gemm(
     bias: Tensor | None,
     *,
     epi_scale: float = 1.0,
-    dropout_p: float = 0.0,
-    seed: Tensor | None = None,
+    mask: Tensor | None = None,
     cfg: dict | None = None,
 ) -> Tensor:
-    """``x @ w_kn + epi_scale * keep * (u @ b_rn) + bias`` (the mask only when ``dropout_p > 0``)."""
+    """``x @ w_kn + epi_scale * keep * (u @ b_rn) + bias``, ``keep`` from the packed ``mask``
+    (``lowrank.empty_mask`` layout over the output's columns) when given. ``u`` may be float32."""
     m, k = x.shape
     n = w_kn.shape[1]
     r = u.shape[1]
@@ -154,7 +188,7 @@ def gemm(
         b_rn,
         bias.contiguous() if bias is not None else x,
         out,
-        seed if seed is not None else x,
+        mask if mask is not None else out,
         m,
         n,
         k,
@@ -169,10 +203,11 @@ def gemm(
         b_rn.stride(1),
         out.stride(0),
         out.stride(1),
+        mask.stride(0) if mask is not None else 0,
         epi_scale,
-        dropout_p,
         HAS_BIAS=bias is not None,
-        EPI_DROPOUT=dropout_p > 0,
+        EPI_DROPOUT=mask is not None,
+        SCALE_U=fp16_scaled(u, b_rn),
         PRECISION=dot_precision(x.dtype),
         BLOCK_R=min(pow2(r), 64),
         **cfg,
@@ -188,27 +223,31 @@ def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     lead, k = x.shape[:-1], x.shape[-1]
     x2 = x.reshape(-1, k)
     with on_device(x.device):
-        u = down(x2, lora_a.T, scale, dropout_p, seed)
+        u = down(x2, lora_a.T, scale, dropout_p, seed, out_dtype=torch.float32)
         y = gemm(x2, weight.T, u, lora_b.T, bias)
-    return y.reshape(*lead, weight.shape[0]), u.reshape(*lead, lora_a.shape[0])
+    # The op declares u in x's dtype (it is saved for dB): y above used the float32 one.
+    return y.reshape(*lead, weight.shape[0]), u.to(x.dtype).reshape(*lead, lora_a.shape[0])
 
 
 def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask: Sequence[bool]):
     need_x, need_w, need_a, need_b, need_bias = output_mask
     n, k = weight.shape
+    rank = lora_a.shape[0]
     g = grad.reshape(-1, n)
     x2 = x.reshape(-1, k)
     dx = dw = da = db_ = dbias = None
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     with on_device(x.device):
         if need_x or need_a:
-            v = down(g, lora_b, scale, 0.0, None)  # s * g B
+            # s * g B in float32, and in the same launch the packed dropout mask that dx and dA read.
+            mask = empty_mask(g.shape[0], k, g.device) if dropout_p > 0 else None
+            v = down(g, lora_b, scale, 0.0, seed, out_dtype=torch.float32, mask_out=mask, mask_p=dropout_p)
         if need_x:
-            dx = gemm(g, weight, v, lora_a, None, epi_scale=keep_scale, dropout_p=dropout_p, seed=seed).reshape(x.shape)
+            dx = gemm(g, weight, v, lora_a, None, epi_scale=keep_scale, mask=mask).reshape(x.shape)
         if need_a:
-            da = tn(v, x2, scale=keep_scale, dropout_p=dropout_p, seed=seed, out_dtype=lora_a.dtype)
+            da = tn(v, x2, scale=keep_scale, mask=mask, out_dtype=lora_a.dtype)
         if need_b:
-            db_ = tn(g, lora_u.reshape(-1, lora_a.shape[0]), out_dtype=lora_b.dtype)
+            db_ = tn(g, lora_u.reshape(g.shape[0], rank), out_dtype=lora_b.dtype)
         if need_w:
             dw = tn(g, x2, out_dtype=weight.dtype)
         if need_bias:

@@ -214,3 +214,66 @@ def test_gpu_activation_past_two_to_the_31_elements():
     tail = x[-5:].float()
     want = tail + F.linear(F.gelu(F.linear(tail, wd.float())), wu.float())
     assert_close(y[-5:], want, dtype=torch.bfloat16)
+
+
+# -- NaN through relu, fp16 range, r = 0 ------------------------------------------------------
+
+
+def _adapter_args(x, wd, wu, activation):
+    return (x, wd, None, wu, None, None, activation, 1.0)
+
+
+def test_relu_keeps_nan_like_torch():
+    """tl.maximum(NaN, 0) is 0; torch.relu(NaN) is NaN, and the backward (computed with torch)
+    says NaN: the forward must agree (issue 11, defect 3)."""
+    x = torch.randn(5, 16)
+    wd, wu = torch.randn(4, 16), torch.randn(16, 4)
+    wd[1, 3] = float("nan")  # hidden column 1 is NaN for every token
+    with torch.no_grad():
+        y, hidden = torch.ops.peftops.bottleneck_adapter(*_adapter_args(x, wd, wu, "relu"), "triton")
+    want = x + F.linear(torch.relu(F.linear(x, wd)), wu)
+    assert torch.isnan(hidden[:, 1]).all()
+    assert torch.isnan(y).all() and torch.isnan(want).all()
+
+
+def test_fp16_hidden_activation_beyond_fp16_range():
+    """act(h) above 65504 with y finite (issue 11, defect 8): forward and every gradient stay
+    finite and match the float32 spec."""
+    x = torch.full((6, 32), 60.0, dtype=torch.float16)
+    x[:, ::3] = 45.0
+    wd = torch.full((3, 32), 40.0, dtype=torch.float16)  # h ~ 32 * 55 * 40 = 70400
+    wu = torch.full((32, 3), 1e-3, dtype=torch.float16)
+    case = AdapterCase(
+        lead=(6,),
+        d=32,
+        rank=3,
+        activation="relu",
+        parallel=False,
+        down_bias=False,
+        up_bias=False,
+        scale=1.0,
+        layout="contiguous",
+        seed=0,
+    )
+    t = {"x": x, "down_weight": wd, "down_bias": None, "up_weight": wu, "up_bias": None, "residual": None}
+    t = {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
+    y, grads = grads_of(triton_call(case), t)
+    ref = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()}
+    want, want_grads = grads_of(eager_truth(case), ref)
+    assert torch.isfinite(y).all()
+    assert_close(y, want, dtype=torch.float16, name="y")
+    for name in ("x", "down_weight"):
+        assert torch.isfinite(grads[name]).all(), name
+        assert_close(grads[name], want_grads[name], dtype=torch.float16, kind="bwd", name=name)
+
+
+def test_rank_zero_forward_and_backward():
+    from peftops.kernels import bottleneck_adapter as kernels
+
+    x, g = torch.randn(5, 8), torch.randn(5, 8)
+    wd, wu = torch.randn(0, 8), torch.randn(8, 0)
+    y, hidden = kernels.forward(x, wd, None, wu, None, None, "gelu", 1.0)
+    torch.testing.assert_close(y, x)
+    dx, dwd, dbd, dwu, dbu = kernels.backward(g, x, wd, None, wu, hidden, "gelu", 1.0, True, [True] * 5)
+    torch.testing.assert_close(dx, g)
+    assert dwd.shape == (0, 8) and dwu.shape == (8, 0) and dbd.shape == (0,)

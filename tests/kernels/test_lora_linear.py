@@ -75,7 +75,7 @@ def test_forward_and_backward_are_bitwise_deterministic(dropout_p):
 
 
 def test_dropout_mask_is_the_one_of_the_forward_in_every_gradient():
-    """Regenerating the mask in each backward kernel: dx, dA and dB all match the spec's
+    """The backward's packed mask (drawn again from the seed): dx, dA and dB all match the spec's
     formulas evaluated with the mask read off the forward (A = B = I makes it visible)."""
     n, p = 24, 0.4
     x = torch.randn(64, n, dtype=torch.float32, requires_grad=True)
@@ -269,3 +269,88 @@ def test_gpu_auto_and_lora_linear_module_use_the_kernels():
     finally:
         peftops.backends.register_impl("lora_linear", "triton", impl, replace=True)
     assert calls == [1] and layer.lora_B.weight.grad is not None
+
+
+# -- the packed dropout mask, fp16 range, r = 0 -----------------------------------------------
+
+
+def _mask_bits(packed: torch.Tensor, features: int) -> torch.Tensor:
+    bits = (packed.long()[:, :, None] >> torch.arange(8)) & 1
+    return bits.reshape(packed.shape[0], -1)[:, :features].bool()
+
+
+def test_packed_mask_is_the_forwards_and_keeps_at_the_stated_rate():
+    """The backward's packed mask (drawn by the down pass over g) is bit for bit the mask the
+    forward applied (seen through A = B = I); its keep rate is within 6 binomial sigmas of
+    1 - p, the 16-bit threshold adding at most 2**-17."""
+    n, rows, p = 40, 500, 0.3
+    x = torch.ones(rows, n)
+    eye = torch.eye(n)
+    seed = torch.tensor(12345)
+    u = lowrank.down(x, eye, 1.0, p, seed, out_dtype=torch.float32)
+    seen = u != 0
+    packed = lowrank.empty_mask(rows, n, x.device)
+    lowrank.down(torch.ones(rows, 3), torch.ones(3, 2), 1.0, 0.0, seed, mask_out=packed, mask_p=p)
+    assert packed.shape == (rows, 5) and packed.dtype == torch.uint8
+    assert torch.equal(_mask_bits(packed, n), seen)
+    torch.testing.assert_close(u[seen], torch.full_like(u[seen], 1 / (1 - p)))
+    draws = seen.numel()
+    sigma = (p * (1 - p) / draws) ** 0.5
+    assert abs(seen.float().mean().item() - (1 - p)) < 6 * sigma + 2**-17
+    other = lowrank.down(x, eye, 1.0, p, torch.tensor(54321), out_dtype=torch.float32) != 0
+    assert not torch.equal(other, seen)
+
+
+def test_dropout_backward_against_the_spec_given_the_kernels_mask():
+    """Every gradient with dropout, on odd shapes, against the spec evaluated with the very
+    mask the kernels draw (read back through lowrank.down)."""
+    case = LoraCase(lead=(37,), in_f=29, out_f=19, rank=5, bias=True, scale=0.7, layout="sliced", seed=8)
+    t = case.inputs(torch.float32, "cpu")
+    p = 0.35
+    torch.manual_seed(3)
+    y, grads = grads_of(triton_call(0.7, p), t)
+    torch.manual_seed(3)
+    seed = torch.randint(0, 2**62, (), dtype=torch.int64)  # what the op draws
+    packed = lowrank.empty_mask(37, 29, torch.device("cpu"))
+    lowrank.down(torch.ones(37, 1), torch.ones(1, 1), 1.0, 0.0, seed, mask_out=packed, mask_p=p)
+    keep = _mask_bits(packed, 29)
+    ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
+    want, want_grads = grads_of(
+        lambda x, weight, lora_a, lora_b, bias: reference.lora_linear(x, weight, lora_a, lora_b, bias, 0.7, keep, p),
+        ref,
+    )
+    assert_close(y, want, dtype=torch.float32, name="y")
+    for name in grads:
+        assert_close(grads[name], want_grads[name], dtype=torch.float32, kind="bwd", name=name)
+
+
+def test_fp16_rank_r_intermediate_beyond_fp16_range():
+    """u = s x A^T above 65504 with y finite (issue 11, defect 8): y, dx and dA stay finite and
+    match the float32 spec (u was rounded to fp16 and overflowed to inf)."""
+    x = torch.full((6, 32), 60.0, dtype=torch.float16)
+    x[:, 1::2] = 50.0
+    weight = torch.randn(8, 32, dtype=torch.float16) / 8
+    lora_a = torch.full((2, 32), 40.0, dtype=torch.float16)  # u ~ 32 * 55 * 40 = 70400
+    lora_b = torch.full((8, 2), 1e-3, dtype=torch.float16)
+    t = {"x": x, "weight": weight, "lora_a": lora_a, "lora_b": lora_b, "bias": None}
+    t = {k: (v.requires_grad_() if v is not None else None) for k, v in t.items()}
+    (y, grads) = grads_of(triton_call(1.0), t)
+    ref = {k: (v.detach().float().requires_grad_() if v is not None else None) for k, v in t.items()}
+    want, want_grads = grads_of(merged_truth(1.0), ref)
+    assert torch.isfinite(y).all(), y
+    assert_close(y, want, dtype=torch.float16, name="y")
+    for name in ("x", "lora_a", "weight"):
+        if name in grads:
+            assert_close(grads[name], want_grads[name], dtype=torch.float16, kind="bwd", name=name)
+
+
+def test_rank_zero_backward_does_not_divide_by_zero():
+    x, g = torch.randn(5, 7), torch.randn(5, 4)
+    weight, a, b = torch.randn(4, 7), torch.randn(0, 7), torch.randn(4, 0)
+    y, u = kernels.forward(x, weight, a, b, None, 1.0, 0.2, torch.tensor(3))
+    assert u.shape == (5, 0)
+    torch.testing.assert_close(y, x @ weight.T)
+    dx, dw, da, db, dbias = kernels.backward(g, x, weight, a, b, u, 1.0, 0.2, torch.tensor(3), [True] * 5)
+    torch.testing.assert_close(dx, g @ weight)
+    assert da.shape == (0, 7) and db.shape == (4, 0)
+    torch.testing.assert_close(dw, g.T @ x)
