@@ -308,11 +308,19 @@ def config(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torch.dev
     return default_config(m, n, device)
 
 
-def rank_block(r: int, block_n: int) -> int:
-    """Ranks per step of the rank-r term. Each step's u and B' tiles pass through registers
-    next to the accumulator: with a 128 x 256 tile (128 accumulator registers per thread)
-    steps of 32 or more spill on sm_90a, so wide tiles take steps of 16."""
-    return min(pow2(r), 16 if block_n >= 256 else 64)
+#: The u and B' tiles of one rank step pass through registers beside the accumulator: at
+#: most this many of their elements per thread. Compiled for sm_90a, 96 spilled (128 x 256
+#: with steps of 64 ranks, 8 warps; 64 x 128 with 64, 4 warps) and 48 left 250 registers of 255.
+RANK_ELEMENTS_PER_THREAD = 32
+
+
+def rank_block(r: int, block_m: int, block_n: int, num_warps: int) -> int:
+    """Ranks per step of the rank-r term: ``pow2(r)`` (one step) unless that puts more than
+    :data:`RANK_ELEMENTS_PER_THREAD` tile elements in each thread's registers."""
+    block = min(pow2(r), 64)
+    while block > 16 and (block_m + block_n) * block > RANK_ELEMENTS_PER_THREAD * 32 * num_warps:
+        block //= 2
+    return block
 
 
 def check_config(cfg: dict, r: int = 16) -> dict:
@@ -326,8 +334,8 @@ def check_config(cfg: dict, r: int = 16) -> dict:
     missing = {"BLOCK_M", "BLOCK_N", "BLOCK_K"} - set(full)
     if missing:
         raise ValueError(f"gemm_tma: cfg: missing {sorted(missing)}")
-    if "BLOCK_R" not in full and isinstance(full["BLOCK_N"], int):
-        full["BLOCK_R"] = rank_block(r, full["BLOCK_N"])
+    if "BLOCK_R" not in full and all(isinstance(full[k], int) for k in ("BLOCK_M", "BLOCK_N", "num_warps")):
+        full["BLOCK_R"] = rank_block(r, full["BLOCK_M"], full["BLOCK_N"], full["num_warps"])
     for key in ("BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R"):
         v = full[key]
         # A descriptor's box is at most 256 elements along each dimension.

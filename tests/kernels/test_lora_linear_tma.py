@@ -193,8 +193,10 @@ def test_check_config_completes_and_refuses_by_name():
     full = T.check_config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 33)
     assert full["FLATTEN"] is True and full["EPI_SUBTILE"] is True and full["BLOCK_R"] == 64
     assert T.check_config(dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32), 1)["BLOCK_R"] == 16
-    assert [T.rank_block(r, 128) for r in (0, 1, 16, 17, 64, 65, 256)] == [16, 16, 16, 32, 64, 64, 64]
-    assert [T.rank_block(r, 256) for r in (1, 16, 64, 256)] == [16, 16, 16, 16]
+    assert [T.rank_block(r, 64, 64, 8) for r in (0, 1, 16, 17, 64, 65, 256)] == [16, 16, 16, 32, 64, 64, 64]
+    # At most 32 tile elements of u and B' per thread: 128 x 256 over 8 warps takes 16 ranks a step.
+    assert [T.rank_block(r, 128, 256, 8) for r in (1, 16, 64, 256)] == [16, 16, 16, 16]
+    assert [T.rank_block(64, *shape) for shape in ((128, 128, 8), (64, 128, 4))] == [32, 16]
     base = dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32)
     bad = {
         "unknown keys ['BLOCK_Q']": dict(base, BLOCK_Q=4),
