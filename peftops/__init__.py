@@ -5,10 +5,15 @@ Functional ops: :func:`lora_linear`, :func:`multi_lora_linear`, :func:`bottlenec
 Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 """
 
-from . import backends, cuda_ext, kernels, nn, reference  # noqa: F401  (register the cuda and triton backends)
+# Each backend package registers itself when imported; this order is the order in which
+# peftops.backends lists them: the spec first, then the framework composite, then kernels.
+# ruff: noqa: I001
+from . import backends, reference
+from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention  # the reference backend
+from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
+from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
-from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention
 
 __version__ = "0.1.0"
 

@@ -1,54 +1,59 @@
 """Backend selection: one public op, several implementations, one dispatch point.
 
-Every op (``lora_linear``, ``bottleneck_adapter``, ``prefix_attention``) is implemented by
-one or more *backends*:
+A *backend* is a named family of implementations that registers itself, in one place, with
+its availability check (:func:`register_backend`), and then registers its implementation of
+each op it covers (:func:`register_impl`). This module names no backend; the packages do:
 
-* ``reference`` — the readable PyTorch spec in :mod:`peftops.reference`; always available,
-  runs on any device, and is the CPU implementation.
-* ``triton`` — kernels in :mod:`peftops.kernels`; needs ``triton`` and a CUDA tensor, or a
-  CPU tensor with ``TRITON_INTERPRET=1`` set before the first kernel module is imported
-  (that is how CI runs kernels).
-* ``cuda`` — CUDA C++ in ``csrc/``, compiled into ``peftops._C``; needs a CUDA tensor and
-  the built extension.
+* ``reference`` (:mod:`peftops.ops`): the readable PyTorch spec in :mod:`peftops.reference`;
+  runs anywhere.
+* ``torch`` (:mod:`peftops.composite`): compositions of the framework's own GEMMs (cuBLAS on
+  CUDA, the CPU BLAS elsewhere) with narrow passes for the rank-r terms; runs anywhere.
+* ``triton`` (:mod:`peftops.kernels`): fused Triton kernels; CUDA tensors, or CPU tensors
+  with ``TRITON_INTERPRET=1`` set before peftops is imported (how CI runs kernels).
+* ``cuda`` (:mod:`peftops.cuda_ext`): CUDA C++ in ``csrc/``; CUDA tensors and a built (or
+  buildable) extension.
 
 The requested backend comes from :func:`use_backend` (innermost wins) or else from the
 ``PEFTOPS_BACKEND`` environment variable, read once when peftops is imported (so that a
 ``torch.compile``'d model can guard on it; change it at run time with :func:`use_backend`).
-``auto`` picks, for the given inputs, the first backend in the op's preference order that
-is available, implements the op and supports the inputs; on a GPU the order comes from
-measurements kept as data (``kernels/configs/auto.json``), else ``DEFAULT_CUDA_ORDER``. Naming a backend explicitly
-never falls back: if it cannot run the call, :class:`BackendUnavailableError` says why.
+``auto`` picks the first backend in the op's preference order that is available, implements
+the op and supports the inputs. The order is data (``kernels/configs/auto.json``): measured
+entries keyed by op, GPU name and a shape class (each op says what its shape class is, e.g.
+token count and dropout for ``lora_linear``), else the per-device-type default order there.
+Naming a backend explicitly never falls back: if it cannot run the call,
+:class:`BackendUnavailableError` says why.
 """
 
 from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 import json
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 
 __all__ = [
-    "BACKENDS",
     "BackendUnavailableError",
     "OpImpl",
     "available_backends",
     "backend_status",
     "get_backend",
+    "implementation",
     "implemented_backends",
+    "register_backend",
     "register_impl",
+    "register_shape_class",
+    "registered_backends",
     "resolve_backend",
     "use_backend",
 ]
 
-#: Concrete backends, in the default ``auto`` preference order for CUDA tensors.
-BACKENDS: tuple[str, ...] = ("cuda", "triton", "reference")
-_REQUESTABLE = ("auto",) + BACKENDS
+AUTO = "auto"
 ENV_VAR = "PEFTOPS_BACKEND"
 
 
@@ -56,11 +61,40 @@ class BackendUnavailableError(RuntimeError):
     """A backend was asked for by name but cannot run this call (never a silent fallback)."""
 
 
+@dataclass(frozen=True)
+class Backend:
+    """A backend's name and its availability: ``status(device_type)`` is ``None`` when the
+    backend can run on that device type in this process, else the reason it cannot. It
+    depends only on the process (what is installed and built), so it is computed once per
+    device type."""
+
+    name: str
+    status: Callable[[str], str | None]
+
+
+_BACKENDS: dict[str, Backend] = {}
+
+
+def register_backend(name: str, status: Callable[[str], str | None]) -> None:
+    """Declare backend ``name`` (its package calls this once, at import)."""
+    if not isinstance(name, str) or not name.isidentifier() or name == AUTO:
+        raise ValueError(f"register_backend: name: expected an identifier other than {AUTO!r}, got {name!r}")
+    if name in _BACKENDS:
+        raise ValueError(f"register_backend: backend {name!r} is already registered")
+    _BACKENDS[name] = Backend(name, status)
+
+
+def registered_backends() -> tuple[str, ...]:
+    """Every declared backend, in the order the packages registered them."""
+    return tuple(_BACKENDS)
+
+
 def _check_name(name: object, source: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{source}: expected a backend name (str), got {type(name).__name__}")
-    if name not in _REQUESTABLE:
-        raise ValueError(f"{source}: expected one of {', '.join(map(repr, _REQUESTABLE))}, got {name!r}")
+    if name != AUTO and name not in _BACKENDS:
+        choices = ", ".join(map(repr, (AUTO, *_BACKENDS)))
+        raise ValueError(f"{source}: expected one of {choices}, got {name!r}")
     return name
 
 
@@ -68,7 +102,7 @@ class _State:
     """Process-wide selection. A plain object so that torch.compile guards on its contents."""
 
     def __init__(self) -> None:
-        self.default: str = os.environ.get(ENV_VAR, "auto")
+        self.default: str = os.environ.get(ENV_VAR, AUTO)
         self.stack: list[str] = []
 
 
@@ -77,7 +111,7 @@ _STATE = _State()
 
 @contextlib.contextmanager
 def use_backend(name: str) -> Iterator[None]:
-    """Run the ops inside the block on backend ``name`` (``auto``, ``reference``, ``triton``, ``cuda``).
+    """Run the ops inside the block on backend ``name`` (``auto`` or a registered backend).
 
     Autograd records the backend with each forward, so a backward run after the block exits
     still uses the forward's backend.
@@ -97,59 +131,26 @@ def get_backend() -> str:
     return _check_name(_STATE.default, f"environment variable {ENV_VAR}")
 
 
-# Availability is a property of the process (what is installed and built): computed once,
-# so eager calls do not re-scan the import path or PATH on every op, and treated as a
-# constant by torch.compile instead of being traced. TRITON_INTERPRET is fixed at kernel
-# import anyway, since triton.jit reads it when it decorates.
-_PROCESS_FACTS: dict[str, object] = {}
-
-
-def _fact(name: str, compute: Callable[[], object]):
-    if name not in _PROCESS_FACTS:
-        _PROCESS_FACTS[name] = compute()
-    return _PROCESS_FACTS[name]
+# Availability is a property of the process: computed once per (backend, device type), and
+# a constant for torch.compile instead of something it traces.
+_STATUS: dict[tuple[str, str], str | None] = {}
 
 
 @torch.compiler.assume_constant_result
-def _triton_installed() -> bool:
-    return _fact("triton_installed", lambda: importlib.util.find_spec("triton") is not None)
-
-
-@torch.compiler.assume_constant_result
-def _triton_interpret() -> bool:
-    return _fact("triton_interpret", lambda: os.environ.get("TRITON_INTERPRET", "0") == "1")
-
-
-@torch.compiler.assume_constant_result
-def _cuda_extension_status() -> str:
-    from .cuda_ext import why_unavailable
-
-    return _fact("cuda_extension", lambda: why_unavailable() or "")
+def _status(backend: str, device_type: str) -> str:
+    key = (backend, device_type)
+    if key not in _STATUS:
+        _STATUS[key] = _BACKENDS[backend].status(device_type)
+    return _STATUS[key] or ""
 
 
 def backend_status(backend: str, device: torch.device | str) -> str | None:
     """``None`` if ``backend`` can run on ``device`` in this process, else the reason it cannot."""
     _check_name(backend, "backend")
-    device = torch.device(device)
-    if backend == "reference":
+    if backend == AUTO:
         return None
-    if backend == "triton":
-        if not _triton_installed():
-            return "the triton package is not installed"
-        if device.type == "cuda":
-            return None
-        if device.type == "cpu" and _triton_interpret():
-            return None
-        return (
-            f"triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
-            f"peftops kernels are imported; got a {device.type} tensor"
-        )
-    if backend == "cuda":
-        if device.type != "cuda":
-            return f"the cuda backend needs CUDA tensors, got a {device.type} tensor"
-        reason = _cuda_extension_status()
-        return reason or None
-    raise AssertionError(backend)
+    device_type = device.type if isinstance(device, torch.device) else torch.device(device).type
+    return _status(backend, device_type) or None
 
 
 @dataclass(frozen=True)
@@ -158,20 +159,23 @@ class OpImpl:
 
     ``forward``/``backward`` take the registered op's arguments (minus ``backend``).
     ``supports(*forward_args)`` returns ``None`` when the call is supported, else the reason.
+    ``extras`` carries op-specific capabilities that the op's own module defines and reads
+    (for example which tensors a backend saves for its backward).
     """
 
     forward: Callable
     backward: Callable
     supports: Callable[..., str | None] = field(default=lambda *args: None)
+    extras: dict[str, Any] = field(default_factory=dict)
 
 
 _IMPLS: dict[str, dict[str, OpImpl]] = {}
 
 
 def register_impl(op: str, backend: str, impl: OpImpl, *, replace: bool = False) -> None:
-    """Register ``backend``'s implementation of ``op`` (kernel modules call this at import)."""
-    if backend not in BACKENDS:
-        raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    """Register ``backend``'s implementation of ``op`` (backend packages call this at import)."""
+    if backend not in _BACKENDS:
+        raise ValueError(f"backend: expected a registered backend ({', '.join(_BACKENDS)}), got {backend!r}")
     table = _IMPLS.setdefault(op, {})
     if backend in table and not replace:
         raise ValueError(f"{op}: backend {backend!r} is already registered (pass replace=True)")
@@ -193,8 +197,8 @@ def implementation(op: str, backend: str) -> OpImpl:
 
 
 def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str | None:
-    reason = backend_status(backend, device)
-    if reason is not None:
+    reason = _status(backend, device.type)
+    if reason:
         return reason
     impl = _IMPLS.get(op, {}).get(backend)
     if impl is None:
@@ -202,56 +206,113 @@ def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str
     return impl.supports(*args)
 
 
-#: Measured ``auto`` preferences, as data: ``{"entries": [{"op", "device", "order"}]}``, one
-#: entry per op and GPU name, written from benchmark runs (benchmarks/NOTES.md).
+# -- auto: measured preferences as data -----------------------------------------------------
+
+#: ``{"default_order": {device type or "*": [backends]}, "entries": [{"op", "device", "when",
+#: "order", "measured"}]}``: ``device`` a GPU name as torch spells it, ``when`` the shape class
+#: the measurement covers (see :func:`register_shape_class`), written from benchmark runs
+#: kept in ``benchmarks/results/`` (benchmarks/NOTES.md).
 AUTO_TABLE = Path(__file__).parent / "kernels" / "configs" / "auto.json"
-#: Without a measurement for this GPU: Triton first (tensor cores, no build step), then the
-#: CUDA extension (which may need a just-in-time build of minutes on first use).
-DEFAULT_CUDA_ORDER = ("triton", "cuda", "reference")
+
+_SHAPE_CLASS: dict[str, Callable[..., dict[str, Any]]] = {}
+
+
+def register_shape_class(op: str, features: Callable[..., dict[str, Any]]) -> None:
+    """``features(*forward_args)`` describes a call for ``auto``: a dict of ints and bools
+    (say ``{"tokens": 8192, "dropout": False}``) that ``auto.json`` entries match with
+    ``"when": {"tokens": [lo, hi], "dropout": false}`` (ranges inclusive, ``null`` open)."""
+    _SHAPE_CLASS[op] = features
 
 
 @functools.cache
-def _measured_orders() -> dict[tuple[str, str], tuple[str, ...]]:
-    if not AUTO_TABLE.exists():
-        return {}
-    doc = json.loads(AUTO_TABLE.read_text())
-    return {(e["op"], e["device"]): tuple(e["order"]) for e in doc["entries"]}
+def _auto_table() -> tuple[dict[str, tuple[str, ...]], tuple[dict, ...]]:
+    doc = json.loads(AUTO_TABLE.read_text()) if AUTO_TABLE.exists() else {}
+    defaults = {k: tuple(v) for k, v in doc.get("default_order", {}).items()}
+    defaults.setdefault("*", ("reference",))
+    return defaults, tuple(doc.get("entries", ()))
+
+
+def _matches(when: dict[str, Any], features: dict[str, Any]) -> bool:
+    for key, want in when.items():
+        if key not in features:
+            return False
+        got = features[key]
+        if isinstance(want, list):
+            lo, hi = want
+            if (lo is not None and got < lo) or (hi is not None and got > hi):
+                return False
+        elif got != want:
+            return False
+    return True
+
+
+def auto_order(op: str, device_type: str, device_name: str | None, features: dict[str, Any]) -> tuple[str, ...]:
+    """The ``auto`` preference order for ``op``: the first measured entry for this GPU whose
+    shape class matches ``features``, else the default order for the device type. Pure: no
+    device query, so it is testable anywhere."""
+    defaults, entries = _auto_table()
+    if device_name is not None:
+        for entry in entries:
+            if entry["op"] == op and entry["device"] == device_name and _matches(entry.get("when", {}), features):
+                return tuple(entry["order"])
+    return defaults.get(device_type, defaults["*"])
 
 
 @torch.compiler.assume_constant_result
-def _cuda_order(op: str, index: int) -> tuple[str, ...]:
-    return _measured_orders().get((op, torch.cuda.get_device_name(index)), DEFAULT_CUDA_ORDER)
+def _cuda_device_name(index: int) -> str:
+    return _device_names.get(index) or _device_names.setdefault(index, torch.cuda.get_device_name(index))
 
 
-def _auto_order(op: str, device: torch.device) -> Sequence[str]:
-    # The interpreter exists for testing; it is never the fastest choice on CPU.
-    if device.type != "cuda":
-        return ("reference",)
-    return _cuda_order(op, device.index if device.index is not None else torch.cuda.current_device())
+_device_names: dict[int, str] = {}
+
+
+@torch.compiler.assume_constant_result
+def _current_cuda_index() -> int:
+    return torch.cuda.current_device()
+
+
+@torch.compiler.assume_constant_result
+def _cached_order(op: str, device_type: str, device_name: str | None, features: tuple) -> tuple[str, ...]:
+    # One table walk per distinct (op, GPU, shape class) in the process; a constant to dynamo.
+    key = (op, device_type, device_name, features)
+    if key not in _orders:
+        _orders[key] = auto_order(op, device_type, device_name, dict(features))
+    return _orders[key]
+
+
+_orders: dict[tuple, tuple[str, ...]] = {}
+
+
+def _auto_candidates(op: str, device: torch.device, args: Sequence) -> tuple[str, ...]:
+    name = None
+    if device.type == "cuda":
+        name = _cuda_device_name(device.index if device.index is not None else _current_cuda_index())
+    features = tuple(_SHAPE_CLASS[op](*args).items()) if op in _SHAPE_CLASS and args else ()
+    return _cached_order(op, device.type, name, features)
 
 
 def resolve_backend(op: str, device: torch.device, args: Sequence, requested: str | None = None) -> str:
     """The concrete backend that will run ``op`` on these arguments."""
     requested = get_backend() if requested is None else _check_name(requested, "backend")
-    if requested != "auto":
+    if requested != AUTO:
         reason = _why_not(op, requested, device, args)
         if reason is not None:
             raise BackendUnavailableError(
                 f"{op}: backend {requested!r} was requested but cannot run this call: {reason}"
             )
         return requested
-    for backend in _auto_order(op, device):
-        if _why_not(op, backend, device, args) is None:
+    for backend in _auto_candidates(op, device, args):
+        if backend in _BACKENDS and _why_not(op, backend, device, args) is None:
             return backend
-    raise BackendUnavailableError(f"{op}: no backend supports this call on {device}")  # reference supports all
+    raise BackendUnavailableError(f"{op}: no backend in auto's order supports this call on {device}")
 
 
 def implemented_backends(op: str) -> list[str]:
     """Backends with a registered implementation of ``op``, whatever this process can run."""
-    return [b for b in BACKENDS if b in _IMPLS.get(op, {})]
+    return [b for b in _BACKENDS if b in _IMPLS.get(op, {})]
 
 
 def available_backends(op: str, device: torch.device | str = "cpu") -> list[str]:
     """Backends that implement ``op`` and can run on ``device`` in this process."""
-    device = torch.device(device)
-    return [b for b in BACKENDS if backend_status(b, device) is None and b in _IMPLS.get(op, {})]
+    device_type = torch.device(device).type
+    return [b for b in _BACKENDS if not _status(b, device_type) and b in _IMPLS.get(op, {})]

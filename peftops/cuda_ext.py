@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-from .backends import OpImpl, _triton_installed, register_impl
+from .backends import OpImpl, backend_status, implementation, register_backend, register_impl
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -102,19 +102,33 @@ def _adapter_forward(x, down_weight, down_bias, up_weight, up_bias, residual, ac
 def _adapter_backward(*args):
     # The backward stays in Triton (tensor-core GEMMs and token reductions); the C++ side has
     # the forward only, as the issue allows unless a C++ backward measures faster.
-    from .kernels import bottleneck_adapter
-
-    return bottleneck_adapter.backward(*args)
+    return implementation("bottleneck_adapter", "triton").backward(*args)
 
 
 def _adapter_supports(x, down_weight, *rest) -> str | None:
     if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
-    if not _triton_installed():  # cached: this runs on every call, and under dynamo
-        return "the cuda backend's backward runs the Triton kernels, and triton is not installed"
-    return None  # whether the extension can be built is backend_status's (cached) question
+    # The backward runs the Triton kernels, so a call is supported only where they run too.
+    reason = backend_status("triton", x.device)
+    if reason is not None:
+        return f"the cuda backend's backward runs the Triton kernels, which cannot: {reason}"
+    try:
+        triton_impl = implementation("bottleneck_adapter", "triton")
+    except RuntimeError as exc:
+        return f"the cuda backend's backward runs the Triton kernels: {exc}"
+    reason = triton_impl.supports(x, down_weight, *rest)
+    if reason is not None:
+        return f"the cuda backend's backward runs the Triton kernels, which do not support this call: {reason}"
+    return None  # whether the extension can be built is the backend's (cached) status
 
 
+def _status(device_type: str) -> str | None:
+    if device_type != "cuda":
+        return f"the cuda backend needs CUDA tensors, got a {device_type} tensor"
+    return why_unavailable()
+
+
+register_backend("cuda", _status)
 register_impl(
     "bottleneck_adapter",
     "cuda",

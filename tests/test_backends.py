@@ -32,7 +32,8 @@ def call(t):
 
 def test_unknown_backend_name_is_rejected():
     with pytest.raises(
-        ValueError, match=r"use_backend\(name\): expected one of 'auto', 'cuda', 'triton', 'reference', got 'fast'"
+        ValueError,
+        match=r"use_backend\(name\): expected one of 'auto', 'reference', 'torch', 'triton', 'cuda', got 'fast'",
     ):
         with peftops.use_backend("fast"):
             pass
@@ -51,8 +52,10 @@ def test_use_backend_nests_and_restores():
     assert peftops.get_backend() == os.environ.get("PEFTOPS_BACKEND", "auto")
 
 
-def test_auto_on_cpu_is_the_reference():
-    for op in ("lora_linear", "bottleneck_adapter", "prefix_attention"):
+def test_auto_on_cpu_is_the_torch_composite_where_there_is_one_else_the_reference():
+    # Never the interpreter, which exists for testing.
+    assert backends.resolve_backend("lora_linear", torch.device("cpu"), (), "auto") == "torch"
+    for op in ("bottleneck_adapter", "prefix_attention", "multi_lora_linear"):
         assert backends.resolve_backend(op, torch.device("cpu"), (), "auto") == "reference"
 
 

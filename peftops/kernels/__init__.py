@@ -1,10 +1,11 @@
-"""Triton kernels, one module per op, each registering itself as the ``triton`` backend of
-its op through :func:`peftops.backends.register_impl` when imported.
+"""The ``triton`` backend: Triton kernels, one module per op, each registering its
+implementation through :func:`peftops.backends.register_impl` when imported.
 
 Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora_linear`), ``bottleneck_adapter``
-(:mod:`peftops.kernels.bottleneck_adapter`), ``prefix_attention`` (:mod:`peftops.kernels.prefix_attention`),
-``multi_lora_linear`` (:mod:`peftops.kernels.multi_lora_linear`, the segmented path);
-shared rank-r building blocks in :mod:`peftops.kernels.lowrank`.
+(:mod:`peftops.kernels.bottleneck_adapter`), ``prefix_attention``
+(:mod:`peftops.kernels.prefix_attention`), ``multi_lora_linear``
+(:mod:`peftops.kernels.multi_lora_linear`, the segmented path); shared rank-r building blocks
+in :mod:`peftops.kernels.lowrank`, launch configurations in :mod:`peftops.kernels.block_config`.
 
 Kernel modules read ``TRITON_INTERPRET`` when they are imported (``triton.jit`` decides at
 decoration time), so set it before importing peftops to run the kernels on CPU tensors.
@@ -12,5 +13,25 @@ decoration time), so set it before importing peftops to run the kernels on CPU t
 
 import importlib.util
 
-if importlib.util.find_spec("triton") is not None:
-    from . import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention  # noqa: F401  (each registers the triton backend of its op)
+from ..backends import register_backend
+
+_INSTALLED = importlib.util.find_spec("triton") is not None
+
+
+def _status(device_type: str) -> str | None:
+    if not _INSTALLED:
+        return "the triton package is not installed"
+    from .common import interpreting
+
+    if device_type == "cuda" or (device_type == "cpu" and interpreting()):
+        return None
+    return (
+        f"triton runs on CUDA tensors, or on CPU tensors with TRITON_INTERPRET=1 set before "
+        f"peftops kernels are imported; got a {device_type} tensor"
+    )
+
+
+register_backend("triton", _status)
+
+if _INSTALLED:
+    from . import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention  # noqa: F401  (each registers its op)

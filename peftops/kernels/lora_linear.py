@@ -225,8 +225,8 @@ def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     with on_device(x.device):
         u = down(x2, lora_a.T, scale, dropout_p, seed, out_dtype=torch.float32)
         y = gemm(x2, weight.T, u, lora_b.T, bias)
-    # The op declares u in x's dtype (it is saved for dB): y above used the float32 one.
-    return y.reshape(*lead, weight.shape[0]), u.to(x.dtype).reshape(*lead, lora_a.shape[0])
+    # u stays float32 (the op saves it for dB): rounded to fp16 it can overflow where y does not.
+    return y.reshape(*lead, weight.shape[0]), u.reshape(*lead, lora_a.shape[0])
 
 
 def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, output_mask: Sequence[bool]):

@@ -82,7 +82,8 @@ def boolean(op: str, name: str, value: object) -> bool:
 
 
 def autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
-    """Apply autocast the way ``F.linear`` does: floating inputs go to the autocast dtype.
+    """Apply autocast the way ``F.linear`` does: float32, float16 and bfloat16 inputs go to
+    the autocast dtype; float64 (which autocast never casts) and integer tensors stay.
 
     Custom ops are invisible to autocast (its dispatch key falls through), so without this a
     float32 activation meeting a bfloat16 weight under ``torch.autocast`` would be rejected
@@ -91,4 +92,7 @@ def autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, 
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)

@@ -1,0 +1,120 @@
+r"""``lora_linear`` on the framework's GEMMs (the ``torch`` backend).
+
+Forward, for ``x: (T, K)``, ``W: (N, K)``, ``A: (r, K)``, ``B: (N, r)``, scale ``s``, dropout
+keep-mask ``m`` with probability ``1 - p``::
+
+    x_d = x * m / (1 - p)                         (no pass at all without dropout)
+    u   = x_d A^T                                 narrow GEMM, (T, r), saved unscaled
+    y   = b + s u B^T                             narrow GEMM writing y (alpha = s)
+    y  += x W^T                                   the big GEMM accumulating into y (beta = 1;
+                                                  without a bias, y = u B^T and beta = s)
+
+Backward, for ``g = dL/dy: (T, N)``; ``dL/du = g B`` and ``u = s x_d A^T`` give::
+
+    v  = g B                                      narrow GEMM, (T, r)
+    dB = s g^T u                                  (N, r): reads g again
+    dx = s (v A) * m / (1 - p) + g W              narrow GEMM writing dx, then the big GEMM
+                                                  accumulating into it (beta = s)
+    dA = s v^T x_d                                (r, K)
+    dW = g^T x,  db = sum_t g                     only when the frozen base is trained
+
+The mask is drawn in the forward from torch's generator for ``x.device`` (so it follows
+``torch.manual_seed`` and is capturable in CUDA graphs) and returned for the backward to
+save, one byte per element as ``nn.Dropout`` keeps it. The op's ``seed`` is not used.
+
+Every GEMM accumulates in float32 inside the BLAS and rounds its output once; ``u`` and
+``v`` are rounded to the activation dtype between the narrow GEMMs, as in the eager LoRA that
+users write, but unscaled, so that a large ``s`` cannot overflow them in float16. This
+backend's ``u`` is ``x_d A^T`` (the op's saved rank-r activation is each backend's own). GEMM reductions are deterministic for a given device and library.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ..backends import OpImpl, register_impl
+from ..ops.lora_linear import OP, SAVED_MASK, U_DTYPE
+
+
+def _keep(x2: Tensor, dropout_p: float) -> Tensor:
+    return torch.rand(x2.shape, device=x2.device, dtype=torch.float32) >= dropout_p
+
+
+def _dropped(x2: Tensor, keep: Tensor, dropout_p: float) -> Tensor:
+    return x2 * keep * (1.0 / (1.0 - dropout_p))
+
+
+def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
+    lead, k = x.shape[:-1], x.shape[-1]
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    if dropout_p > 0.0:
+        keep = _keep(x2, dropout_p)
+        xd = _dropped(x2, keep, dropout_p)
+    else:
+        keep, xd = _no_mask(x.device), x2
+    # u is kept unscaled (the scale rides on a GEMM's alpha or beta, which is free): the
+    # backward below is its only reader.
+    u = torch.mm(xd, lora_a.t())
+    if bias is not None:
+        y = torch.addmm(bias, u, lora_b.t(), alpha=scale)
+        y.addmm_(x2, weight.t())
+    else:
+        y = torch.mm(u, lora_b.t())
+        y.addmm_(x2, weight.t(), beta=scale)
+    if x.dim() != 2:
+        y, u = y.reshape(*lead, weight.shape[0]), u.reshape(*lead, lora_a.shape[0])
+    return y, u, keep
+
+
+def backward(grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, seed, output_mask):
+    need_x, need_w, need_a, need_b, need_bias = output_mask
+    n, k = weight.shape
+    g = grad if grad.dim() == 2 else grad.reshape(-1, n)
+    x2 = x if x.dim() == 2 else x.reshape(-1, k)
+    dx = dw = da = db_ = dbias = None
+    if need_x or need_a:
+        v = torch.mm(g, lora_b)  # g B, unscaled: s goes on the GEMMs that read it
+    if need_b:
+        u = lora_u if lora_u.dim() == 2 else lora_u.reshape(-1, lora_a.shape[0])
+        db_ = torch.mm(g.t(), u)
+        db_.mul_(scale)
+    if need_x:
+        if dropout_p > 0.0:
+            low = _dropped(torch.mm(v, lora_a), keep, dropout_p)
+            dx = low.addmm_(g, weight, beta=scale)
+        else:
+            dx = torch.mm(v, lora_a)
+            dx.addmm_(g, weight, beta=scale)
+        if x.dim() != 2:
+            dx = dx.reshape(x.shape)
+    if need_a:
+        xd = _dropped(x2, keep, dropout_p) if dropout_p > 0.0 else x2
+        da = torch.mm(v.t(), xd)
+        da.mul_(scale)
+    if need_w:
+        dw = torch.mm(g.t(), x2)
+    if need_bias:
+        dbias = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(grad.dtype)
+    return dx, dw, da, db_, dbias
+
+
+# An empty placeholder for "no mask saved", one per device: allocating it per call costs host time.
+_NO_MASK: dict[torch.device, Tensor] = {}
+
+
+def _no_mask(device: torch.device) -> Tensor:
+    return _NO_MASK.setdefault(device, torch.empty((0,), dtype=torch.bool, device=device))
+
+
+def _saved_mask(x: Tensor, dropout_p: float) -> tuple[tuple[int, ...], torch.dtype]:
+    if dropout_p > 0.0:
+        return (x.numel() // x.shape[-1], x.shape[-1]), torch.bool
+    return (0,), torch.bool
+
+
+register_impl(
+    OP,
+    "torch",
+    OpImpl(forward=forward, backward=backward, extras={SAVED_MASK: _saved_mask, U_DTYPE: lambda x: x.dtype}),
+)
