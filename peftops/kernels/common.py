@@ -47,5 +47,7 @@ def on_device(device: torch.device) -> Iterator[None]:
 
 def num_sms(device: torch.device) -> int:
     if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
+        from .block_config import device_info  # (block_config imports this module)
+
+        return device_info(device).sms  # cached per device: a properties query costs host time per launch
     return 1

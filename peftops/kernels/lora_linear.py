@@ -49,7 +49,7 @@ import triton.language as tl
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from . import block_config
+from . import block_config, lora_linear_tma
 from .common import dot_precision, empty, on_device
 from .lowrank import down, empty_mask, expand_bits, fp16_factor, fp16_scaled, launch_meta, pow2, tn
 
@@ -175,6 +175,13 @@ def gemm(
     m, k = x.shape
     n = w_kn.shape[1]
     r = u.shape[1]
+    if mask is None and cfg is None and m > 0 and n > 0:
+        # Hopper: the TMA persistent kernel where its operands allow (lora_linear_tma.supports_tma);
+        # the forward passes weight.T (row-major weight read transposed), dx passes weight.
+        trans_w = w_kn.stride(1) != 1
+        w = w_kn.T if trans_w else w_kn
+        if lora_linear_tma.supports_tma(x, w, u, b_rn, bias, trans_w=trans_w) is None:
+            return lora_linear_tma.gemm_tma(x, w, u, b_rn, bias, epi_scale=epi_scale, trans_w=trans_w)
     out = empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0 or n == 0:
         return out

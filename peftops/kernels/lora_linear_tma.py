@@ -169,12 +169,12 @@ def _gemm_tma_kernel(
             acc = acc * inv_epi_scale
         for step in tl.range(0, RANK_STEPS, num_stages=1):
             rs = step * BLOCK_R + tl.arange(0, BLOCK_R)
+            b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
             u = tl.load(
                 U + rows * stride_um + rs[None, :].to(tl.int64) * stride_ur,
                 mask=(rows < M) & (rs[None, :] < R),
                 other=0.0,
-            )
-            b = tl.load(B + rs[:, None] * stride_br + cols * stride_bn, mask=(rs[:, None] < R) & (cols < N), other=0.0)
+            ).to(b.dtype)
             acc = tl.dot(u, b, acc, input_precision=PRECISION)
         if EPI_SCALED:
             acc = acc * epi_scale
@@ -223,7 +223,11 @@ def layout_reason(
         return f"the TMA GEMM takes float16 or bfloat16, got {x.dtype}"
     operands = (("w", w), ("u", u), ("b", b)) + ((("bias", bias),) if bias is not None else ())
     for name, t in operands:
-        if t.dtype != x.dtype:
+        # The ops keep u in float32 (rounded to float16 it can overflow where y does not); the
+        # kernel rounds it to bfloat16 in registers, whose range is float32's. In float16 that
+        # rounding could overflow: the pointer kernel, which scales rows into range, serves it.
+        u_f32_ok = name == "u" and t.dtype == torch.float32 and x.dtype == torch.bfloat16
+        if t.dtype != x.dtype and not u_f32_ok:
             return f"the TMA GEMM takes one dtype, got x {x.dtype} and {name} {t.dtype}"
         if t.device != x.device:
             return f"the TMA GEMM takes one device, got x on {x.device} and {name} on {t.device}"
@@ -269,7 +273,7 @@ def supports_tma(
     """
     if x.device.type != "cuda" or interpreting():
         return f"TMA needs a CUDA device, got {x.device.type}" + (" under TRITON_INTERPRET" if interpreting() else "")
-    major, minor = torch.cuda.get_device_capability(x.device)
+    major, minor = block_config.device_info(x.device).capability
     if major != 9:
         return f"the TMA GEMM is built and tuned for compute capability 9.x (Hopper), got {major}.{minor}"
     return layout_reason(x, w, u, b, bias, trans_w=trans_w)
@@ -301,7 +305,7 @@ def config(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torch.dev
     """A tuned entry for kernel ``gemm_tma`` in ``configs/lora_linear/<GPU>.json`` if there is one
     near this shape (``block_config``'s lookup), else :func:`default_config`."""
     if device.type == "cuda" and not interpreting():
-        entries = block_config._load(OP, torch.cuda.get_device_name(device), str(dtype).removeprefix("torch."))
+        entries = block_config._load(OP, block_config.device_info(device).name, str(dtype).removeprefix("torch."))
         tuned = block_config.nearest(entries, KERNEL, m, n, k, r)
         if tuned is not None:
             return dict(tuned)

@@ -63,6 +63,8 @@ def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str 
     )
     fn = T._gemm_tma_kernel
     sig = {p: f"*{dtype}" for p in _POINTERS}
+    if dtype == "bf16":
+        sig["U"] = "*fp32"  # what lora_linear passes: u is saved in float32 (rounded to bf16 in registers)
     sig.update({i: "i32" for i in _INTS})
     sig.update(epi_scale="fp32", inv_epi_scale="fp32")
     sig.update({c: "constexpr" for c in const})

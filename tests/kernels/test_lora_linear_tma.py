@@ -311,3 +311,31 @@ def test_gpu_other_thread_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(captured, T.gemm_tma(*fresh, trans_w=True))
+
+
+def test_float32_u_is_taken_with_bfloat16_only():
+    """The ops save u in float32; the kernel rounds it to bfloat16 in registers (float32's
+    range), while in float16 that could overflow, so the pointer kernel keeps float16."""
+    x, w = torch.randn(16, 32).bfloat16(), torch.randn(24, 32).bfloat16()
+    u, b = torch.randn(16, 4), torch.randn(4, 24).bfloat16()
+    assert T.layout_reason(x, w, u, b, trans_w=True) is None
+    reason = T.layout_reason(x.half(), w.half(), u, b.half(), trans_w=True)
+    assert reason is not None and "u torch.float32" in reason
+
+
+def test_lora_gemm_routes_to_the_tma_kernel_where_it_applies(monkeypatch):
+    """lora_linear's gemm hands dropout-free calls to gemm_tma when supports_tma says yes, with the
+    weight's stored orientation: the forward (weight.T) as trans_w=True, dx (weight) as False."""
+    seen = []
+    monkeypatch.setattr(T, "supports_tma", lambda *a, **k: None)
+    monkeypatch.setattr(T, "gemm_tma", lambda x, w, u, b, bias, **k: seen.append((w, k)) or "tma")
+    weight = torch.randn(24, 32)
+    x, u, a, lora_b = torch.randn(5, 32), torch.randn(5, 4), torch.randn(4, 32), torch.randn(24, 4)
+    assert pointer.gemm(x, weight.T, u, lora_b.T, None) == "tma"
+    assert seen[-1][0] is not None and seen[-1][0].data_ptr() == weight.data_ptr() and seen[-1][1]["trans_w"]
+    g = torch.randn(5, 24)
+    assert pointer.gemm(g, weight, u, a, None, epi_scale=2.0) == "tma"
+    assert not seen[-1][1]["trans_w"] and seen[-1][1]["epi_scale"] == 2.0
+    # A packed dropout mask (or a forced config) keeps the pointer kernel.
+    out = pointer.gemm(x, weight.T, u, lora_b.T, None, cfg=dict(pointer.block_config.INTERPRETER["gemm"]))
+    assert isinstance(out, torch.Tensor) and len(seen) == 2
