@@ -13,7 +13,7 @@ from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_atte
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
-from .nn import apply_lora, count_trainable, mark_only_adapters_trainable
+from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
 
 __version__ = "0.1.0"
 
@@ -27,9 +27,11 @@ __all__ = [
     "get_backend",
     "lora_linear",
     "mark_only_adapters_trainable",
+    "merge_adapters",
     "multi_lora_linear",
     "nn",
     "prefix_attention",
     "reference",
+    "unmerge_adapters",
     "use_backend",
 ]

@@ -12,8 +12,10 @@ from .surgery import (
     apply_lora,
     count_trainable,
     mark_only_adapters_trainable,
+    merge_adapters,
     remove_adapter,
     set_batch_adapters,
+    unmerge_adapters,
 )
 
 __all__ = [
@@ -29,6 +31,8 @@ __all__ = [
     "apply_lora",
     "count_trainable",
     "mark_only_adapters_trainable",
+    "merge_adapters",
     "remove_adapter",
     "set_batch_adapters",
+    "unmerge_adapters",
 ]
