@@ -11,11 +11,11 @@ keep-mask ``m`` with probability ``1 - p``::
 
 Backward, for ``g = dL/dy: (T, N)``; ``dL/du = g B`` and ``u = s x_d A^T`` give::
 
-    v  = g B                                      narrow GEMM, (T, r)
-    dB = s g^T u                                  (N, r): reads g again
-    dx = s (v A) * m / (1 - p) + g W              narrow GEMM writing dx, then the big GEMM
-                                                  accumulating into it (beta = s)
-    dA = s v^T x_d                                (r, K)
+    v  = s g B                                    narrow GEMM, (T, r) (alpha = s)
+    dB = s g^T u                                  (N, r): reads g again (alpha = s)
+    dx = (v A) * m / (1 - p) + g W                narrow GEMM writing dx, then the big GEMM
+                                                  accumulating into it (beta = 1)
+    dA = v^T x_d                                  (r, K)
     dW = g^T x,  db = sum_t g                     only when the frozen base is trained
 
 The mask is drawn in the forward from torch's generator for ``x.device`` (so it follows
@@ -73,25 +73,24 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, se
     g = grad if grad.dim() == 2 else grad.reshape(-1, n)
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
     dx = dw = da = db_ = dbias = None
+    r = lora_a.shape[0]
+    # Scales ride on alpha with beta = 0 (the uninitialised input is then ignored, NaN
+    # included): one GEMM each, no elementwise kernels, 5 launches in all without dropout.
     if need_x or need_a:
-        v = torch.mm(g, lora_b)  # g B, unscaled: s goes on the GEMMs that read it
+        v = torch.addmm(g.new_empty(g.shape[0], r), g, lora_b, beta=0, alpha=scale)  # s g B
     if need_b:
-        u = lora_u if lora_u.dim() == 2 else lora_u.reshape(-1, lora_a.shape[0])
-        db_ = torch.mm(g.t(), u)
-        db_.mul_(scale)
+        u = lora_u if lora_u.dim() == 2 else lora_u.reshape(-1, r)
+        db_ = torch.addmm(lora_b.new_empty(n, r), g.t(), u, beta=0, alpha=scale)
     if need_x:
+        low = torch.mm(v, lora_a)
         if dropout_p > 0.0:
-            low = _dropped(torch.mm(v, lora_a), keep, dropout_p)
-            dx = low.addmm_(g, weight, beta=scale)
-        else:
-            dx = torch.mm(v, lora_a)
-            dx.addmm_(g, weight, beta=scale)
+            low = _dropped(low, keep, dropout_p)
+        dx = low.addmm_(g, weight)
         if x.dim() != 2:
             dx = dx.reshape(x.shape)
     if need_a:
         xd = _dropped(x2, keep, dropout_p) if dropout_p > 0.0 else x2
         da = torch.mm(v.t(), xd)
-        da.mul_(scale)
     if need_w:
         dw = torch.mm(g.t(), x2)
     if need_bias:
