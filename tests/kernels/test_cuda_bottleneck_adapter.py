@@ -127,3 +127,19 @@ def test_gpu_opcheck_compile_and_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(y, eager[0].detach())
+
+
+def test_cuda_backend_supports_only_what_its_triton_backward_supports():
+    """Its backward runs the Triton kernels: a rank those reject must not get the C++ forward
+    (issue 11: a rank-300 adapter got the C++ forward and an untested backward)."""
+    from peftops.backends import implementation
+    from peftops.kernels.bottleneck_adapter import MAX_RANK
+
+    cuda_supports = implementation("bottleneck_adapter", "cuda").supports
+    x = torch.randn(4, 16)
+    for rank, ok in ((MAX_RANK, True), (MAX_RANK + 1, False)):
+        down_weight = torch.randn(rank, 16)
+        reason = cuda_supports(x, down_weight, None, torch.randn(16, rank), None, None, "gelu", 1.0)
+        assert (reason is None) == ok, reason
+        if not ok:
+            assert f"ranks up to {MAX_RANK}" in reason and "backward runs the Triton kernels" in reason
