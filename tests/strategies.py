@@ -18,6 +18,9 @@ from torch import Tensor
 ODD_SIZES = (1, 2, 3, 5, 7, 17, 31, 33, 63, 65, 100, 127, 129)
 LAYOUTS = ("contiguous", "transposed", "sliced")
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
+#: The dtypes every op is tested at, per device: bfloat16 only on CUDA (bf16 ``tl.dot`` is
+#: wrong under the Triton interpreter).
+DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
 
 
 def sizes(max_value: int = 129) -> st.SearchStrategy[int]:
@@ -245,6 +248,86 @@ def attention_cases(draw, max_len: int = 40, head_dims=(1, 8, 16, 17, 33, 64)) -
         prefix_mode=prefix_mode,
         causal=draw(st.booleans()),
         padding=draw(st.sampled_from(PADDING_MODES)),
+        layout=draw(layouts),
+        seed=draw(seeds),
+    )
+
+
+# -- multi-tenant LoRA ----------------------------------------------------------------------
+
+#: How a batch's tokens name their adapters (-1: the base layer only). ``mixed``: random
+#: adapters with about a quarter of the tokens base-only; ``base_only``: every token -1;
+#: ``one``: one adapter for every token; ``distinct``: each token a different adapter (round
+#: robin once the tokens outnumber the adapters); ``few``: two adapters and -1, every other
+#: adapter absent from the batch.
+ID_PATTERNS = ("mixed", "base_only", "one", "distinct", "few")
+
+
+def adapter_ids(pattern: str, tokens: int, num: int, gen: torch.Generator) -> Tensor:
+    """``(tokens,)`` int64 ids in ``[-1, num)`` following ``pattern`` (all -1 when ``num == 0``)."""
+    if num == 0 or pattern == "base_only":
+        return torch.full((tokens,), -1, dtype=torch.int64)
+    if pattern == "one":
+        return torch.full((tokens,), int(torch.randint(0, num, (), generator=gen)), dtype=torch.int64)
+    if pattern == "distinct":
+        return torch.randperm(num, generator=gen)[torch.arange(tokens) % num]
+    if pattern == "few":
+        pool = torch.cat([torch.randperm(num, generator=gen)[:2], torch.tensor([-1])])
+        return pool[torch.randint(0, pool.numel(), (tokens,), generator=gen)]
+    ids = torch.randint(0, num, (tokens,), generator=gen)
+    ids[torch.rand(tokens, generator=gen) < 0.25] = -1
+    return ids
+
+
+@dataclass(frozen=True)
+class MultiLoraCase:
+    lead: tuple[int, ...]
+    in_f: int
+    out_f: int
+    num: int
+    r_max: int
+    ranks: bool
+    bias: bool
+    ids: str
+    layout: str
+    seed: int
+
+    @property
+    def tokens(self) -> int:
+        return math.prod(self.lead)
+
+    def inputs(self, dtype: torch.dtype, device, requires_grad: bool = True) -> dict[str, Tensor | None]:
+        """The op's arguments by name; ``adapter_ids`` one per token (shape ``lead``), ``scales``
+        float32 (what :class:`peftops.nn.MultiLoRALinear` keeps), ``ranks`` in ``[1, r_max]``."""
+        mk = maker(self.seed, dtype, device)
+        t = {
+            "x": mk((*self.lead, self.in_f), layout=self.layout),
+            "weight": mk((self.out_f, self.in_f), 1 / math.sqrt(self.in_f)),
+            "lora_a": mk((self.num, self.r_max, self.in_f), 1 / math.sqrt(self.in_f)),
+            # Non-zero B (not the module's zero init) so the low-rank path is really tested.
+            "lora_b": mk((self.num, self.out_f, self.r_max), 1 / math.sqrt(self.r_max)),
+            "bias": mk((self.out_f,)) if self.bias else None,
+        }
+        t = leaves(t, requires_grad)
+        gen = mk.gen
+        t["adapter_ids"] = adapter_ids(self.ids, self.tokens, self.num, gen).reshape(self.lead).to(device)
+        t["scales"] = (torch.rand(self.num, generator=gen) * 2 + 0.25).to(device)
+        t["ranks"] = torch.randint(1, self.r_max + 1, (self.num,), generator=gen).to(device) if self.ranks else None
+        return t
+
+
+@st.composite
+def multi_lora_cases(draw, max_features: int = 40, max_rank: int = 20, max_adapters: int = 7) -> MultiLoraCase:
+    return MultiLoraCase(
+        # One token dim (T up to 40) or a (B, L) batch.
+        lead=draw(st.one_of(st.tuples(sizes(40)), st.tuples(st.integers(1, 5), st.integers(1, 8)))),
+        in_f=draw(sizes(max_features)),
+        out_f=draw(sizes(max_features)),
+        num=draw(st.integers(1, max_adapters)),
+        r_max=draw(st.one_of(st.sampled_from([1, 16]), st.integers(1, max_rank))),
+        ranks=draw(st.booleans()),
+        bias=draw(st.booleans()),
+        ids=draw(st.sampled_from(ID_PATTERNS)),
         layout=draw(layouts),
         seed=draw(seeds),
     )

@@ -14,11 +14,10 @@ from torch.library import opcheck
 import peftops
 from peftops.testing import assert_close
 
-from ..strategies import LoraCase, lora_cases
+from ..strategies import DTYPES, LoraCase, lora_cases
 from .helpers import assert_matches, backend_params, grads_of, use
 
 OP = "lora_linear"
-DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
 
 
 def op_call(backend, **kw):
@@ -73,12 +72,12 @@ def test_opcheck(device, backend, dropout_p, with_bias):
     args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], 0.5, dropout_p, seed, backend)
     opcheck(torch.ops.peftops.lora_linear.default, args)
     with torch.no_grad():
-        _, lora_u = torch.ops.peftops.lora_linear(*args)
+        _, lora_u, keep = torch.ops.peftops.lora_linear(*args)
     g = torch.randn(3, 9, device=device)
     detached = [t[k].detach() for k in ("x", "weight", "lora_a", "lora_b")]
     opcheck(
         torch.ops.peftops.lora_linear_backward.default,
-        (g, *detached, lora_u, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend),
+        (g, *detached, lora_u, keep, 0.5, dropout_p, seed, [True, False, True, True, with_bias], backend),
     )
 
 

@@ -15,11 +15,10 @@ import peftops
 from peftops import reference
 from peftops.testing import assert_close, check_fa_rule
 
-from ..strategies import AttentionCase, attention_cases
+from ..strategies import DTYPES, AttentionCase, attention_cases
 from .helpers import assert_matches, backend_params, grads_of, use
 
 OP = "prefix_attention"
-DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
 
 
 def op_call(backend, case: AttentionCase):
