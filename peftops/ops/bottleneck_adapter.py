@@ -106,15 +106,27 @@ def _backward(ctx, grad, grad_hidden):
 _bottleneck_adapter.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The registered op takes (residual, activation, scale), the order the kernels' entry points
+# use; the spec takes the public op's. Keywords keep the two from being crossed.
 def reference_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
-    y = reference.bottleneck_adapter(x, down_weight, down_bias, up_weight, up_bias, activation, scale, residual)
+    y = reference.bottleneck_adapter(
+        x, down_weight, down_bias, up_weight, up_bias, activation=activation, scale=scale, residual=residual
+    )
     return y, reference.adapter_hidden(x, down_weight, down_bias)
 
 
 def reference_backward(grad, x, down_weight, down_bias, up_weight, hidden, activation, scale, serial, output_mask):
     # The spec recomputes the pre-activation from x rather than use the saved one.
     return reference.bottleneck_adapter_backward(
-        grad, x, down_weight, down_bias, up_weight, activation, scale, serial, output_mask
+        grad,
+        x,
+        down_weight,
+        down_bias,
+        up_weight,
+        activation=activation,
+        scale=scale,
+        serial=serial,
+        output_mask=output_mask,
     )
 
 
@@ -142,6 +154,8 @@ def bottleneck_adapter(
         scale: multiplies the adapter branch.
         residual: ``None`` for a serial adapter (Houlsby/Pfeiffer: ``residual = x``), or a
             tensor of the shape of ``x`` for a parallel adapter (He et al. 2022).
+
+    ``d`` and ``r`` must be at least 1; the batch dims may be empty.
     """
     check.tensor(OP, "x", x)
     check.min_dims(OP, "x", x, 1)
@@ -174,7 +188,13 @@ def bottleneck_adapter(
     )
     d = x.shape[-1]
     rank = down_weight.shape[0]
+    if d == 0:
+        raise ValueError(f"{OP}: x: expected a feature dim d >= 1, got shape {tuple(x.shape)}")
     check.shape(OP, "down_weight", down_weight, (None, d), f"(r, d) with d={d} from x")
+    # r = 0 would be the identity, but the kernels' rank-r blocks cannot be empty: refused here,
+    # before any backend runs, rather than failing in one backend's backward.
+    if rank == 0:
+        raise ValueError(f"{OP}: down_weight: expected a bottleneck width r >= 1, got shape {tuple(down_weight.shape)}")
     check.shape(OP, "up_weight", up_weight, (d, rank), f"(d, r) with d={d} from x, r={rank} from down_weight")
     if down_bias is not None:
         check.shape(OP, "down_bias", down_bias, (rank,), f"(r,) with r={rank} from down_weight")

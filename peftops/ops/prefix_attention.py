@@ -100,16 +100,30 @@ def _backward(ctx, grad_out, grad_lse):
 _prefix_attention.register_autograd(_backward, setup_context=_setup_context)
 
 
+# The registered op takes (key_padding_mask, causal, scale), the order the kernels' entry
+# points use; the spec takes the public op's (causal, key_padding_mask, scale). Keywords keep
+# the two from being crossed.
+def reference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
+    return reference.prefix_attention(
+        q, k, v, prefix_k, prefix_v, causal=causal, key_padding_mask=key_padding_mask, scale=scale
+    )
+
+
 def reference_backward(grad_out, q, k, v, prefix_k, prefix_v, key_padding_mask, out, lse, causal, scale, output_mask):
     # The spec recomputes the probabilities in float32 instead of trusting the saved
     # (rounded) output; kernels use out and lse as FlashAttention does.
     return reference.prefix_attention_backward(
-        grad_out, q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale, output_mask
+        grad_out,
+        q,
+        k,
+        v,
+        prefix_k,
+        prefix_v,
+        causal=causal,
+        key_padding_mask=key_padding_mask,
+        scale=scale,
+        output_mask=output_mask,
     )
-
-
-def reference_forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale):
-    return reference.prefix_attention(q, k, v, prefix_k, prefix_v, causal, key_padding_mask, scale)
 
 
 register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=reference_backward))

@@ -72,6 +72,11 @@ def activation_grad(h: Tensor, name: str) -> Tensor:
     raise ValueError(f"activation: expected one of {ACTIVATIONS}, got {name!r}")
 
 
+# The op functions below name their activation argument ``activation``, as the public op does,
+# which hides the function of that name inside them.
+_apply = activation
+
+
 def _hidden(xf: Tensor, down_weight: Tensor, down_bias: Tensor | None, acc: torch.dtype) -> Tensor:
     h = xf @ down_weight.to(acc).T
     if down_bias is not None:
@@ -92,17 +97,18 @@ def bottleneck_adapter(
     down_bias: Tensor | None,
     up_weight: Tensor,
     up_bias: Tensor | None,
-    activation_name: str = "gelu",
+    activation: str = "gelu",
     scale: float = 1.0,
     residual: Tensor | None = None,
 ) -> Tensor:
     """``y = res + scale * (act(x Wd^T + bd) Wu^T + bu)``, float32 accumulation, one rounding.
 
-    ``residual=None`` is the serial adapter (``res = x``). Differentiable with plain autograd.
+    The arguments of :func:`peftops.bottleneck_adapter`, in its order. ``residual=None`` is the
+    serial adapter (``res = x``). Differentiable with plain autograd.
     """
     acc = acc_dtype(x.dtype)
     xf = x.to(acc)
-    z = activation(_hidden(xf, down_weight, down_bias, acc), activation_name) @ up_weight.to(acc).T
+    z = _apply(_hidden(xf, down_weight, down_bias, acc), activation) @ up_weight.to(acc).T
     if up_bias is not None:
         z = z + up_bias.to(acc)
     res = xf if residual is None else residual.to(acc)
@@ -116,7 +122,7 @@ def bottleneck_adapter_backward(
     down_weight: Tensor,
     down_bias: Tensor | None,
     up_weight: Tensor,
-    activation_name: str,
+    activation: str,
     scale: float,
     serial: bool,
     output_mask: Sequence[bool],
@@ -135,11 +141,11 @@ def bottleneck_adapter_backward(
     dz = scale * g
     dx = dwd = dbd = dwu = dbu = None
     if need_wu:
-        dwu = (dz.T @ activation(h, activation_name)).to(up_weight.dtype)
+        dwu = (dz.T @ _apply(h, activation)).to(up_weight.dtype)
     if need_bu:
         dbu = dz.sum(0).to(grad.dtype)
     if need_x or need_wd or need_bd:
-        dh = (dz @ up_weight.to(acc)) * activation_grad(h, activation_name)
+        dh = (dz @ up_weight.to(acc)) * activation_grad(h, activation)
         if need_x:
             dx = dh @ down_weight.to(acc)
             if serial:

@@ -12,11 +12,10 @@ from torch.library import opcheck
 import peftops
 from peftops.testing import assert_close
 
-from ..strategies import ACTIVATIONS, AdapterCase, adapter_cases
+from ..strategies import ACTIVATIONS, DTYPES, AdapterCase, adapter_cases
 from .helpers import assert_matches, backend_params, grads_of, use
 
 OP = "bottleneck_adapter"
-DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
 EAGER_ACT = {"relu": F.relu, "gelu": F.gelu, "gelu_tanh": lambda h: F.gelu(h, approximate="tanh"), "silu": F.silu}
 
 
@@ -196,6 +195,17 @@ BAD_INPUTS = [
     (dict(scale=float("-inf")), ValueError, r"scale: expected a finite number"),
     (dict(x=torch.randn(4, 8, device="meta")), ValueError, r"down_weight: expected device meta"),
     (dict(down_weight=torch.randn(3)), ValueError, r"down_weight: expected 2 dims, got 1"),
+    # r = 0 passed validation; the triton forward ran and its backward failed with a reshape error.
+    (
+        dict(down_weight=torch.randn(0, 8), down_bias=torch.randn(0), up_weight=torch.randn(8, 0)),
+        ValueError,
+        r"down_weight: expected a bottleneck width r >= 1, got shape \(0, 8\)",
+    ),
+    (
+        dict(x=torch.randn(4, 0), down_weight=torch.randn(3, 0), up_weight=torch.randn(0, 3), up_bias=torch.randn(0)),
+        ValueError,
+        r"x: expected a feature dim d >= 1, got shape \(4, 0\)",
+    ),
 ]
 
 

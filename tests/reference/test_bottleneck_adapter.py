@@ -26,7 +26,7 @@ def test_activation_derivative_formulas(activation):
 @settings(max_examples=15)
 def test_reference_explicit_backward_matches_autograd(case: AdapterCase, need):
     t = case.inputs(torch.float64, "cpu")
-    fwd = lambda **kw: reference.bottleneck_adapter(**kw, activation_name=case.activation, scale=case.scale)  # noqa: E731
+    fwd = lambda **kw: reference.bottleneck_adapter(**kw, activation=case.activation, scale=case.scale)  # noqa: E731
     out, want = grads_of(fwd, t)
     g = torch.randn(out.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     need[2] &= case.down_bias
@@ -37,10 +37,10 @@ def test_reference_explicit_backward_matches_autograd(case: AdapterCase, need):
         t["down_weight"].detach(),
         None if t["down_bias"] is None else t["down_bias"].detach(),
         t["up_weight"].detach(),
-        case.activation,
-        case.scale,
-        not case.parallel,
-        need,
+        activation=case.activation,
+        scale=case.scale,
+        serial=not case.parallel,
+        output_mask=need,
     )
     for name, grad, needed in zip(("x", "down_weight", "down_bias", "up_weight", "up_bias"), got, need, strict=False):
         if needed:

@@ -49,10 +49,10 @@ def test_reference_explicit_backward_matches_autograd(case: LoraCase, p, need):
         inputs["weight"].detach(),
         inputs["lora_a"].detach(),
         inputs["lora_b"].detach(),
-        case.scale,
-        keep,
-        p,
-        need,
+        scale=case.scale,
+        keep=keep,
+        dropout_p=p,
+        output_mask=need,
     )
     for name, grad, needed in zip(("x", "weight", "lora_a", "lora_b", "bias"), got, need, strict=False):
         if needed:

@@ -29,7 +29,9 @@ def test_reference_explicit_backward_matches_autograd(case: AttentionCase, need)
     need[3] &= has_prefix
     need[4] &= has_prefix
     detached = [None if t[n] is None else t[n].detach() for n in ("q", "k", "v", "prefix_k", "prefix_v")]
-    got = reference.prefix_attention_backward(g, *detached, case.causal, kpm, scale, need)
+    got = reference.prefix_attention_backward(
+        g, *detached, causal=case.causal, key_padding_mask=kpm, scale=scale, output_mask=need
+    )
     for name, grad, needed in zip(("q", "k", "v", "prefix_k", "prefix_v"), got, need, strict=False):
         if needed:
             assert_close(grad, want[name], kind="bwd", name=f"explicit d{name}")
