@@ -118,7 +118,16 @@ _multi_lora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 def reference_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
     return spec.multi_lora_linear(
-        x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, reference_keep_mask(x, dropout_p, seed), dropout_p
+        x,
+        weight,
+        lora_a,
+        lora_b,
+        adapter_ids,
+        scales,
+        bias=bias,
+        ranks=ranks,
+        keep=reference_keep_mask(x, dropout_p, seed),
+        dropout_p=dropout_p,
     )
 
 
@@ -134,10 +143,10 @@ def reference_backward(
         lora_b,
         adapter_ids,
         scales,
-        ranks,
-        reference_keep_mask(x, dropout_p, seed),
-        dropout_p,
-        output_mask,
+        ranks=ranks,
+        keep=reference_keep_mask(x, dropout_p, seed),
+        dropout_p=dropout_p,
+        output_mask=output_mask,
     )
 
 
@@ -147,18 +156,35 @@ register_impl(OP, "reference", OpImpl(forward=reference_forward, backward=refere
 # -- the public op ------------------------------------------------------------------------
 
 
-def _check_index_values(name: str, t: Tensor, low: int, high: int, what: str) -> None:
-    """Host-side range check, one synchronisation. Skipped while ``torch.compile`` traces (a
-    data-dependent branch would break the graph) and during CUDA graph capture; out-of-range
-    ids then mean "no adapter" in every backend, never an out-of-bounds read."""
-    if t.numel() == 0 or torch.compiler.is_compiling():
-        return
-    if t.is_cuda and torch.cuda.is_current_stream_capturing():
-        return  # reading a value back would invalidate the capture: replays are unchecked
-    bad = (t < low) | (t > high)
-    if bool(bad.any()):
-        first = t[bad][0].item()
-        raise ValueError(f"{OP}: {name}: expected {what} in [{low}, {high}], got {first}")
+def _check_values(ids: Tensor, num: int, scales: Tensor, ranks: Tensor | None, r_max: int) -> bool:
+    """The checks that read values back to the host: ids in ``[-1, N)``, finite scales, ranks in
+    ``[1, r_max]``, all in one synchronisation (int64 comparisons: an int8 id must not wrap).
+
+    Skipped while ``torch.compile`` traces (a data-dependent branch would break the graph) and
+    during CUDA graph capture (reading a value back would invalidate the capture): the op's
+    docstring says what unchecked values do. Returns whether the values were checked."""
+    if torch.compiler.is_compiling():
+        return False
+    if ids.is_cuda and torch.cuda.is_current_stream_capturing():
+        return False
+    ids = ids.to(torch.int64)
+    bad = [("adapter_ids", ids, (ids < -1) | (ids >= num)), ("scales", scales, ~torch.isfinite(scales))]
+    if ranks is not None:
+        ranks = ranks.to(torch.int64)
+        bad.append(("ranks", ranks, (ranks < 1) | (ranks > r_max)))
+    found = torch.stack([b.any() for _, _, b in bad]).tolist()
+    for (name, t, b), failed in zip(bad, found, strict=True):
+        if not failed:
+            continue
+        first = t[b][0].item()
+        if name == "adapter_ids":
+            raise ValueError(
+                f"{OP}: adapter_ids: expected adapter ids (-1 = base layer only) in [-1, {num - 1}], got {first}"
+            )
+        if name == "scales":
+            raise ValueError(f"{OP}: scales: expected finite values, got {first} at index {int(b.nonzero()[0, 0])}")
+        raise ValueError(f"{OP}: ranks: expected ranks in [1, {r_max}], got {first}")
+    return True
 
 
 def multi_lora_linear(
@@ -185,16 +211,27 @@ def multi_lora_linear(
         weight: ``(out, in)`` frozen base weight. bias: ``(out,)`` or ``None``.
         lora_a: ``(N, r_max, in)`` the adapters' A, stacked in slots.
         lora_b: ``(N, out, r_max)`` the adapters' B.
-        adapter_ids: integer, one id per token (``x.shape[:-1]``) or one per row of the first
+        adapter_ids: a signed integer dtype (int8 to int64; unsigned ones are refused, they
+            cannot hold -1), one id per token (``x.shape[:-1]``) or one per row of the first
             dimension (``(B,)`` for ``x: (B, L, in)``); values in ``[-1, N)``.
-        scales: ``(N,)`` float, each adapter's ``alpha / r``; constants (no gradient).
+        scales: ``(N,)`` float, finite, each adapter's ``alpha / r``; constants (no gradient).
         ranks: ``(N,)`` integer in ``[1, r_max]`` or ``None`` (every adapter uses ``r_max``): an
             adapter uses its first ``ranks[a]`` slots; the rest neither compute nor learn.
         dropout_p, training: LoRA dropout on the low-rank path, as :func:`peftops.lora_linear`.
 
+    ``in`` and ``r_max`` must be at least 1; ``N = 0`` (no slots, every id -1) and ``T = 0`` work.
+
     Returns ``(..., out)`` in the dtype of x. Differentiable w.r.t. x, weight, lora_a, lora_b
     and bias; every adapter gets exactly the gradient its own tokens give it, absent adapters
-    get zeros. Ids and ranks are range-checked on the host (one synchronisation) in eager mode.
+    get zeros. A base-only token reads no slot: inf or NaN in a slot no token uses changes nothing.
+
+    Checked values: in eager mode, ids, scales and ranks are checked on the host (one
+    synchronisation; ``ValueError`` naming the argument). While ``torch.compile`` traces and
+    during CUDA graph capture nothing can be read back, so nothing is checked, and every
+    backend (reference and triton alike) then gives unchecked values one defined meaning,
+    never an error or an out-of-bounds access: an id outside ``[-1, N)`` (``>= N`` or
+    ``< -1``) means the base layer only, like -1; a rank above ``r_max`` means ``r_max`` and
+    one below 1 means no low-rank term; a non-finite scale is used as given.
     """
     check.tensor(OP, "x", x)
     check.min_dims(OP, "x", x, 2)
@@ -210,6 +247,11 @@ def multi_lora_linear(
     for name, t in (("adapter_ids", adapter_ids), ("ranks", ranks)):
         if t is not None and (t.dtype == torch.bool or t.is_floating_point() or t.is_complex()):
             raise TypeError(f"{OP}: {name}: expected an integer tensor, got {t.dtype}")
+    # -1 (base layer only) does not exist in an unsigned dtype: uint8 would bring it as 255.
+    if not adapter_ids.dtype.is_signed:
+        raise TypeError(
+            f"{OP}: adapter_ids: expected a signed integer dtype (-1 = base layer only), got {adapter_ids.dtype}"
+        )
     if scales.requires_grad:
         raise ValueError(f"{OP}: scales: expected a constant tensor (requires_grad=False), got one that requires grad")
     dropout_p = check.probability(OP, "dropout_p", dropout_p)
@@ -224,6 +266,14 @@ def multi_lora_linear(
     num, r_max = lora_a.shape[0], lora_a.shape[1]
     check.shape(OP, "weight", weight, (None, in_f), f"(out, in) with in={in_f} from x")
     check.shape(OP, "lora_a", lora_a, (None, None, in_f), f"(N, r_max, in) with in={in_f} from x")
+    # Empty feature or rank dims would leave the kernels' blocks nothing to reduce over: refused
+    # here, for every backend, rather than failing in one of them.
+    if in_f == 0:
+        raise ValueError(f"{OP}: x: expected in_features >= 1 (the last dim), got shape {tuple(x.shape)}")
+    if r_max == 0:
+        raise ValueError(
+            f"{OP}: lora_a: expected r_max >= 1 (dim 1 of (N, r_max, in)), got shape {tuple(lora_a.shape)}"
+        )
     check.shape(
         OP,
         "lora_b",
@@ -246,12 +296,14 @@ def multi_lora_linear(
             f"{OP}: adapter_ids: expected shape {tuple(lead)} (one per token) or "
             f"{tuple(lead[:1])} (one per row, for x with 3+ dims), got {tuple(adapter_ids.shape)}"
         )
-    _check_index_values("adapter_ids", ids, -1, num - 1, "adapter ids (-1 = base layer only)")
-    if ranks is not None:
-        _check_index_values("ranks", ranks, 1, r_max, "ranks")
+    if not _check_values(ids, num, scales, ranks, r_max) and ranks is not None:
+        # Unchecked ranks, clamped on the device: the triton kernels mask the rank slots they
+        # load by the rank alone, so a rank above r_max would read past the adapter's slice.
+        ranks = ranks.clamp(0, r_max)
 
     x2 = x.reshape(-1, in_f)
-    ids = ids.contiguous()
+    # int64 for every backend: ids compared with N in a narrower dtype would wrap (int8 and N = 200).
+    ids = ids.to(torch.int64).contiguous()
     p = dropout_p if training else 0.0
     seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64) if p > 0.0 else None
     args = (x2, weight, lora_a, lora_b, ids, scales, bias, ranks, p, seed)

@@ -12,34 +12,18 @@ import peftops
 from peftops import reference
 from peftops.testing import assert_close
 
+from ..strategies import DTYPES, MultiLoraCase, multi_lora_cases
 from .helpers import as_float64, assert_matches, backend_params, grads_of, use
 
 OP = "multi_lora_linear"
 
 
-def make(
-    seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, base_only=0.2, device="cpu"
-):
-    t = _make(seed, tokens, in_f, out_f, num, r_max, dtype, ranks, bias, base_only)
-    return {k: (None if v is None else v.detach().to(device).requires_grad_(v.requires_grad)) for k, v in t.items()}
-
-
-def _make(seed, tokens, in_f, out_f, num, r_max, dtype, ranks, bias, base_only):
-    gen = torch.Generator().manual_seed(seed)
-    rnd = lambda *s: torch.randn(*s, generator=gen, dtype=torch.float64).to(dtype)  # noqa: E731
-    ids = torch.randint(0, num, (tokens,), generator=gen)
-    ids[torch.rand(tokens, generator=gen) < base_only] = -1
-    t = {
-        "x": rnd(tokens, in_f).requires_grad_(),
-        "weight": (rnd(out_f, in_f) / in_f**0.5).requires_grad_(),
-        "lora_a": (rnd(num, r_max, in_f) / in_f**0.5).requires_grad_(),
-        "lora_b": (rnd(num, out_f, r_max) / r_max**0.5).requires_grad_(),  # random, not the zero init
-        "bias": rnd(out_f).requires_grad_() if bias else None,
-        "adapter_ids": ids,
-        "scales": (torch.rand(num, generator=gen) * 2 + 0.25).to(dtype),
-        "ranks": torch.randint(1, r_max + 1, (num,), generator=gen) if ranks else None,
-    }
-    return t
+def make(seed, tokens, in_f, out_f, num, r_max, dtype=torch.float32, ranks=True, bias=True, ids="mixed", device="cpu"):
+    case = MultiLoraCase(
+        lead=(tokens,), in_f=in_f, out_f=out_f, num=num, r_max=r_max, ranks=ranks, bias=bias, ids=ids,
+        layout="contiguous", seed=seed,
+    )  # fmt: skip
+    return case.inputs(dtype, device)
 
 
 def op_call(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
@@ -55,8 +39,10 @@ def backend_call(backend):
 
 
 def per_adapter_truth(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
-    """Independent formulation: the base layer for every token, then each adapter's own
-    ``peftops.reference.lora_linear`` on its own tokens, with its rank sliced explicitly."""
+    """Independent formulation: the base layer for every token, then each token's own
+    adapter's low-rank term with its rank sliced explicitly, token by token."""
+    lead = x.shape[:-1]
+    x, adapter_ids = x.reshape(-1, x.shape[-1]), adapter_ids.reshape(-1)
     y = x @ weight.T + (bias if bias is not None else 0)
     rows = []
     for t in range(x.shape[0]):
@@ -68,36 +54,18 @@ def per_adapter_truth(x, weight, lora_a, lora_b, bias, adapter_ids, scales, rank
         delta = (x[t] @ lora_a[a, :r].T) @ lora_b[a, :, :r].T * scales[a]
         rows.append(y[t] + delta)
     # Keep A and B in the graph when no token uses an adapter: their gradient is then zeros.
-    return (torch.stack(rows) if rows else y) + 0 * (lora_a.sum() + lora_b.sum())
-
-
-DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}
+    y = (torch.stack(rows) if rows else y) + 0 * (lora_a.sum() + lora_b.sum())
+    return y.reshape(*lead, -1)
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
-@given(
-    seed=st.integers(0, 2**31 - 1),
-    tokens=st.integers(1, 40),
-    in_f=st.integers(1, 40),
-    out_f=st.integers(1, 40),
-    num=st.integers(1, 6),
-    r_max=st.integers(1, 20),
-    ranks=st.booleans(),
-    bias=st.booleans(),
-    base_only=st.sampled_from([0.0, 0.3, 1.0]),
-    data=st.data(),
-)
-def test_matches_per_token_adapters_forward_and_gradients(
-    device, backend, seed, tokens, in_f, out_f, num, r_max, ranks, bias, base_only, data
-):
+@given(case=multi_lora_cases(), data=st.data())
+def test_matches_per_token_adapters_forward_and_gradients(device, backend, case: MultiLoraCase, data):
     dtype = data.draw(st.sampled_from(DTYPES[device]), label="dtype")
     if backend == "reference" and dtype != torch.float32:
         dtype = torch.float32  # the spec is the same at every dtype; its kernels are what vary
-    t = make(
-        seed, tokens, in_f, out_f, num, r_max, ranks=ranks, bias=bias, base_only=base_only, device=device, dtype=dtype
-    )
     assert_matches(
-        backend_call(backend), per_adapter_truth, t, dtype, what=f"{backend} T={tokens} N={num} r_max={r_max}"
+        backend_call(backend), per_adapter_truth, case.inputs(dtype, device), dtype, what=f"{backend} {case}"
     )
 
 
@@ -128,8 +96,9 @@ def test_kernel_dropout_is_the_same_mask_in_forward_and_backward(device, backend
     rate = keep[has].float().mean().item()
     assert 0.45 < rate < 0.75, f"keep rate {rate:.2f}, expected about 0.6"
     want_y, want_u = reference.multi_lora_linear(
-        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], None, keep, 0.4
-    )
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], bias=t["bias"], keep=keep,
+        dropout_p=0.4,
+    )  # fmt: skip
     assert_close(y, want_y, dtype=dtype)
     g = torch.randn_like(y)
     got = torch.ops.peftops.multi_lora_linear_backward(
@@ -155,49 +124,14 @@ def test_kernel_dropout_is_the_same_mask_in_forward_and_backward(device, backend
         t["lora_b"],
         t["adapter_ids"],
         t["scales"],
-        None,
-        keep,
-        0.4,
-        [True, False, True, True, False],
+        ranks=None,
+        keep=keep,
+        dropout_p=0.4,
+        output_mask=[True, False, True, True, False],
     )
     for name, a, b in zip(("dx", "dW", "dA", "dB"), got, want, strict=False):
         if b is not None:
             assert_close(a, b, dtype=dtype, kind="bwd", name=name)
-
-
-def test_reference_backward_matches_autograd():
-    t = make(1, 30, 12, 10, 4, 6, dtype=torch.float64)
-    keep = torch.rand(30, 12, generator=torch.Generator().manual_seed(2)) > 0.25
-    args = (
-        t["x"],
-        t["weight"],
-        t["lora_a"],
-        t["lora_b"],
-        t["adapter_ids"],
-        t["scales"],
-        t["bias"],
-        t["ranks"],
-        keep,
-        0.25,
-    )
-    y, _ = reference.multi_lora_linear(*args)
-    g = torch.randn_like(y)
-    want = torch.autograd.grad(y, (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"]), g)
-    got = reference.multi_lora_linear_backward(
-        g,
-        t["x"],
-        t["weight"],
-        t["lora_a"],
-        t["lora_b"],
-        t["adapter_ids"],
-        t["scales"],
-        t["ranks"],
-        keep,
-        0.25,
-        [True] * 5,
-    )
-    for name, a, b in zip(("dx", "dW", "dA", "dB", "db"), got, want, strict=False):
-        assert_close(a, b, kind="bwd", name=name)
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
@@ -307,6 +241,82 @@ def test_bad_adapter_ids_are_refused_by_name(ids, match):
         op_call(**t)
 
 
+@pytest.mark.parametrize("dtype", [torch.uint8, torch.uint16, torch.uint32, torch.uint64])
+def test_unsigned_adapter_ids_are_refused_by_name(dtype):
+    """-1 (base layer only) does not exist unsigned: uint8 -1 arrives as 255, once reported as
+    out of range although the caller wrote a valid id."""
+    t = make(7, 2, 4, 3, 3, 2)
+    t["adapter_ids"] = torch.tensor([1, 0]).to(dtype)
+    with pytest.raises(TypeError, match=rf"{OP}: adapter_ids: expected a signed integer dtype .*got {dtype}"):
+        op_call(**t)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dtype", [torch.int8, torch.int16, torch.int32])
+def test_every_signed_integer_dtype_of_ids(device, backend, dtype):
+    """130 slots, more than int8 holds: ids compared with N in int8 would wrap (129 -> -127)
+    and every id would be refused, or grouped wrongly."""
+    t = make(14, 20, 6, 5, 130, 2, device=device)
+    ids = torch.tensor([127, -1, 0, 5, 127, 64] * 3 + [-1, 100], device=device)
+    want = backend_call(backend)(**dict(t, adapter_ids=ids))
+    got = backend_call(backend)(**dict(t, adapter_ids=ids.to(dtype)))
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_scales_are_refused_by_name(bad):
+    """As a non-finite scalar ``scale`` is for lora_linear: checked with the ids, in the same
+    single read-back."""
+    t = make(8, 4, 4, 3, 3, 2)
+    scales = t["scales"].clone()
+    scales[1] = bad
+    with pytest.raises(ValueError, match=rf"{OP}: scales: expected finite values, got {bad} at index 1"):
+        op_call(**dict(t, scales=scales))
+
+
+@pytest.mark.parametrize(
+    "change,match",
+    [
+        (dict(lora_a=torch.zeros(3, 0, 4), lora_b=torch.zeros(3, 3, 0), ranks=None), r"lora_a: expected r_max >= 1"),
+        (
+            dict(x=torch.zeros(4, 0), weight=torch.zeros(3, 0), lora_a=torch.zeros(3, 2, 0)),
+            r"x: expected in_features >= 1 \(the last dim\), got shape \(4, 0\)",
+        ),
+    ],
+)
+def test_empty_feature_or_rank_dims_are_refused_by_name(change, match):
+    """r_max = 0 and in = 0 were accepted, then failed inside a backend (a reshape error) or
+    ran a kernel with nothing to reduce over."""
+    t = make(8, 4, 4, 3, 3, 2)
+    with pytest.raises(ValueError, match=f"{OP}: {match}"):
+        op_call(**dict(t, **change))
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+def test_unchecked_values_have_one_meaning_in_every_backend(device, backend, monkeypatch):
+    """Under torch.compile or CUDA graph capture the op cannot read values back to check them
+    (simulated here: the op sees itself traced). Then, in every backend, an id outside
+    [-1, N) is the base layer only and reads no slot (slot 0 holds NaN and no valid id names
+    it), and a rank above r_max is r_max: never an error, an out-of-bounds access or a NaN."""
+    t = make(15, 12, 6, 5, 3, 4, device=device)
+    with torch.no_grad():
+        t["lora_a"][0] = float("nan")
+    ids = torch.tensor([1, 3, -2, 2, 7, -1, 1, -100, 2, 2, 3, 1], device=device)
+    valid = torch.where((ids >= 0) & (ids < 3), ids, -1)
+    ranks = torch.tensor([2, 9, 4], device=device)
+    with monkeypatch.context() as m:
+        m.setattr(torch.compiler, "is_compiling", lambda: True)
+        got, got_grads = grads_of(backend_call(backend), dict(t, adapter_ids=ids, ranks=ranks))
+    want, want_grads = grads_of(backend_call(backend), dict(t, adapter_ids=valid, ranks=ranks.clamp(max=4)))
+    assert torch.isfinite(got).all()
+    assert_close(got, want, name="output")
+    for name in want_grads:
+        assert torch.isfinite(got_grads[name]).all(), f"d{name}"
+        assert_close(got_grads[name], want_grads[name], kind="bwd", name=f"d{name}")
+    with pytest.raises(ValueError, match="adapter_ids: expected adapter ids"):
+        op_call(**dict(t, adapter_ids=ids))  # checked again once not traced
+
+
 def test_bad_ranks_scales_and_shapes_are_refused_by_name():
     t = make(8, 4, 4, 3, 3, 2)
     with pytest.raises(ValueError, match=r"ranks: expected ranks in \[1, 2\], got 3"):
@@ -342,10 +352,17 @@ def test_compile_fullgraph_matches_eager():
     def step(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks):
         return torch.tanh(op_call(x, weight, lora_a, lora_b, bias, adapter_ids, scales, ranks))
 
-    (y0, g0), (y1, g1) = (grads_of(fn, t) for fn in (step, torch.compile(step, fullgraph=True)))
+    compiled = torch.compile(step, fullgraph=True)
+    (y0, g0), (y1, g1) = (grads_of(fn, t) for fn in (step, compiled))
     assert_close(y1, y0, name="compiled output")
     for name in g0:
         assert_close(g1[name], g0[name], kind="bwd", name=f"compiled d{name}")
+    # Compiled, the ids are not checked (no read-back in the graph): one outside [-1, N) is
+    # the base layer only, as the docstring says. The same shapes: no recompilation.
+    outside = t["adapter_ids"].clone()
+    outside[:3] = torch.tensor([4, -2, 99])
+    inside = torch.where((outside >= 0) & (outside < 4), outside, -1)
+    assert_close(compiled(**dict(t, adapter_ids=outside)), step(**dict(t, adapter_ids=inside)), name="unchecked ids")
 
 
 @pytest.mark.gpu
