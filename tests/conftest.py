@@ -4,6 +4,7 @@
   present, so the ``triton`` backend runs on CPU tensors (``triton.jit`` reads it at
   decoration time).
 * ``PEFTOPS_POISON_OUTPUTS=1``: kernel launchers fill their outputs with NaN before launch.
+* ``TORCHINDUCTOR_CACHE_DIR``: a fresh directory per run unless set.
 * hypothesis profiles: ``ci`` (the default: bounded examples, no deadline, because the
   interpreter and first-call compilation make timings meaningless) and ``dev`` (more
   examples); pick with ``HYPOTHESIS_PROFILE``.
@@ -20,6 +21,13 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 # Kernel outputs start as NaN, so an element a kernel never writes cannot pass unnoticed.
 os.environ.setdefault("PEFTOPS_POISON_OUTPUTS", "1")
+# A compile cache of this run's own: a shared /tmp/torchinductor_<user> was seen to serve a
+# stale AOT-autograd graph after a custom op's schema changed, and to race on precompiled
+# headers with other processes compiling at the same time.
+if "TORCHINDUCTOR_CACHE_DIR" not in os.environ:
+    import tempfile
+
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="peftops-inductor-")
 
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402

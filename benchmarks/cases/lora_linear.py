@@ -84,7 +84,9 @@ def _dropout(t: dict) -> torch.Tensor:
 def reference(t: dict) -> torch.Tensor:
     p = t["dropout_p"]
     keep = torch.rand_like(t["x"], dtype=torch.float32) >= p if p else None
-    return peftops.reference.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["bias"], t["scale"], keep, p)
+    return peftops.reference.lora_linear(
+        t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=t["scale"], bias=t["bias"], keep=keep, dropout_p=p
+    )
 
 
 def public(t: dict) -> torch.Tensor:

@@ -155,7 +155,11 @@ def _seg_down_kernel(
                 if HAS_DROPOUT:
                     x = tl.where(keep_mask(seed, tok, ks, p), x, 0.0)
                 kt = tl.trans(ks)
-                w = tl.load(W + a * stride_wa + kt * stride_wk + rs * stride_wr, mask=(kt < K) & (rs < rank), other=0.0)
+                w = tl.load(
+                    W + a * stride_wa + kt * stride_wk + rs * stride_wr,
+                    mask=(kt < K) & (rs < rank) & (rs < R),
+                    other=0.0,
+                )
                 acc = tl.dot(x, w, acc, input_precision=PRECISION)
             acc = acc * tl.load(SCALES + a).to(tl.float32)
         tl.store(OUT + tok * stride_om + rs * stride_or, acc.to(OUT.dtype.element_ty), mask=in_tile & (rs < R))

@@ -139,10 +139,12 @@ def _run_forward(backend, x, weight, lora_a, lora_b, bias, scale, dropout_p, see
 
 def _run_backward(backend, grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, seed, output_mask):
     impl = implementation(OP, backend)
-    args = (grad, x, weight, lora_a, lora_b, lora_u)
-    if SAVED_MASK in impl.extras:
-        args = (*args, keep)
-    return call(impl.backward, x.device, *args, scale, dropout_p, seed, output_mask)
+    saved = (
+        (grad, x, weight, lora_a, lora_b, lora_u, keep)
+        if SAVED_MASK in impl.extras
+        else (grad, x, weight, lora_a, lora_b, lora_u)
+    )
+    return call(impl.backward, x.device, *saved, scale, dropout_p, seed, output_mask)
 
 
 # -- the reference backend ----------------------------------------------------------------
@@ -151,12 +153,14 @@ def _run_backward(backend, grad, x, weight, lora_a, lora_b, lora_u, keep, scale,
 def reference_keep_mask(x: Tensor, dropout_p: float, seed: Tensor | None) -> Tensor | None:
     if dropout_p == 0.0:
         return None
+    if seed is None:  # (the public op always draws one; a direct torch.ops call might not)
+        raise ValueError(f"{OP}: seed: expected a seed tensor when dropout_p > 0, got None")
     return reference.dropout_keep_mask(seed, x.shape, dropout_p, x.device)
 
 
 def reference_forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     keep = reference_keep_mask(x, dropout_p, seed)
-    y = reference.lora_linear(x, weight, lora_a, lora_b, bias, scale, keep, dropout_p)
+    y = reference.lora_linear(x, weight, lora_a, lora_b, scale=scale, bias=bias, keep=keep, dropout_p=dropout_p)
     return y, reference.lora_activation(x, lora_a, scale, keep, dropout_p).to(_acc_dtype(x))
 
 

@@ -39,8 +39,8 @@ def lora_linear(
     weight: Tensor,
     lora_a: Tensor,
     lora_b: Tensor,
-    bias: Tensor | None = None,
     scale: float = 1.0,
+    bias: Tensor | None = None,
     keep: Tensor | None = None,
     dropout_p: float = 0.0,
 ) -> Tensor:

@@ -316,7 +316,9 @@ def test_dropout_backward_against_the_spec_given_the_kernels_mask():
     keep = _mask_bits(packed, 29)
     ref = {k: (v.detach().double().requires_grad_() if v is not None else None) for k, v in t.items()}
     want, want_grads = grads_of(
-        lambda x, weight, lora_a, lora_b, bias: reference.lora_linear(x, weight, lora_a, lora_b, bias, 0.7, keep, p),
+        lambda x, weight, lora_a, lora_b, bias: reference.lora_linear(
+            x, weight, lora_a, lora_b, scale=0.7, bias=bias, keep=keep, dropout_p=p
+        ),
         ref,
     )
     assert_close(y, want, dtype=torch.float32, name="y")
