@@ -10,9 +10,13 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import torch
 from torch import Tensor
+from typing_extensions import TypeVarTuple, Unpack  # (torch's own dependency; typing has them from 3.11)
+
+Ts = TypeVarTuple("Ts")
 
 
 def _shape(t: Tensor) -> tuple[int, ...]:
@@ -65,7 +69,7 @@ def finite_float(op: str, name: str, value: object) -> float:
     # Comparisons instead of math.isfinite: torch.compile may hand us a symbolic float.
     if value != value or abs(value) == math.inf:
         raise ValueError(f"{op}: {name}: expected a finite number, got {value}")
-    return float(value) if isinstance(value, numbers.Integral) else value
+    return value if isinstance(value, float) else float(value)
 
 
 def probability(op: str, name: str, value: object) -> float:
@@ -81,7 +85,7 @@ def boolean(op: str, name: str, value: object) -> bool:
     return value
 
 
-def autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, ...]:
+def autocast(device_type: str, *tensors: Unpack[Ts]) -> tuple[Unpack[Ts]]:
     """Apply autocast the way ``F.linear`` does: float32, float16 and bfloat16 inputs go to
     the autocast dtype; float64 (which autocast never casts) and integer tensors stay.
 
@@ -92,7 +96,10 @@ def autocast(device_type: str, *tensors: Tensor | None) -> tuple[Tensor | None, 
     if device_type not in ("cpu", "cuda") or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
-    return tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
+    # Each argument keeps its kind (a tensor stays a tensor, None stays None), which the
+    # annotation says position by position and a generated tuple cannot show the checker.
+    cast_all = tuple(t.to(dtype) if isinstance(t, Tensor) and t.dtype in _AUTOCAST_ELIGIBLE else t for t in tensors)
+    return cast("tuple[Unpack[Ts]]", cast_all)
 
 
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)

@@ -5,6 +5,7 @@ rules added with the torch backend (r = 0, no input features, autocast and float
 from __future__ import annotations
 
 import importlib
+from fractions import Fraction
 
 import pytest
 import torch
@@ -100,6 +101,25 @@ def test_int_and_numpy_scales_take_the_slow_path_and_work():
     for scale in (2, np.float64(2.0), np.float32(2.0)):
         got = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=scale)
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_any_real_scale_reaches_the_backends_as_a_float():
+    """Validation takes any real number; a Fraction once passed through as it was and broke
+    inside the backends (a Fraction times a tensor, addmm_'s beta)."""
+    t = _inputs()
+    for backend in available_backends("lora_linear", "cpu"):
+        with peftops.use_backend(backend):
+            ref = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=0.25)
+            got = peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], scale=Fraction(1, 4))
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
+
+
+def test_reference_refuses_dropout_without_a_seed_by_name():
+    """The public op always draws a seed for dropout; a direct call of the registered op
+    without one is refused by name (it failed with an AttributeError on None)."""
+    t = _inputs(bias=False)
+    with pytest.raises(ValueError, match=r"lora_linear: seed: expected a seed tensor when dropout_p > 0, got None"):
+        torch.ops.peftops.lora_linear(t["x"], t["weight"], t["lora_a"], t["lora_b"], None, 1.0, 0.3, None, "reference")
 
 
 def test_autocast_leaves_float64_alone_as_f_linear_does():
