@@ -1,0 +1,355 @@
+"""Run a live HF PEFT model's LoRA layers on peftops' :func:`~peftops.lora_linear`, in place.
+
+``accelerate(model)`` binds a replacement ``forward`` on each eligible
+``peft.tuners.lora.layer.Linear`` *instance* (peft's classes are never patched, so other models
+and ``isinstance`` checks are untouched); ``restore(model)`` deletes those bindings, so the
+class's ``forward`` (peft's) is found again. Parameters are the layers' own: nothing is copied,
+so ``save_pretrained``, ``set_adapter``, ``disable_adapter()``, ``merge_and_unload``, optimizers
+and the Trainer see the same tensors as before.
+
+What runs on the op, per call (everything else runs peft's own forward, see below):
+
+* the active adapter, or several: the first through the op (base GEMM, bias and its LoRA term
+  fused), each further one added with peft's own formula ``lora_B(lora_A(dropout(x))) * scaling``,
+  as peft sums them;
+* dropout: ``p`` from peft's ``lora_dropout[name]`` (``nn.Dropout``; ``nn.Identity`` is 0), active
+  when that module is in training mode. The op draws its own mask from torch's generator, so
+  with dropout the two forwards agree in distribution, not bit for bit;
+* the base layer's bias; the scale is peft's ``scaling[name]`` (rsLoRA and ``set_scale``
+  included), read at each call;
+* ``disable_adapters`` and merged layers: the base layer alone, as peft;
+* mixed batches (peft's ``adapter_names=``): rows grouped by adapter, each group through the op,
+  ``"__base__"`` rows and adapters this layer lacks through the base layer.
+
+A layer the op cannot compute as peft does (DoRA or another LoRA variant, ``lora_bias``, a base
+layer that is not ``nn.Linear`` such as GPT-2's ``Conv1D`` or a quantised layer, embeddings and
+convolutions, ``fan_in_fan_out``, hooks on the base layer, ...) is left alone and named in the
+report with the reason. A call that an accelerated layer cannot take (an extra argument, a
+dtype mismatch, an adapter added later with a variant, ...) runs peft's forward, is counted in
+``report.fallbacks`` and warned about once per reason (:class:`PeftopsFallbackWarning`).
+"""
+
+from __future__ import annotations
+
+import types
+import warnings
+from collections import Counter
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from ..ops import lora_linear
+
+__all__ = ["AccelerateReport", "PeftopsFallbackWarning", "accelerate", "restore"]
+
+
+class PeftopsFallbackWarning(UserWarning):
+    """An accelerated layer ran peft's own forward for a call (once per reason and report)."""
+
+
+@dataclass
+class AccelerateReport:
+    """What :func:`accelerate` did to a model.
+
+    ``accelerated``: module names whose LoRA layers run peftops' op. ``skipped``: module name ->
+    why the layer keeps peft's forward. ``fallbacks``: ``(module name, reason) -> calls`` that an
+    accelerated layer handed to peft's forward at call time (see the module docstring).
+    """
+
+    accelerated: list[str] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    fallbacks: Counter = field(default_factory=Counter)
+    _warned: set = field(default_factory=set, repr=False, compare=False)
+
+    def __str__(self) -> str:
+        lines = [
+            f"peftops.accelerate: {len(self.accelerated)} LoRA layer(s) on peftops' lora_linear, "
+            f"{len(self.skipped)} left on peft's forward"
+        ]
+        lines += [f"  accelerated  {name}" for name in self.accelerated]
+        lines += [f"  skipped      {name}: {reason}" for name, reason in self.skipped.items()]
+        if self.fallbacks:
+            lines.append(f"  calls run on peft's forward: {sum(self.fallbacks.values())}")
+            lines += [f"    {n} x {name}: {reason}" for (name, reason), n in self.fallbacks.items()]
+        return "\n".join(lines)
+
+
+# Per-instance attributes set by accelerate() and removed by restore(): the bound forward (an
+# instance attribute shadows the class's) and the layer's name and report, for the fallback count.
+_STATE = "_peftops_accelerate"
+
+
+@dataclass
+class _LayerState:
+    name: str
+    report: AccelerateReport
+
+
+def _peft_lora():
+    try:
+        from peft.tuners.lora import layer as lora_layer
+    except ImportError as e:  # pragma: no cover - the hf extra is part of the test extra
+        raise ImportError("peftops.accelerate needs peft and transformers: pip install 'peftops[hf]'") from e
+    return lora_layer
+
+
+def _has_hooks(module: nn.Module) -> bool:
+    # Hooks would be skipped by the op, which reads the weights instead of calling the module;
+    # accelerate's offload hooks (``_hf_hook``) also replace the instance's forward.
+    return bool(
+        module._forward_hooks
+        or module._forward_pre_hooks
+        or "forward" in module.__dict__
+        or hasattr(module, "_hf_hook")
+    )
+
+
+def _base_reason(layer: nn.Module) -> str | None:
+    base = layer.base_layer
+    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+        kind = f"{type(base).__module__}.{type(base).__qualname__}"
+        return f"base layer is {kind}, not torch.nn.Linear (lora_linear computes x W^T + b only)"
+    if getattr(layer, "fan_in_fan_out", False):
+        return "fan_in_fan_out=True (weight stored transposed)"
+    if _has_hooks(base):
+        return "the base layer has hooks or a replaced forward (offloading, quantisation, ...)"
+    return None
+
+
+def _adapter_reason(layer: nn.Module, name: str) -> str | None:
+    """Why adapter ``name`` of ``layer`` cannot run on the op (static properties only)."""
+    variant = layer.lora_variant.get(name)
+    if variant is not None:
+        return f"adapter {name!r} uses the LoRA variant {type(variant).__name__} (DoRA, aLoRA, ...)"
+    lora_a, lora_b = layer.lora_A[name], layer.lora_B[name]
+    if layer.lora_bias.get(name, False) or getattr(lora_b, "bias", None) is not None:
+        return f"adapter {name!r} has lora_bias=True"
+    if type(lora_a) is not nn.Linear or type(lora_b) is not nn.Linear:
+        return f"adapter {name!r}: lora_A/lora_B are {type(lora_a).__name__}/{type(lora_b).__name__}, not nn.Linear"
+    if lora_a.bias is not None:
+        return f"adapter {name!r}: lora_A has a bias"
+    if _has_hooks(lora_a) or _has_hooks(lora_b):
+        return f"adapter {name!r}: lora_A or lora_B has hooks"
+    dropout = layer.lora_dropout[name]
+    if type(dropout) is nn.Dropout:
+        if not 0.0 <= dropout.p < 1.0:
+            return f"adapter {name!r}: lora_dropout p={dropout.p} (the op takes 0 <= p < 1)"
+    elif type(dropout) is not nn.Identity:
+        return f"adapter {name!r}: lora_dropout is {type(dropout).__name__}, not nn.Dropout or nn.Identity"
+    return None
+
+
+def _dropout_args(layer: nn.Module, name: str) -> tuple[float, bool]:
+    dropout = layer.lora_dropout[name]
+    if type(dropout) is nn.Identity:
+        return 0.0, False
+    return float(dropout.p), dropout.training
+
+
+def _call_reason(layer: nn.Module, x: Tensor, adapters) -> str | None:
+    """Why this call cannot run on the op; ``adapters``: the LoRA adapters it would run."""
+    if _has_hooks(layer.base_layer):
+        return "the base layer has hooks or a replaced forward (offloading, quantisation, ...)"
+    base = layer.base_layer
+    if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() == 0:
+        return "x is not a floating-point tensor with a feature dimension"
+    dtype, device = x.dtype, x.device
+    if base.weight.dtype != dtype or base.weight.device != device:
+        return "x and the base weight differ in dtype or device"
+    if base.bias is not None and (base.bias.dtype != dtype or base.bias.device != device):
+        return "x and the base bias differ in dtype or device"
+    for name in adapters:
+        reason = _adapter_reason(layer, name)
+        if reason is not None:
+            return reason
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+            return f"adapter {name!r}: x and the LoRA weights differ in dtype or device"
+    return None
+
+
+def _fallback(layer: nn.Module, reason: str, x, args, kwargs) -> Tensor:
+    state: _LayerState = layer.__dict__[_STATE]
+    report = state.report
+    report.fallbacks[(state.name, reason)] += 1
+    if reason not in report._warned:
+        report._warned.add(reason)
+        warnings.warn(
+            f"peftops.accelerate: {state.name} ran peft's own forward for a call: {reason}. "
+            "Further such calls are counted in the AccelerateReport's fallbacks, not warned about.",
+            PeftopsFallbackWarning,
+            stacklevel=3,
+        )
+    return type(layer).forward(layer, x, *args, **kwargs)
+
+
+def _with_adapter(layer: nn.Module, x: Tensor, name: str) -> Tensor:
+    base = layer.base_layer
+    p, training = _dropout_args(layer, name)
+    return lora_linear(
+        x,
+        base.weight,
+        layer.lora_A[name].weight,
+        layer.lora_B[name].weight,
+        scale=float(layer.scaling[name]),
+        bias=base.bias,
+        dropout_p=p,
+        training=training,
+    )
+
+
+def _accelerated_forward(self, x, *args, **kwargs):
+    # peft's own argument checks first, so that errors (adapter_names of the wrong length,
+    # adapter_names with merged adapters) are peft's, word for word.
+    self._check_forward_args(x, *args, **kwargs)
+    adapter_names = kwargs.get("adapter_names")
+    extra = sorted(k for k, v in kwargs.items() if k != "adapter_names" and not (k == "alora_offsets" and v is None))
+    if args or extra:
+        return _fallback(
+            self, f"extra arguments to forward ({len(args)} positional, keywords {extra})", x, args, kwargs
+        )
+    base = self.base_layer
+
+    if self.disable_adapters:
+        if _has_hooks(base):
+            return _fallback(self, "the base layer has hooks or a replaced forward", x, args, kwargs)
+        if self.merged:
+            self.unmerge()
+        return base(x)
+
+    if adapter_names is not None:
+        groups: dict[str, list[int]] = {}
+        for i, name in enumerate(adapter_names):
+            groups.setdefault(name, []).append(i)
+        lora_groups = [n for n in groups if n != "__base__" and n in self.lora_A]
+        reason = _call_reason(self, x, lora_groups)
+        if reason is not None:
+            return _fallback(self, reason, x, args, kwargs)
+        if len(groups) == 1:
+            (name,) = groups
+            return _with_adapter(self, x, name) if name in lora_groups else base(x)
+        order, outs = [], []
+        for name, rows in groups.items():
+            index = torch.tensor(rows, device=x.device)
+            sub = x.index_select(0, index)
+            outs.append(_with_adapter(self, sub, name) if name in lora_groups else base(sub))
+            order.extend(rows)
+        perm = torch.tensor(order, device=x.device)
+        inverse = torch.empty_like(perm)
+        inverse[perm] = torch.arange(len(order), device=x.device)
+        return torch.cat(outs, 0).index_select(0, inverse)
+
+    if self.merged:
+        if _has_hooks(base):
+            return _fallback(self, "the base layer has hooks or a replaced forward", x, args, kwargs)
+        return base(x)
+
+    active = [name for name in self.active_adapters if name in self.lora_A]
+    reason = _call_reason(self, x, active)
+    if reason is not None:
+        return _fallback(self, reason, x, args, kwargs)
+    if not active:
+        return base(x)
+    result = _with_adapter(self, x, active[0])
+    for name in active[1:]:
+        # peft's own term for each further adapter: the op would recompute the base GEMM.
+        result = result + self.lora_B[name](self.lora_A[name](self.lora_dropout[name](x))) * self.scaling[name]
+    return result
+
+
+def _is_accelerated(module: nn.Module) -> bool:
+    bound = module.__dict__.get("forward")
+    return getattr(bound, "__func__", None) is _accelerated_forward
+
+
+def accelerate(model: nn.Module) -> AccelerateReport:
+    """Make ``model``'s peft LoRA ``Linear`` layers run :func:`peftops.lora_linear`, in place.
+
+    ``model``: a ``peft.PeftModel`` or any module with peft LoRA layers injected (for example a
+    transformers model after ``inject_adapter_in_model`` or ``add_adapter``). Returns an
+    :class:`AccelerateReport` naming every LoRA layer, accelerated or skipped with the reason.
+    Undo with :func:`restore`. Layers that peft creates later (an adapter added on new target
+    modules) are not accelerated: ``restore`` and ``accelerate`` again to include them.
+
+    Raises ``TypeError`` if ``model`` is not a module, ``ValueError`` if it has no peft LoRA
+    layer or is already accelerated (accelerating twice is an error, not a no-op, so that a
+    second report cannot silently describe nothing).
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            "peftops.accelerate: model must be a torch.nn.Module (a peft.PeftModel or a transformers model "
+            f"with peft LoRA adapters), got {type(model).__module__}.{type(model).__qualname__}"
+        )
+    lora_layer = _peft_lora()
+    layers = [(name, m) for name, m in model.named_modules() if isinstance(m, lora_layer.LoraLayer)]
+    if not layers:
+        raise ValueError(
+            f"peftops.accelerate: model ({type(model).__qualname__}) has no peft LoRA layer "
+            "(expected a peft.PeftModel with a LoraConfig, or a model with LoRA adapters injected by peft)"
+        )
+    already = [name for name, m in layers if _is_accelerated(m)]
+    if already:
+        raise ValueError(
+            f"peftops.accelerate: model ({type(model).__qualname__}) is already accelerated "
+            f"({len(already)} layer(s), e.g. {already[0]!r}); call peftops.restore(model) first"
+        )
+
+    report = AccelerateReport()
+    for name, module in layers:
+        reason = _layer_reason(module, lora_layer)
+        if reason is not None:
+            report.skipped[name] = reason
+            continue
+        module.__dict__[_STATE] = _LayerState(name, report)
+        module.forward = types.MethodType(_accelerated_forward, module)
+        report.accelerated.append(name)
+    if not report.accelerated:
+        warnings.warn(f"peftops.accelerate: no LoRA layer accelerated\n{report}", PeftopsFallbackWarning, stacklevel=2)
+    return report
+
+
+def _layer_reason(module: nn.Module, lora_layer) -> str | None:
+    if not isinstance(module, lora_layer.Linear):
+        base = module.get_base_layer()
+        return (
+            f"peft layer type {type(module).__module__}.{type(module).__qualname__} "
+            f"(base {type(base).__qualname__}) is not a LoRA Linear"
+        )
+    if type(module).forward is not lora_layer.Linear.forward:
+        return f"{type(module).__qualname__} overrides peft's Linear.forward"
+    if "forward" in module.__dict__:
+        return "the layer's forward was already replaced on the instance (another patch)"
+    reason = _base_reason(module)
+    if reason is not None:
+        return reason
+    for name in module.lora_A:
+        reason = _adapter_reason(module, name)
+        if reason is not None:
+            return reason
+    return None
+
+
+def restore(model: nn.Module) -> list[str]:
+    """Give ``model``'s accelerated layers peft's forward back; returns their names.
+
+    Raises ``ValueError`` if no layer of ``model`` is accelerated (never accelerated, or restored
+    already: restoring twice is an error, so that a restore that did nothing is not mistaken for
+    one that did), ``TypeError`` if ``model`` is not a module.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(
+            f"peftops.restore: model must be a torch.nn.Module, got {type(model).__module__}.{type(model).__qualname__}"
+        )
+    restored = []
+    for name, module in model.named_modules():
+        if _is_accelerated(module):
+            del module.__dict__["forward"]
+            module.__dict__.pop(_STATE, None)
+            restored.append(name)
+    if not restored:
+        raise ValueError(
+            f"peftops.restore: model ({type(model).__qualname__}) has no layer accelerated by peftops.accelerate "
+            "(never accelerated, or restored already)"
+        )
+    return restored
