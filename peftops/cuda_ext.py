@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 
 from .backends import OpImpl, backend_status, implementation, register_backend, register_impl
+from .kernels.common import ACT_CODES, dtype_reason
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -82,8 +83,6 @@ def _adapter_fwd_fake(x, down_weight, down_bias, up_weight, up_bias, residual, a
 
 # -- the cuda backend of bottleneck_adapter ---------------------------------------------------
 
-_ACT = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
-
 
 def _adapter_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
     load()
@@ -94,7 +93,7 @@ def _adapter_forward(x, down_weight, down_bias, up_weight, up_bias, residual, ac
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream().cuda_stream
         y, h = torch.ops.peftops.bottleneck_adapter_fwd_cuda(
-            x2, contig[0], contig[1], contig[2], contig[3], res2, _ACT[activation], scale, stream
+            x2, contig[0], contig[1], contig[2], contig[3], res2, ACT_CODES[activation], scale, stream
         )
     return y.reshape(*lead, d), h.reshape(*lead, down_weight.shape[0])
 
@@ -106,8 +105,9 @@ def _adapter_backward(*args):
 
 
 def _adapter_supports(x, down_weight, *rest) -> str | None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the CUDA kernel takes float32, float16 or bfloat16, got {x.dtype}"
+    reason = dtype_reason(x.dtype, "the CUDA kernel takes")
+    if reason is not None:
+        return reason
     # The backward runs the Triton kernels, so a call is supported only where they run too.
     reason = backend_status("triton", x.device)
     if reason is not None:

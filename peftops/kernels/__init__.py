@@ -14,6 +14,7 @@ decoration time), so set it before importing peftops to run the kernels on CPU t
 import importlib.util
 
 from ..backends import register_backend
+from .common import interpreting
 
 _INSTALLED = importlib.util.find_spec("triton") is not None
 
@@ -21,8 +22,6 @@ _INSTALLED = importlib.util.find_spec("triton") is not None
 def _status(device_type: str) -> str | None:
     if not _INSTALLED:
         return "the triton package is not installed"
-    from .common import interpreting
-
     if device_type == "cuda" or (device_type == "cpu" and interpreting()):
         return None
     return (

@@ -42,12 +42,10 @@ from torch import Tensor
 from .. import reference
 from ..backends import OpImpl, register_impl
 from . import block_config
-from .common import dot_precision, empty, on_device
-from .lowrank import down, fp16_row_factor, fp16_scaled, pow2, tn
+from .common import ACT_CODES, dot_precision, dtype_reason, empty, on_device
+from .lowrank import MAX_RANK, down, fp16_row_factor, fp16_scaled, pow2, tn
 
 OP = "bottleneck_adapter"
-ACT_CODES = {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
-MAX_RANK = 256
 
 
 @triton.jit
@@ -374,8 +372,9 @@ def backward(
 
 
 def supports(x, down_weight, *rest) -> str | None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
+    reason = dtype_reason(x.dtype, "the triton kernels take")
+    if reason is not None:
+        return reason
     if down_weight.shape[0] > MAX_RANK:
         return f"the triton kernels take ranks up to {MAX_RANK}, got {down_weight.shape[0]}"
     if down_weight.numel() >= 2**31:

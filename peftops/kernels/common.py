@@ -1,4 +1,6 @@
-"""What every Triton launcher shares: output allocation, dot precision, device context."""
+"""What every Triton launcher shares: output allocation, dot precision, device context, the
+dtypes the kernels take and the activation codes they switch on. Nothing here imports triton,
+so the ``cuda`` backend (:mod:`peftops.cuda_ext`) reads the same tables."""
 
 from __future__ import annotations
 
@@ -8,13 +10,35 @@ from collections.abc import Iterator
 
 import torch
 
+from ..reference import ACTIVATIONS
+
 #: Tests set this to fill every kernel output with NaN before launch, so an element a kernel
 #: forgot to write shows up instead of passing as stale memory.
 POISON_ENV = "PEFTOPS_POISON_OUTPUTS"
 
 
+#: What the Triton kernels (and the CUDA C++ forward) take; float64 is the reference's alone.
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+#: The bottleneck adapter's activation as its kernels switch on it (Triton's ``_act``, the CUDA
+#: C++ ``activate`` in ``csrc/bottleneck_adapter.cu``): its position in the spec's list, so a
+#: new activation is appended there, never inserted.
+ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
+
+
 def interpreting() -> bool:
+    """Whether Triton runs kernels in its CPU interpreter: the one reader of TRITON_INTERPRET."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def dtype_reason(dtype: torch.dtype, who_takes: str, allowed: tuple[torch.dtype, ...] = KERNEL_DTYPES) -> str | None:
+    """For a backend's ``supports``: None if ``dtype`` is ``allowed``, else the reason, as
+    ``"{who_takes} float32, float16 or bfloat16, got torch.float64"``."""
+    if dtype in allowed:
+        return None
+    names = [str(d).removeprefix("torch.") for d in allowed]
+    listed = names[0] if len(names) == 1 else f"{', '.join(names[:-1])} or {names[-1]}"
+    return f"{who_takes} {listed}, got {dtype}"
 
 
 def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:

@@ -50,8 +50,8 @@ from torch import Tensor
 
 from ..backends import OpImpl, register_impl
 from . import block_config, lora_linear_tma
-from .common import dot_precision, empty, on_device
-from .lowrank import down, empty_mask, expand_bits, fp16_factor, fp16_scaled, launch_meta, pow2, tn
+from .common import dot_precision, dtype_reason, empty, on_device
+from .lowrank import MAX_RANK, down, empty_mask, expand_bits, fp16_factor, fp16_scaled, launch_meta, pow2, tn
 
 OP = "lora_linear"
 
@@ -263,10 +263,11 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, ou
 
 
 def supports(x, weight, lora_a, *rest) -> str | None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
-    if lora_a.shape[0] > 256:
-        return f"the triton kernels take ranks up to 256, got {lora_a.shape[0]}"
+    reason = dtype_reason(x.dtype, "the triton kernels take")
+    if reason is not None:
+        return reason
+    if lora_a.shape[0] > MAX_RANK:
+        return f"the triton kernels take ranks up to {MAX_RANK}, got {lora_a.shape[0]}"
     # Token offsets are int64; weight offsets stay int32, which is what real layers need.
     if weight.numel() >= 2**31:
         return f"the triton kernels take weights under 2**31 elements, got {tuple(weight.shape)}"

@@ -44,8 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import block_config
-from .common import dot_precision, empty, interpreting, num_sms, on_device
-from .lowrank import pow2
+from .common import dot_precision, dtype_reason, empty, interpreting, num_sms, on_device
+from .lowrank import MAX_RANK, pow2
 
 OP = "lora_linear"
 KERNEL = "gemm_tma"
@@ -73,9 +73,6 @@ CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "NUM_SMS", 
 
 #: TMA's alignment unit for the base address and every stride but the innermost.
 TMA_ALIGN = 16
-
-#: The pointer kernel's limit too; the rank-r term takes steps of :func:`rank_block` ranks.
-MAX_RANK = 256
 
 
 @triton.jit
@@ -217,10 +214,11 @@ def layout_reason(
 ) -> str | None:
     """The part of :func:`supports_tma` that looks only at the operands (no device query), so
     that it runs on any tensor: dtypes, shapes, strides and alignment."""
-    if x.dtype not in (torch.float16, torch.bfloat16):
-        # float32 would need TF32 wgmma with both operands K-major, which the dx orientation
-        # is not; the pointer kernel serves it.
-        return f"the TMA GEMM takes float16 or bfloat16, got {x.dtype}"
+    # float32 would need TF32 wgmma with both operands K-major, which the dx orientation is
+    # not; the pointer kernel serves it.
+    reason = dtype_reason(x.dtype, "the TMA GEMM takes", (torch.float16, torch.bfloat16))
+    if reason is not None:
+        return reason
     operands = (("w", w), ("u", u), ("b", b)) + ((("bias", bias),) if bias is not None else ())
     for name, t in operands:
         # The ops keep u in float32 (rounded to float16 it can overflow where y does not); the
@@ -267,9 +265,10 @@ def supports_tma(
     ``w`` is the stored matrix: ``(N, K)`` when ``trans_w`` (the forward's weight), ``(K, N)``
     otherwise (the dx GEMM's weight). Conditions: a CUDA device of compute capability 9.x (not
     the interpreter), then :func:`layout_reason`'s: float16 or bfloat16 throughout, rank at
-    most 256, ``x`` and ``w`` with unit inner stride, non-overlapping rows and 16-byte aligned
-    base and row stride, ``N`` a multiple of 16 bytes (the output is a contiguous ``(M, N)``
-    written by descriptor), ``K > 0``.
+    most :data:`.lowrank.MAX_RANK` (the pointer kernel's limit too), ``x`` and ``w`` with unit
+    inner stride, non-overlapping rows and 16-byte aligned base and row stride, ``N`` a
+    multiple of 16 bytes (the output is a contiguous ``(M, N)`` written by descriptor),
+    ``K > 0``.
     """
     if x.device.type != "cuda" or interpreting():
         return f"TMA needs a CUDA device, got {x.device.type}" + (" under TRITON_INTERPRET" if interpreting() else "")

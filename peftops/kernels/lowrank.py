@@ -39,6 +39,10 @@ from triton.language.random import uint_to_uniform_float
 from . import block_config
 from .common import dot_precision, empty, num_sms
 
+#: The largest rank the rank-r family takes: LoRA's GEMMs (pointer and TMA) and the bottleneck
+#: adapter's row kernels, which hold a row block's whole rank on chip (BLOCK_R = pow2(r)); the
+#: largest rank their tests cover (tests/kernels).
+MAX_RANK = 256
 #: Mask features per byte, and the resolution of the keep threshold.
 MASK_BITS = 8
 MASK_LEVELS = 1 << 16

@@ -40,10 +40,12 @@ from torch import Tensor
 
 from ..backends import OpImpl, register_impl
 from . import block_config
-from .common import dot_precision, empty, on_device
+from .common import dot_precision, dtype_reason, empty, on_device
 from .lowrank import keep_mask, pow2, tn
 
 OP = "multi_lora_linear"
+#: The largest r_max this family takes: its kernels hold a token's whole rank-r activation in
+#: one register tile (BLOCK_R = pow2(r_max)).
 MAX_RANK = 128
 
 
@@ -525,8 +527,9 @@ def backward(
 
 
 def supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> str | None:
-    if x.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton kernels take float32, float16 or bfloat16, got {x.dtype}"
+    reason = dtype_reason(x.dtype, "the triton kernels take")
+    if reason is not None:
+        return reason
     if lora_a.shape[1] > MAX_RANK:
         return f"the triton kernels take r_max up to {MAX_RANK}, got {lora_a.shape[1]}"
     if max(weight.numel(), lora_a.numel(), lora_b.numel()) >= 2**31:

@@ -49,11 +49,13 @@ from torch import Tensor
 
 from ..backends import OpImpl, register_impl
 from . import block_config
-from .common import dot_precision, empty, interpreting, on_device
+from .common import dot_precision, dtype_reason, empty, interpreting, on_device
 
 OP = "prefix_attention"
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+#: log2(e) and ln(2), constexpr so that kernel bodies can read them (Triton refuses other
+#: globals); host code reads ``.value``.
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 MAX_HEAD_DIM = 256
 
 # ---------------------------------------------------------------------------------------------
@@ -370,7 +372,7 @@ def _fwd_kernel(
     out = acc / l_safe[:, None]
     o_ptrs = O + b * stride_ob + h * stride_oh + rows[:, None] * stride_om + offs_d[None, :] * stride_od
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=(rows < L)[:, None] & (offs_d < HEAD_DIM)[None, :])
-    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * 0.6931471805599453)
+    lse = tl.where(dead, float("-inf"), (m_i + tl.log2(l_safe)) * LN2)
     tl.store(LSE + (b * HQ + h) * L + rows, lse, mask=rows < L)
 
 
@@ -429,7 +431,7 @@ def _prep_kernel(
     at = bh.to(tl.int64) * L + rows
     lse = tl.load(LSE + at, mask=rows < L, other=0.0)
     tl.store(DELTA + at, delta, mask=rows < L)
-    tl.store(LSE2 + at, tl.where(lse == float("-inf"), float("inf"), lse * 1.4426950408889634), mask=rows < L)
+    tl.store(LSE2 + at, tl.where(lse == float("-inf"), float("inf"), lse * LOG2E), mask=rows < L)
 
 
 @triton.jit
@@ -930,7 +932,7 @@ def _strides4(t: Tensor) -> tuple[int, ...]:
 
 def _prefix_args(k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None):
     """Pointers and strides for the prefix: with no prefix, k and v stand in (P = 0 visits none)."""
-    if prefix_k is None:
+    if prefix_k is None or prefix_v is None:  # (the op passes both or neither)
         return k, v, (0, 0, 0, 0), (0, 0, 0, 0), 0
     return prefix_k, prefix_v, _strides4(prefix_k), _strides4(prefix_v), prefix_k.shape[-2]
 
@@ -989,7 +991,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg
             q_len,
             seq_len,
             prefix_len,
-            scale * LOG2E,
+            scale * LOG2E.value,
             CAUSAL=causal,
             HAS_KPM=has_kpm,
             HEAD_DIM=head_dim,
@@ -1050,7 +1052,7 @@ def _launch_dkdv(
         q_len,
         n_keys,
         c,
-        scale * LOG2E,
+        scale * LOG2E.value,
         scale,
         GROUP=hq // hkv,
         CAUSAL=causal,
@@ -1177,7 +1179,7 @@ def backward(
             else:
                 dpk = dpk_rows if need_pk else None
                 dpv = dpv_rows if need_pv else None
-        if need_q:
+        if dq is not None:  # (None exactly when not need_q)
             pk, pv, spk, spv, _ = _prefix_args(k, v, prefix_k, prefix_v)
             dq_cfg, meta = launch_config("dq", block_d, q, cfg.get("dq"))
             _dq_kernel[(triton.cdiv(q_len, dq_cfg["BLOCK_M"]), batch * hq)](
@@ -1204,7 +1206,7 @@ def backward(
                 q_len,
                 seq_len,
                 prefix_len,
-                scale * LOG2E,
+                scale * LOG2E.value,
                 scale,
                 CAUSAL=causal,
                 HAS_KPM=has_kpm,
@@ -1228,8 +1230,9 @@ def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
 
 
 def supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> str | None:
-    if q.dtype not in (torch.float32, torch.float16, torch.bfloat16):
-        return f"the triton kernels take float32, float16 or bfloat16, got {q.dtype}"
+    reason = dtype_reason(q.dtype, "the triton kernels take")
+    if reason is not None:
+        return reason
     if not scale > 0:
         return f"the triton kernels take scale > 0 (the softmax max is taken before scaling), got {scale}"
     if q.shape[-1] > MAX_HEAD_DIM:
