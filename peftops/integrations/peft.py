@@ -154,19 +154,29 @@ def _call_reason(layer: nn.Module, x: Tensor, adapters) -> str | None:
     base = layer.base_layer
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() == 0:
         return "x is not a floating-point tensor with a feature dimension"
-    dtype, device = x.dtype, x.device
-    if base.weight.dtype != dtype or base.weight.device != device:
+    device = x.device
+    # Under autocast the op casts every float argument to the autocast dtype as F.linear does
+    # (peft's nn.Linear calls are cast the same way), so only then may the dtypes differ.
+    dtypes = (
+        _AUTOCAST_ELIGIBLE
+        if x.dtype in _AUTOCAST_ELIGIBLE and device.type in ("cpu", "cuda") and torch.is_autocast_enabled(device.type)
+        else (x.dtype,)
+    )
+    if base.weight.dtype not in dtypes or base.weight.device != device:
         return "x and the base weight differ in dtype or device"
-    if base.bias is not None and (base.bias.dtype != dtype or base.bias.device != device):
+    if base.bias is not None and (base.bias.dtype not in dtypes or base.bias.device != device):
         return "x and the base bias differ in dtype or device"
     for name in adapters:
         reason = _adapter_reason(layer, name)
         if reason is not None:
             return reason
         a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
-        if a.dtype != dtype or b.dtype != dtype or a.device != device or b.device != device:
+        if a.dtype not in dtypes or b.dtype not in dtypes or a.device != device or b.device != device:
             return f"adapter {name!r}: x and the LoRA weights differ in dtype or device"
     return None
+
+
+_AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
 def _fallback(layer: nn.Module, reason: str, x, args, kwargs) -> Tensor:
@@ -199,16 +209,20 @@ def _with_adapter(layer: nn.Module, x: Tensor, name: str) -> Tensor:
     )
 
 
+def _extra_keywords(kwargs) -> list[str]:
+    # adapter_names is peft's mixed batch; alora_offsets=None is what peft's hooks may pass to
+    # every layer (aLoRA itself is a variant, refused per adapter).
+    return sorted(k for k, v in kwargs.items() if k != "adapter_names" and not (k == "alora_offsets" and v is None))
+
+
 def _accelerated_forward(self, x, *args, **kwargs):
     # peft's own argument checks first, so that errors (adapter_names of the wrong length,
     # adapter_names with merged adapters) are peft's, word for word.
     self._check_forward_args(x, *args, **kwargs)
     adapter_names = kwargs.get("adapter_names")
-    extra = sorted(k for k, v in kwargs.items() if k != "adapter_names" and not (k == "alora_offsets" and v is None))
-    if args or extra:
-        return _fallback(
-            self, f"extra arguments to forward ({len(args)} positional, keywords {extra})", x, args, kwargs
-        )
+    if args or (kwargs and _extra_keywords(kwargs)):
+        reason = f"extra arguments to forward ({len(args)} positional, keywords {_extra_keywords(kwargs)})"
+        return _fallback(self, reason, x, args, kwargs)
     base = self.base_layer
 
     if self.disable_adapters:

@@ -35,14 +35,9 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 
 def _llama(**config):
     torch.manual_seed(0)
+    config = {"num_hidden_layers": 2, **config}
     cfg = transformers.LlamaConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **config,
+        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **config
     )
     return transformers.LlamaForCausalLM(cfg)
 
@@ -111,9 +106,9 @@ def op_calls(monkeypatch):
     return calls
 
 
-def _logits_and_grads(model, ids, **kwargs):
+def _logits_and_grads(model, ids, call=None, **kwargs):
     model.zero_grad(set_to_none=True)
-    out = model(ids, **kwargs).logits
+    out = (model if call is None else call)(ids, **kwargs).logits
     weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(2))
     (out * weights).sum().backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -362,6 +357,34 @@ def test_reference_backend(op_calls):
     model.eval()
     with peftops.use_backend("reference"):
         _check_parity(model, op_calls, _inputs())
+
+
+def test_autocast_runs_on_the_op(op_calls):
+    # Under autocast a LoRA layer sees bfloat16 activations and float32 weights (down_proj's
+    # input is the product of two autocast GEMMs): the op casts as F.linear does, no fallback.
+    model = get_peft_model(_llama(), _lora())
+    ids = _inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        expected = model(ids).logits
+    report = accelerate(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        actual = model(ids).logits
+    assert actual.dtype == expected.dtype == torch.bfloat16
+    assert len(op_calls) == len(report.accelerated) and not report.fallbacks
+    # bfloat16 keeps 8 bits and each of the two layers rounds its sums in another order: a few
+    # units in the last place of the largest logit (2**-6 is 4 of them at the scale of the max).
+    atol = 2**-6 * expected.abs().max().item()
+    torch.testing.assert_close(actual.float(), expected.float(), rtol=2**-6, atol=atol)
+
+
+def test_compile_fullgraph():
+    model = get_peft_model(_llama(num_hidden_layers=1), _lora(target_modules=["q_proj", "down_proj"]))
+    ids = _inputs()
+    expected = _logits_and_grads(model, ids)
+    report = accelerate(model)
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # no graph break in the forward
+    _assert_same(expected, _logits_and_grads(model, ids, call=compiled))
+    assert not report.fallbacks
 
 
 # -- what is left on peft's forward, and says so -----------------------------------------------
