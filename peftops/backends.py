@@ -214,14 +214,15 @@ def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str
 #: kept in ``benchmarks/results/`` (benchmarks/NOTES.md).
 AUTO_TABLE = Path(__file__).parent / "kernels" / "configs" / "auto.json"
 
-_SHAPE_CLASS: dict[str, Callable[..., dict[str, Any]]] = {}
+_SHAPE_CLASS: dict[str, tuple[tuple[str, ...], Callable[..., tuple]]] = {}
 
 
-def register_shape_class(op: str, features: Callable[..., dict[str, Any]]) -> None:
-    """``features(*forward_args)`` describes a call for ``auto``: a dict of ints and bools
-    (say ``{"tokens": 8192, "dropout": False}``) that ``auto.json`` entries match with
-    ``"when": {"tokens": [lo, hi], "dropout": false}`` (ranges inclusive, ``null`` open)."""
-    _SHAPE_CLASS[op] = features
+def register_shape_class(op: str, keys: Sequence[str], features: Callable[..., tuple]) -> None:
+    """``features(*forward_args)`` describes a call for ``auto``: a tuple of ints and bools,
+    one per name in ``keys`` (say ``("tokens", "dropout")`` and ``(8192, False)``), that
+    ``auto.json`` entries match with ``"when": {"tokens": [lo, hi], "dropout": false}`` (ranges
+    inclusive, ``null`` open). A tuple, not a dict: this runs on every eager call."""
+    _SHAPE_CLASS[op] = (tuple(keys), features)
 
 
 @functools.cache
@@ -275,9 +276,12 @@ def _current_cuda_index() -> int:
 def _cached_order(op: str, device_type: str, device_name: str | None, features: tuple) -> tuple[str, ...]:
     # One table walk per distinct (op, GPU, shape class) in the process; a constant to dynamo.
     key = (op, device_type, device_name, features)
-    if key not in _orders:
-        _orders[key] = auto_order(op, device_type, device_name, dict(features))
-    return _orders[key]
+    order = _orders.get(key)
+    if order is None:
+        keys = _SHAPE_CLASS[op][0] if op in _SHAPE_CLASS else ()
+        named = dict(zip(keys, features, strict=True)) if features else {}
+        order = _orders[key] = auto_order(op, device_type, device_name, named)
+    return order
 
 
 _orders: dict[tuple, tuple[str, ...]] = {}
@@ -287,8 +291,23 @@ def _auto_candidates(op: str, device: torch.device, args: Sequence) -> tuple[str
     name = None
     if device.type == "cuda":
         name = _cuda_device_name(device.index if device.index is not None else _current_cuda_index())
-    features = tuple(_SHAPE_CLASS[op](*args).items()) if op in _SHAPE_CLASS and args else ()
-    return _cached_order(op, device.type, name, features)
+    # The shape class matters only where this GPU has measured entries for the op: elsewhere
+    # (every CPU, an unmeasured GPU) the order is the device type's default, and the
+    # per-call feature computation is host time spent for nothing.
+    shape_class = _SHAPE_CLASS.get(op)
+    if shape_class is None or not args or not _has_measurement(op, name):
+        return _cached_order(op, device.type, name, ())
+    return _cached_order(op, device.type, name, shape_class[1](*args))
+
+
+@torch.compiler.assume_constant_result
+def _has_measurement(op: str, device_name: str | None) -> bool:
+    if not _MEASURED:
+        _MEASURED.update((e["op"], e["device"]) for e in _auto_table()[1])
+    return (op, device_name) in _MEASURED
+
+
+_MEASURED: set[tuple[str, str | None]] = set()
 
 
 def resolve_backend(op: str, device: torch.device, args: Sequence, requested: str | None = None) -> str:

@@ -103,7 +103,10 @@ _NO_MASK: dict[torch.device, Tensor] = {}
 
 
 def _no_mask(device: torch.device) -> Tensor:
-    return _NO_MASK.setdefault(device, torch.empty((0,), dtype=torch.bool, device=device))
+    mask = _NO_MASK.get(device)
+    if mask is None:
+        mask = _NO_MASK[device] = torch.empty((0,), dtype=torch.bool, device=device)
+    return mask
 
 
 def _saved_mask(x: Tensor, dropout_p: float) -> tuple[tuple[int, ...], torch.dtype]:

@@ -214,7 +214,15 @@ def lora_linear(
     seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64) if p > 0.0 else None
     backend = resolve_backend(OP, x.device, (x, weight, lora_a, lora_b, bias, scale, p, seed))
     if EAGER_PATH["mode"] == "eager" and not torch.compiler.is_compiling():
-        return _LoraLinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, p, seed, backend)
+        if torch.is_grad_enabled() and (
+            x.requires_grad
+            or weight.requires_grad
+            or lora_a.requires_grad
+            or lora_b.requires_grad
+            or (bias is not None and bias.requires_grad)
+        ):
+            return _LoraLinearFunction.apply(x, weight, lora_a, lora_b, bias, scale, p, seed, backend)
+        return _run_forward(backend, x, weight, lora_a, lora_b, bias, scale, p, seed)[0]  # nothing to save
     y, _, _ = _lora_linear(x, weight, lora_a, lora_b, bias, scale, p, seed, backend)
     return y
 
@@ -289,9 +297,9 @@ def _explain(x, weight, lora_a, lora_b, bias, scale, dropout_p, training) -> tup
     return scale, dropout_p
 
 
-def _shape_class(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> dict:
-    """What ``auto.json`` entries for lora_linear are keyed by."""
-    return {"tokens": x.numel() // x.shape[-1], "dropout": dropout_p > 0.0, "rank": lora_a.shape[0]}
+def _shape_class(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed) -> tuple[int, bool, int]:
+    """What ``auto.json`` entries for lora_linear are keyed by: tokens, dropout, rank."""
+    return x.numel() // x.shape[-1], dropout_p > 0.0, lora_a.shape[0]
 
 
-register_shape_class(OP, _shape_class)
+register_shape_class(OP, ("tokens", "dropout", "rank"), _shape_class)
