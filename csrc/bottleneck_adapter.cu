@@ -39,10 +39,10 @@ template <> __device__ __forceinline__ float from_float<float>(float v) { return
 template <> __device__ __forceinline__ __half from_float<__half>(float v) { return __float2half_rn(v); }
 template <> __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
-// Activation codes as in peftops/kernels/adapter.py: relu, gelu (erf), gelu_tanh, silu.
+// Activation codes as in peftops/kernels/common.py (ACT_CODES): relu, gelu (erf), gelu_tanh, silu.
 __device__ __forceinline__ float activate(float h, int code) {
   switch (code) {
-    case 0: return fmaxf(h, 0.0f);
+    case 0: return h < 0.0f ? 0.0f : h;  // not fmaxf: it turns NaN into 0, torch.relu keeps it
     case 1: return 0.5f * h * (1.0f + erff(h * 0.7071067811865476f));
     case 2: return 0.5f * h * (1.0f + tanhf(0.7978845608028654f * (h + 0.044715f * h * h * h)));
     default: return h / (1.0f + expf(-h));

@@ -14,10 +14,11 @@ import torch
 from hypothesis import strategies as st
 from torch import Tensor
 
+from peftops.reference import ACTIVATIONS
+
 #: Sizes that are not multiples of any block size, plus small powers of two and neighbours.
 ODD_SIZES = (1, 2, 3, 5, 7, 17, 31, 33, 63, 65, 100, 127, 129)
 LAYOUTS = ("contiguous", "transposed", "sliced")
-ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 #: The dtypes every op is tested at, per device: bfloat16 only on CUDA (bf16 ``tl.dot`` is
 #: wrong under the Triton interpreter).
 DTYPES = {"cpu": [torch.float32, torch.float16], "cuda": [torch.float32, torch.float16, torch.bfloat16]}

@@ -323,3 +323,9 @@ def fit_stages(cfg: dict, bytes_per_stage: int, device: torch.device) -> dict:
     while cfg["num_stages"] > 1 and 1.1 * cfg["num_stages"] * bytes_per_stage > limit:
         cfg["num_stages"] -= 1
     return cfg
+
+
+def num_sms(device: torch.device) -> int:
+    """Streaming multiprocessors of ``device`` (1 off the GPU), from the per-device cache: a
+    properties query costs host time on every launch."""
+    return device_info(device).sms if device.type == "cuda" else 1

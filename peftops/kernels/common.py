@@ -67,11 +67,3 @@ def on_device(device: torch.device) -> Iterator[None]:
             yield
     else:
         yield
-
-
-def num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        from .block_config import device_info  # (block_config imports this module)
-
-        return device_info(device).sms  # cached per device: a properties query costs host time per launch
-    return 1

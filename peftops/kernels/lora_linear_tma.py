@@ -44,7 +44,8 @@ import triton.language as tl
 from torch import Tensor
 
 from . import block_config
-from .common import dot_precision, dtype_reason, empty, interpreting, num_sms, on_device
+from .block_config import num_sms
+from .common import dot_precision, dtype_reason, empty, interpreting, on_device
 from .lowrank import MAX_RANK, pow2
 
 OP = "lora_linear"

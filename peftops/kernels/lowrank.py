@@ -37,7 +37,8 @@ from torch import Tensor
 from triton.language.random import uint_to_uniform_float
 
 from . import block_config
-from .common import dot_precision, empty, num_sms
+from .block_config import num_sms
+from .common import dot_precision, empty
 
 #: The largest rank the rank-r family takes: LoRA's GEMMs (pointer and TMA) and the bottleneck
 #: adapter's row kernels, which hold a row block's whole rank on chip (BLOCK_R = pow2(r)); the

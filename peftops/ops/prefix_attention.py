@@ -187,7 +187,7 @@ def prefix_attention(
         raise ValueError(
             f"{OP}: k: expected a number of heads Hkv that divides Hq={hq} (grouped-query attention), got Hkv={hkv}"
         )
-    if prefix_k is not None:
+    if prefix_k is not None and prefix_v is not None:  # both or neither: checked above
         lead = (hkv,) if prefix_k.dim() == 3 else (batch, hkv)
         check.shape(
             OP,

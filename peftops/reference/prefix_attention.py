@@ -46,7 +46,7 @@ def default_scale(head_dim: int) -> float:
 
 def _full_kv(k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None, acc) -> tuple[Tensor, Tensor]:
     k, v = k.to(acc), v.to(acc)
-    if prefix_k is None:
+    if prefix_k is None or prefix_v is None:  # both or neither (the op checks)
         return k, v
     batch = k.shape[0]
     pk, pv = prefix_k.to(acc), prefix_v.to(acc)
@@ -157,9 +157,11 @@ def prefix_attention_backward(
     dv_full = _sum_groups(probs.transpose(-1, -2) @ do, hkv) if (need_v or need_pv) else None
 
     def split(full: Tensor | None, need_seq: bool, need_prefix: bool, seq_t: Tensor, prefix_t: Tensor | None):
+        if full is None:  # neither part was asked for
+            return None, None
         d_seq = _fresh(full[:, :, prefix_len:], seq_t.dtype) if need_seq else None
         d_prefix = None
-        if need_prefix:
+        if need_prefix and prefix_t is not None:
             d_prefix = full[:, :, :prefix_len]
             if prefix_t.dim() == 3:
                 d_prefix = d_prefix.sum(0)
