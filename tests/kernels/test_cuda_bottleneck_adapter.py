@@ -143,3 +143,14 @@ def test_cuda_backend_supports_only_what_its_triton_backward_supports():
         assert (reason is None) == ok, reason
         if not ok:
             assert f"ranks up to {MAX_RANK}" in reason and "backward runs the Triton kernels" in reason
+
+
+@pytest.mark.gpu
+def test_cuda_relu_keeps_nan_like_torch():
+    """fmaxf(NaN, 0) is 0; torch.relu(NaN) is NaN (issue 11, defect 3, in the C++ forward)."""
+    x = torch.randn(5, 16, device="cuda")
+    wd, wu = torch.randn(4, 16, device="cuda"), torch.randn(16, 4, device="cuda")
+    wd[1, 3] = float("nan")  # hidden column 1 is NaN for every token
+    with torch.no_grad(), peftops.use_backend("cuda"):
+        y = peftops.bottleneck_adapter(x, wd, None, wu, None, activation="relu")
+    assert torch.isnan(y).all()
