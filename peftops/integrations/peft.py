@@ -35,6 +35,7 @@ import types
 import warnings
 from collections import Counter
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -105,7 +106,7 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
-def _base_reason(layer: nn.Module) -> str | None:
+def _base_reason(layer: Any) -> str | None:
     base = layer.base_layer
     if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
         kind = f"{type(base).__module__}.{type(base).__qualname__}"
@@ -117,7 +118,7 @@ def _base_reason(layer: nn.Module) -> str | None:
     return None
 
 
-def _adapter_reason(layer: nn.Module, name: str) -> str | None:
+def _adapter_reason(layer: Any, name: str) -> str | None:
     """Why adapter ``name`` of ``layer`` cannot run on the op (static properties only)."""
     variant = layer.lora_variant.get(name)
     if variant is not None:
@@ -140,14 +141,14 @@ def _adapter_reason(layer: nn.Module, name: str) -> str | None:
     return None
 
 
-def _dropout_args(layer: nn.Module, name: str) -> tuple[float, bool]:
+def _dropout_args(layer: Any, name: str) -> tuple[float, bool]:
     dropout = layer.lora_dropout[name]
     if type(dropout) is nn.Identity:
         return 0.0, False
     return float(dropout.p), dropout.training
 
 
-def _call_reason(layer: nn.Module, x: Tensor, adapters) -> str | None:
+def _call_reason(layer: Any, x: Tensor, adapters) -> str | None:
     """Why this call cannot run on the op; ``adapters``: the LoRA adapters it would run."""
     if _has_hooks(layer.base_layer):
         return "the base layer has hooks or a replaced forward (offloading, quantisation, ...)"
@@ -179,7 +180,7 @@ def _call_reason(layer: nn.Module, x: Tensor, adapters) -> str | None:
 _AUTOCAST_ELIGIBLE = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _fallback(layer: nn.Module, reason: str, x, args, kwargs) -> Tensor:
+def _fallback(layer: Any, reason: str, x, args, kwargs) -> Tensor:
     state: _LayerState = layer.__dict__[_STATE]
     report = state.report
     report.fallbacks[(state.name, reason)] += 1
@@ -194,7 +195,7 @@ def _fallback(layer: nn.Module, reason: str, x, args, kwargs) -> Tensor:
     return type(layer).forward(layer, x, *args, **kwargs)
 
 
-def _with_adapter(layer: nn.Module, x: Tensor, name: str) -> Tensor:
+def _with_adapter(layer: Any, x: Tensor, name: str) -> Tensor:
     base = layer.base_layer
     p, training = _dropout_args(layer, name)
     return lora_linear(
@@ -221,8 +222,8 @@ def _accelerated_forward(self, x, *args, **kwargs):
     self._check_forward_args(x, *args, **kwargs)
     adapter_names = kwargs.get("adapter_names")
     if args or (kwargs and _extra_keywords(kwargs)):
-        reason = f"extra arguments to forward ({len(args)} positional, keywords {_extra_keywords(kwargs)})"
-        return _fallback(self, reason, x, args, kwargs)
+        extra = f"extra arguments to forward ({len(args)} positional, keywords {_extra_keywords(kwargs)})"
+        return _fallback(self, extra, x, args, kwargs)
     base = self.base_layer
 
     if self.disable_adapters:
@@ -323,7 +324,7 @@ def accelerate(model: nn.Module) -> AccelerateReport:
     return report
 
 
-def _layer_reason(module: nn.Module, lora_layer) -> str | None:
+def _layer_reason(module: Any, lora_layer) -> str | None:
     if not isinstance(module, lora_layer.Linear):
         base = module.get_base_layer()
         return (

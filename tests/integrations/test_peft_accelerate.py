@@ -465,6 +465,12 @@ def test_call_time_fallbacks_are_counted_and_warned_once(op_calls):
     assert [n for (n, reason), count in report.fallbacks.items() if "hooks" in reason and count == 1] == [name]
     assert len(op_calls) == 1  # the other layer still ran the op
 
+    # An argument the op does not take goes to peft's forward, which passes it to the base layer.
+    layer = _lora_layers(model)[report.accelerated[1]]
+    with pytest.warns(PeftopsFallbackWarning, match=r"extra arguments .*\['unexpected'\]"):
+        with pytest.raises(TypeError, match="unexpected"):
+            layer(torch.randn(2, 64), unexpected=1)
+
 
 # -- restore, and what accelerate refuses -------------------------------------------------------
 
