@@ -257,6 +257,31 @@ def _family(table: dict, major: int):
     return table.get(major, table[None])
 
 
+def tuned_config(
+    op: str,
+    kernel: str,
+    device_name: str,
+    capability: tuple[int, int],
+    dtype: torch.dtype = torch.bfloat16,
+    m: int = 0,
+    n: int = 0,
+    k: int = 0,
+    r: int = 0,
+    *,
+    block_d: int | None = None,
+) -> dict | None:
+    """The tuned part of :func:`lookup`: this GPU's own file, else a same-capability GPU's;
+    ``None`` where neither has the key (kernels with defaults of their own start there)."""
+    dt = str(dtype).removeprefix("torch.")
+    for entries in (_load(op, device_name, dt), _load_same_capability(op, tuple(capability), dt)):
+        if entries:
+            # A file that exists but misses this key falls through to the defaults, not to
+            # another GPU's file: the tuner of this GPU chose to leave it out.
+            tuned = _tuned(entries, kernel, m, n, k, r, block_d)
+            return dict(tuned) if tuned is not None else None
+    return None
+
+
 def lookup(
     op: str,
     kernel: str,
@@ -273,15 +298,9 @@ def lookup(
     """The config a GPU of this name and capability launches ``kernel`` of ``op`` with: its own
     tuned file, else a same-capability GPU's, else the family defaults. ``block_d`` (the
     attention kernels' padded head dim) replaces the shape key. Pure: no device needed."""
-    dt = str(dtype).removeprefix("torch.")
-    for entries in (_load(op, device_name, dt), _load_same_capability(op, tuple(capability), dt)):
-        if entries:
-            # A file that exists but misses this key falls through to the defaults, not to
-            # another GPU's file: the tuner of this GPU chose to leave it out.
-            tuned = _tuned(entries, kernel, m, n, k, r, block_d)
-            if tuned is not None:
-                return dict(tuned)
-            break
+    found = tuned_config(op, kernel, device_name, capability, dtype, m, n, k, r, block_d=block_d)
+    if found is not None:
+        return found
     major = capability[0]
     if block_d is None:
         cfg = dict(_family(DEFAULTS[kernel], major))

@@ -305,10 +305,10 @@ def config(m: int, n: int, k: int, r: int, dtype: torch.dtype, device: torch.dev
     """A tuned entry for kernel ``gemm_tma`` in ``configs/lora_linear/<GPU>.json`` if there is one
     near this shape (``block_config``'s lookup), else :func:`default_config`."""
     if device.type == "cuda" and not interpreting():
-        entries = block_config._load(OP, block_config.device_info(device).name, str(dtype).removeprefix("torch."))
-        tuned = block_config.nearest(entries, KERNEL, m, n, k, r)
+        info = block_config.device_info(device)
+        tuned = block_config.tuned_config(OP, KERNEL, info.name, info.capability, dtype, m, n, k, r)
         if tuned is not None:
-            return dict(tuned)
+            return tuned
     return default_config(m, n, device)
 
 
