@@ -13,12 +13,14 @@ from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_atte
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
+from .integrations.peft import accelerate, restore  # peft itself is imported on first use
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BackendUnavailableError",
+    "accelerate",
     "apply_lora",
     "available_backends",
     "backends",
@@ -32,6 +34,7 @@ __all__ = [
     "nn",
     "prefix_attention",
     "reference",
+    "restore",
     "unmerge_adapters",
     "use_backend",
 ]
