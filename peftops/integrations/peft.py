@@ -40,7 +40,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..ops import lora_linear
+from ..ops.lora_linear import lora_linear
 
 __all__ = ["AccelerateReport", "PeftopsFallbackWarning", "accelerate", "restore"]
 
