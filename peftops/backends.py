@@ -166,10 +166,16 @@ class OpImpl:
     forward: Callable
     backward: Callable
     supports: Callable[..., str | None] = field(default=lambda *args: None)
+
+    @property
+    def supports_everything(self) -> bool:
+        return self.supports is _DEFAULT_SUPPORTS
+
     extras: dict[str, Any] = field(default_factory=dict)
 
 
 _IMPLS: dict[str, dict[str, OpImpl]] = {}
+_DEFAULT_SUPPORTS = OpImpl(forward=print, backward=print).supports
 
 
 def register_impl(op: str, backend: str, impl: OpImpl, *, replace: bool = False) -> None:
@@ -180,10 +186,12 @@ def register_impl(op: str, backend: str, impl: OpImpl, *, replace: bool = False)
     if backend in table and not replace:
         raise ValueError(f"{op}: backend {backend!r} is already registered (pass replace=True)")
     table[backend] = impl
+    _SETTLED.clear()
 
 
 def unregister_impl(op: str, backend: str) -> None:
     _IMPLS.get(op, {}).pop(backend, None)
+    _SETTLED.clear()
 
 
 def implementation(op: str, backend: str) -> OpImpl:
@@ -320,10 +328,41 @@ def resolve_backend(op: str, device: torch.device, args: Sequence, requested: st
                 f"{op}: backend {requested!r} was requested but cannot run this call: {reason}"
             )
         return requested
-    for backend in _auto_candidates(op, device, args):
+    eager = not torch.compiler.is_compiling()
+    if eager:
+        settled = _SETTLED.get((op, device))
+        if settled is not None:
+            return settled
+    order = _auto_candidates(op, device, args)
+    for backend in order:
         if backend in _BACKENDS and _why_not(op, backend, device, args) is None:
+            if eager and _settles(op, backend, device, order):
+                _SETTLED[(op, device)] = backend
             return backend
     raise BackendUnavailableError(f"{op}: no backend in auto's order supports this call on {device}")
+
+
+#: ``auto``'s answer per (op, device) where no argument can change it (see :func:`_settles`): one
+#: dict lookup per eager call instead of the order walk. Cleared whenever an implementation is
+#: registered or removed.
+_SETTLED: dict[tuple[str, torch.device], str] = {}
+
+
+def _settles(op: str, backend: str, device: torch.device, order: Sequence[str]) -> bool:
+    """Whether ``backend`` is ``auto``'s answer for every call of ``op`` on ``device``: the order
+    does not depend on the call (no measured entry for this GPU and op, so no shape class),
+    every backend before it in the order was skipped for a process-wide reason (unregistered,
+    unavailable here, or no implementation of the op), and ``backend`` takes every call (no
+    ``supports`` of its own)."""
+    name = None
+    if device.type == "cuda":
+        name = _cuda_device_name(device.index if device.index is not None else _current_cuda_index())
+    if _has_measurement(op, name) or not _IMPLS[op][backend].supports_everything:
+        return False
+    for earlier in order[: order.index(backend)]:
+        if earlier in _BACKENDS and not _status(earlier, device.type) and earlier in _IMPLS.get(op, {}):
+            return False  # it was skipped for this call's arguments: another call may differ
+    return True
 
 
 def implemented_backends(op: str) -> list[str]:

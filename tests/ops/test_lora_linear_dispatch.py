@@ -211,3 +211,32 @@ def test_every_auto_entry_names_its_measurement_and_known_backends():
         assert set(entry["order"]) <= set(backends.registered_backends()), entry
     for order in doc["default_order"].values():
         assert order[-1] == "reference"  # the spec runs anything: auto always finds a backend
+
+
+def test_auto_settles_only_where_no_argument_can_change_its_answer(monkeypatch):
+    """Eager auto caches its answer per (op, device) only when the order is fixed and every
+    backend ahead of the pick was skipped for process-wide reasons."""
+    device = torch.device("cpu")
+    args = tuple(_inputs(bias=False).values())[:4] + (None, 1.0, 0.0, None)
+    monkeypatch.setattr(backends, "_SETTLED", {})
+    assert backends.resolve_backend("lora_linear", device, args, "auto") == "torch"
+    assert backends._SETTLED == {("lora_linear", device): "torch"}
+    # A backend ahead of the pick that declines some calls must keep auto walking the order.
+    picky = backends.OpImpl(forward=print, backward=print, supports=lambda x, *a: "no" if x.shape[0] == 2 else None)
+    monkeypatch.setattr(backends, "_SETTLED", {})
+    monkeypatch.setattr(backends, "_auto_candidates", lambda op, dev, a: ("triton", "torch", "reference"))
+    monkeypatch.setitem(backends._IMPLS["lora_linear"], "triton", picky)
+    monkeypatch.setattr(backends, "_status", lambda b, t: "")
+    assert backends.resolve_backend("lora_linear", device, args, "auto") == "torch"  # x has 2 rows
+    assert backends._SETTLED == {}
+    wide = (torch.randn(3, 12), *args[1:])
+    assert backends.resolve_backend("lora_linear", device, wide, "auto") == "triton"
+
+
+def test_registering_an_implementation_unsettles_auto(monkeypatch):
+    device = torch.device("cpu")
+    args = tuple(_inputs(bias=False).values())[:4] + (None, 1.0, 0.0, None)
+    backends.resolve_backend("lora_linear", device, args, "auto")
+    impl = backends.implementation("lora_linear", "torch")
+    backends.register_impl("lora_linear", "torch", impl, replace=True)
+    assert ("lora_linear", device) not in backends._SETTLED
