@@ -34,7 +34,7 @@ import torch
 from torch import Tensor
 
 from ..backends import OpImpl, register_impl
-from ..ops.lora_linear import OP, SAVED_MASK, U_DTYPE
+from ..ops.lora_linear import OP, SAVED_MASK, U_DTYPE, no_mask
 
 
 def _keep(x2: Tensor, dropout_p: float) -> Tensor:
@@ -52,7 +52,7 @@ def forward(x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
         keep = _keep(x2, dropout_p)
         xd = _dropped(x2, keep, dropout_p)
     else:
-        keep, xd = _no_mask(x.device), x2
+        keep, xd = no_mask(x.device), x2
     # u is kept unscaled (the scale rides on a GEMM's alpha or beta, which is free): the
     # backward below is its only reader.
     u = torch.mm(xd, lora_a.t())
@@ -96,17 +96,6 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, se
     if need_bias:
         dbias = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(grad.dtype)
     return dx, dw, da, db_, dbias
-
-
-# An empty placeholder for "no mask saved", one per device: allocating it per call costs host time.
-_NO_MASK: dict[torch.device, Tensor] = {}
-
-
-def _no_mask(device: torch.device) -> Tensor:
-    mask = _NO_MASK.get(device)
-    if mask is None:
-        mask = _NO_MASK[device] = torch.empty((0,), dtype=torch.bool, device=device)
-    return mask
 
 
 def _saved_mask(x: Tensor, dropout_p: float) -> tuple[tuple[int, ...], torch.dtype]:

@@ -128,13 +128,24 @@ def _acc_dtype(x: Tensor) -> torch.dtype:
     return torch.float64 if x.dtype == torch.float64 else torch.float32
 
 
+# The empty "no mask saved" output, one per device: allocating it on every call costs host time.
+_NO_MASK: dict[torch.device, Tensor] = {}
+
+
+def no_mask(device: torch.device) -> Tensor:
+    mask = _NO_MASK.get(device)
+    if mask is None:
+        mask = _NO_MASK[device] = torch.empty((0,), dtype=torch.bool, device=device)
+    return mask
+
+
 def _run_forward(backend, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed):
     impl = implementation(OP, backend)
     out = call(impl.forward, x.device, x, weight, lora_a, lora_b, bias, scale, dropout_p, seed)
     if SAVED_MASK in impl.extras:
         return out
     y, lora_u = out
-    return y, lora_u, x.new_empty((0,), dtype=torch.bool)
+    return y, lora_u, no_mask(x.device)
 
 
 def _run_backward(backend, grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, seed, output_mask):
