@@ -1,0 +1,90 @@
+"""Tiny transformers models built from configs, shared by the Hugging Face integration tests.
+
+Each factory seeds the generator, so two calls give the same weights (the usual way to get a
+second, independent copy of "the same pretrained model"). Dropout inside the models is off: a
+model built from a config is in training mode, and two forwards must agree.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the test extra")
+
+VOCAB = 128
+
+
+def llama(seed: int = 0, **config):
+    torch.manual_seed(seed)
+    config = {"num_hidden_layers": 2, **config}
+    cfg = transformers.LlamaConfig(
+        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **config
+    )
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def qwen2(seed: int = 0, **config):
+    torch.manual_seed(seed)
+    cfg = transformers.Qwen2Config(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **config,
+    )
+    return transformers.Qwen2ForCausalLM(cfg)
+
+
+def mistral(seed: int = 0, **config):
+    torch.manual_seed(seed)
+    cfg = transformers.MistralConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        **config,
+    )
+    return transformers.MistralForCausalLM(cfg)
+
+
+def gpt2(seed: int = 0, **config):
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(
+        vocab_size=VOCAB,
+        n_embd=64,
+        n_layer=2,
+        n_head=4,
+        n_positions=64,
+        resid_pdrop=0.0,
+        embd_pdrop=0.0,
+        attn_pdrop=0.0,
+        **config,
+    )
+    return transformers.GPT2LMHeadModel(cfg)
+
+
+def bert(seed: int = 0, head: str = "mlm", **config):
+    """``head``: "mlm" (BertForMaskedLM) or "cls" (BertForSequenceClassification, 3 labels)."""
+    torch.manual_seed(seed)
+    cfg = transformers.BertConfig(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        num_labels=3,
+        **config,
+    )
+    cls = transformers.BertForMaskedLM if head == "mlm" else transformers.BertForSequenceClassification
+    return cls(cfg)
+
+
+def token_ids(batch: int = 3, seq: int = 7, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (batch, seq), generator=torch.Generator().manual_seed(seed))
