@@ -63,7 +63,7 @@ def gpt2(seed: int = 0, **config):
         resid_pdrop=0.0,
         embd_pdrop=0.0,
         attn_pdrop=0.0,
-        **config,
+        **{"bos_token_id": 1, "eos_token_id": 2, **config},  # GPT-2's own (50256) is outside this vocabulary
     )
     return transformers.GPT2LMHeadModel(cfg)
 
