@@ -13,6 +13,7 @@ from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_atte
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
+from .integrations.checkpoint import load_adapter, merge_and_unload, save_adapter
 from .integrations.peft import accelerate, restore  # peft itself is imported on first use
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
 
@@ -27,14 +28,17 @@ __all__ = [
     "bottleneck_adapter",
     "count_trainable",
     "get_backend",
+    "load_adapter",
     "lora_linear",
     "mark_only_adapters_trainable",
+    "merge_and_unload",
     "merge_adapters",
     "multi_lora_linear",
     "nn",
     "prefix_attention",
     "reference",
     "restore",
+    "save_adapter",
     "unmerge_adapters",
     "use_backend",
 ]
