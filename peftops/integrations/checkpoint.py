@@ -99,17 +99,17 @@ def _check_model(owner: str, model: object) -> nn.Module:
     return model
 
 
-def _lora_types() -> tuple[type, ...]:
+def _lora_types() -> tuple[type[Any], ...]:
     from .. import nn as pnn
 
     return tuple(getattr(pnn, "LORA_LAYER_TYPES", (pnn.LoRALinear,)))
 
 
-def _lora_layers(model: nn.Module) -> dict[str, nn.Module]:
+def _lora_layers(model: nn.Module) -> dict[str, Any]:
     """Each LoRA layer once, under its first name (a tied layer reachable twice is one layer)."""
     types = _lora_types()
     seen: dict[int, str] = {}
-    out = {}
+    out: dict[str, Any] = {}
     for name, module in model.named_modules():
         if isinstance(module, types) and id(module) not in seen:
             seen[id(module)] = name
@@ -485,7 +485,7 @@ def _check_lora_config(owner: str, config: dict) -> None:
         )
 
 
-def _model_keys(owner: str, tensors: dict[str, Tensor], layers: dict[str, nn.Module]) -> dict[str, Tensor]:
+def _model_keys(owner: str, tensors: dict[str, Tensor], layers: dict[str, Any]) -> dict[str, Tensor]:
     """peft checkpoint keys -> this model's state-dict keys."""
     out = {}
     for key, value in tensors.items():
