@@ -221,6 +221,7 @@ class MultiLoRALinear(AdapterModule):
             self._check_slots_in_use(ids)
         else:
             ids = self.adapter_ids(list(ids), device=input.device)
+        self._check_batch(ids, input, "the adapter_ids argument" if adapter_ids is not None else "set_batch_adapters")
         return multi_lora_linear(
             input,
             self.weight,
@@ -232,6 +233,24 @@ class MultiLoRALinear(AdapterModule):
             ranks=self.ranks,
             dropout_p=self.lora_dropout,
             training=self.training,
+        )
+
+    def _check_batch(self, ids: Tensor, input: Tensor, source: str) -> None:
+        """Ids of another batch's shape: the op refuses them too, but cannot say where they came
+        from; ids set once for ``B`` rows meet ``B * k`` rows under beam search."""
+        lead = tuple(input.shape[:-1])
+        if input.dim() < 2 or tuple(ids.shape) == lead or (input.dim() >= 3 and tuple(ids.shape) == lead[:1]):
+            return
+        hint = ""
+        if source == "set_batch_adapters":
+            hint = (
+                ": generate() with num_beams or num_return_sequences repeats each row; "
+                "peftops.generate(model, input_ids, adapter_ids=...) repeats the ids with it"
+            )
+        expected = f"one per row ({lead[0]} rows) or per token {lead}" if input.dim() >= 3 else f"one per token {lead}"
+        raise ValueError(
+            f"{type(self).__name__}: adapter_ids: expected {expected} of the input, got shape {tuple(ids.shape)} "
+            f"from {source}{hint}"
         )
 
     def _check_slots_in_use(self, ids: Tensor) -> None:

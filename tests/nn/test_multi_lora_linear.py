@@ -258,3 +258,24 @@ def test_free_slot_ids_under_torch_compile_give_the_base_layer(backend):
     base = nn.functional.linear(x, layer.weight, layer.bias)
     assert_close(y[:2], base[:2], name="free-slot rows")
     assert_close(y[2:], others, name="other rows")
+
+
+# -- ids for another batch size ------------------------------------------------------------
+
+
+def test_ids_set_for_fewer_rows_than_the_batch_are_an_error_that_says_why():
+    # generate() with num_beams=3 turns 2 rows into 6: the ids set for 2 rows must not be
+    # broadcast or reused, and the error names where they came from and the way out.
+    layer = layer_with_adapters()
+    layer.set_batch_adapters(["alice", None])
+    with pytest.raises(
+        ValueError,
+        match=r"MultiLoRALinear: adapter_ids: expected one per row \(6 rows\) or per token \(6, 3\) of the "
+        r"input, got shape \(2,\) from set_batch_adapters.*peftops\.generate",
+    ):
+        layer(torch.randn(6, 3, 12))
+    with pytest.raises(ValueError, match=r"expected one per row \(6 rows\) .* got shape \(2,\) from the adapter_ids"):
+        layer(torch.randn(6, 3, 12), torch.tensor([0, -1]))
+    # Per-token ids still pass, whatever their count, where the shape is the tokens'.
+    x = torch.randn(2, 12)
+    assert_close(layer(x), layer(x, ["alice", None]))
