@@ -1,8 +1,11 @@
-"""``LoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter."""
+"""``LoRALinear``: a drop-in ``nn.Linear`` with a LoRA adapter; ``LoRAConv1D``, the same on
+transformers' ``Conv1D`` (GPT-2); ``LoRALayerBase``, what every LoRA layer shares (merging,
+ties, state dicts)."""
 
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -13,7 +16,100 @@ from ..ops.lora_linear import lora_linear
 from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
 
 
-class LoRALinear(AdapterModule):
+class LoRALayerBase(AdapterModule):
+    """What :class:`LoRALinear`, :class:`LoRAConv1D` and :class:`~peftops.nn.LoRAEmbedding`
+    share: ``r``, ``lora_alpha``, ``scaling``, ``use_rslora``, ``lora_dropout``, ``merged``,
+    :meth:`merge` / :meth:`unmerge` of :meth:`delta_weight` into the shared base ``weight``,
+    the tie check, and state dicts that always hold the unmerged base weight.
+
+    A subclass sets ``weight`` and its adapter parameters, then calls :meth:`_init_lora`; it
+    defines :meth:`delta_weight` (in the layout of ``weight``) and :meth:`unwrap`.
+    """
+
+    weight: nn.Parameter
+
+    def _init_lora(self, r, alpha, dropout, use_rslora) -> int:
+        """Validate and store the hyperparameters, set up merging; returns the validated ``r``."""
+        owner = type(self).__name__
+        r = positive_int(owner, "r", r)
+        alpha = finite(owner, "alpha", alpha)
+        dropout = dropout_rate(owner, dropout)
+        use_rslora = strict_bool(owner, "use_rslora", use_rslora)
+        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, use_rslora
+        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
+        self.merged = False
+        self._remerge_pending = False
+        # Other modules' parameters that are this weight, as (name, module, attribute), found
+        # by apply_lora / merge_adapters; merge() refuses the ones that still hold it.
+        self._ties: tuple[tuple[str, nn.Module, str], ...] = ()
+        # Checkpoints always hold the unmerged base weight, so they load the same into any
+        # layer. A merged layer is unmerged before loading and re-merged after: re-adding
+        # s B A to a weight the load did not overwrite would count the update twice.
+        self.register_state_dict_post_hook(_unmerged_weight_in_state_dict)
+        self.register_load_state_dict_pre_hook(_unmerge_before_load)
+        self.register_load_state_dict_post_hook(_remerge_after_load)
+        return r
+
+    def delta_weight(self) -> Tensor:
+        """The update merging adds to ``weight``, in its layout, in float32 (float64 for a
+        float64 layer)."""
+        raise NotImplementedError
+
+    def unwrap(self) -> nn.Module:
+        """A plain base layer holding this layer's ``weight`` (and ``bias``) Parameters, no copy:
+        whatever the weight holds now (merged or not) is what it computes with."""
+        raise NotImplementedError
+
+    def _acc_dtype(self) -> torch.dtype:
+        return torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+
+    def _check_merged_forward(self) -> None:
+        if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
+            raise RuntimeError(
+                f"{type(self).__name__}: the adapter is merged into the weight and would get no gradient; "
+                "call unmerge() to train it, or eval() / torch.no_grad() for inference"
+            )
+
+    def _merged_weight(self, sign: float) -> Tensor:
+        return (self.weight.to(torch.float64) + sign * self.delta_weight().to(torch.float64)).to(self.weight.dtype)
+
+    def weight_shared_with(self) -> list[str]:
+        """Names of the other modules' parameters, found by :func:`peftops.apply_lora` or
+        :func:`peftops.nn.merge_adapters`, that still are this layer's ``weight`` (tied)."""
+        return [name for name, module, attr in self._ties if getattr(module, attr, None) is self.weight]
+
+    @torch.no_grad()
+    def merge(self) -> None:
+        """Fold the update into the base weight: one rounding of ``W + delta`` to the weight's
+        dtype. The merged layer runs as its base layer; its adapter gets no gradient.
+
+        Raises ``RuntimeError`` if the weight is tied to another module of the model (see
+        :class:`LoRALinear`): merging would change that module's function too."""
+        owner = type(self).__name__
+        if self.merged:
+            raise RuntimeError(f"{owner}.merge: the adapter is already merged")
+        tied = self.weight_shared_with()
+        if tied:
+            raise RuntimeError(
+                f"{owner}.merge: the weight is shared with {', '.join(map(repr, tied))} (tied), and merging "
+                "would write the update into those modules too; untie the weight (give this layer its own "
+                "copy) or keep the adapter unmerged"
+            )
+        self._fold(+1.0)
+
+    def _fold(self, sign: float) -> None:
+        self.weight.copy_(self._merged_weight(sign))
+        self.merged = sign > 0
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Undo :meth:`merge` (exact up to the weight dtype's rounding of the merged sum)."""
+        if not self.merged:
+            raise RuntimeError(f"{type(self).__name__}.unmerge: the adapter is not merged")
+        self._fold(-1.0)
+
+
+class LoRALinear(LoRALayerBase):
     r"""``y = x W^T + b + (alpha / r) * dropout(x) A^T B^T`` (Hu et al. 2021).
 
     Same forward signature and attributes as ``nn.Linear`` (``in_features``,
@@ -75,31 +171,18 @@ class LoRALinear(AdapterModule):
         return layer
 
     def _setup(self, weight: Tensor, bias: Tensor | None, r, alpha, dropout, use_rslora) -> None:
-        owner = type(self).__name__
-        r = positive_int(owner, "r", r)
-        alpha = finite(owner, "alpha", alpha)
-        dropout = dropout_rate(owner, dropout)
-        use_rslora = strict_bool(owner, "use_rslora", use_rslora)
-        self.out_features, self.in_features = weight.shape
         self.weight = weight
         self.bias = bias
+        self.out_features, self.in_features = self._linear_weight().shape
+        r = self._init_lora(r, alpha, dropout, use_rslora)
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
-        self.r, self.lora_alpha, self.lora_dropout, self.use_rslora = r, alpha, dropout, use_rslora
-        self.scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        self.merged = False
-        self._remerge_pending = False
-        # Other modules' parameters that are this weight, as (name, module, attribute), found
-        # by apply_lora / merge_adapters; merge() refuses the ones that still hold it.
-        self._ties: tuple[tuple[str, nn.Module, str], ...] = ()
         self.reset_lora_parameters()
-        # Checkpoints always hold the unmerged base weight, so they load the same into any
-        # layer. A merged layer is unmerged before loading and re-merged after: re-adding
-        # s B A to a weight the load did not overwrite would count the update twice.
-        self.register_state_dict_post_hook(_unmerged_weight_in_state_dict)
-        self.register_load_state_dict_pre_hook(_unmerge_before_load)
-        self.register_load_state_dict_post_hook(_remerge_after_load)
+
+    def _linear_weight(self) -> Tensor:
+        """The base weight as ``F.linear`` takes it, ``(out, in)``."""
+        return self.weight
 
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
@@ -111,15 +194,11 @@ class LoRALinear(AdapterModule):
 
     def forward(self, input: Tensor) -> Tensor:
         if self.merged:
-            if self.training and torch.is_grad_enabled() and any(p.requires_grad for p in self.adapter_parameters()):
-                raise RuntimeError(
-                    "LoRALinear: the adapter is merged into the weight and would get no gradient; "
-                    "call unmerge() to train it, or eval() / torch.no_grad() for inference"
-                )
-            return F.linear(input, self.weight, self.bias)
+            self._check_merged_forward()
+            return F.linear(input, self._linear_weight(), self.bias)
         return lora_linear(
             input,
-            self.weight,
+            self._linear_weight(),
             self.lora_A.weight,
             self.lora_B.weight,
             scale=self.scaling,
@@ -129,46 +208,19 @@ class LoRALinear(AdapterModule):
         )
 
     def delta_weight(self) -> Tensor:
-        """``scaling * B A`` in float32 (float64 for a float64 layer)."""
-        acc = torch.float64 if self.weight.dtype == torch.float64 else torch.float32
+        """``scaling * B A``, ``(out, in)`` as ``weight``, in float32 (float64 for a float64 layer)."""
+        acc = self._acc_dtype()
         return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
 
-    def _merged_weight(self, sign: float) -> Tensor:
-        return (self.weight.to(torch.float64) + sign * self.delta_weight().to(torch.float64)).to(self.weight.dtype)
-
-    def weight_shared_with(self) -> list[str]:
-        """Names of the other modules' parameters, found by :func:`peftops.apply_lora` or
-        :func:`peftops.nn.merge_adapters`, that still are this layer's ``weight`` (tied)."""
-        return [name for name, module, attr in self._ties if getattr(module, attr, None) is self.weight]
-
-    @torch.no_grad()
-    def merge(self) -> None:
-        """Fold the update into the base weight: one rounding of ``W + s B A`` to the weight's
-        dtype. The merged layer runs as a plain linear; its adapter gets no gradient.
-
-        Raises ``RuntimeError`` if the weight is tied to another module of the model (see the
-        class docstring): merging would change that module's function too."""
-        if self.merged:
-            raise RuntimeError("LoRALinear.merge: the adapter is already merged")
-        tied = self.weight_shared_with()
-        if tied:
-            raise RuntimeError(
-                f"LoRALinear.merge: the weight is shared with {', '.join(map(repr, tied))} (tied), and merging "
-                "would write the update into those modules too; untie the weight (give this layer its own "
-                "copy) or keep the adapter unmerged"
-            )
-        self._fold(+1.0)
-
-    def _fold(self, sign: float) -> None:
-        self.weight.copy_(self._merged_weight(sign))
-        self.merged = sign > 0
-
-    @torch.no_grad()
-    def unmerge(self) -> None:
-        """Undo :meth:`merge` (exact up to the weight dtype's rounding of the merged sum)."""
-        if not self.merged:
-            raise RuntimeError("LoRALinear.unmerge: the adapter is not merged")
-        self._fold(-1.0)
+    def unwrap(self) -> nn.Linear:
+        """An ``nn.Linear`` holding this layer's ``weight`` and ``bias`` Parameters (no copy, no
+        merge: merge first to keep the update)."""
+        with torch.device("meta"):
+            base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        base.weight = self.weight
+        if self.bias is not None:
+            base.bias = self.bias
+        return base.train(self.training)
 
     def extra_repr(self) -> str:
         return (
@@ -177,13 +229,111 @@ class LoRALinear(AdapterModule):
         )
 
 
-def _unmerged_weight_in_state_dict(module: LoRALinear, state_dict, prefix, local_metadata) -> None:
+class LoRAConv1D(LoRALinear):
+    r"""LoRA on transformers' ``Conv1D`` (GPT-2's ``c_attn``, ``c_proj``, ``c_fc``):
+    ``y = x W + b + scaling * dropout(x) A^T B^T`` with the base ``weight`` laid out
+    ``(in, out)`` as ``Conv1D`` holds it (peft's ``fan_in_fan_out=True``).
+
+    The layer holds the ``Conv1D``'s own ``weight``/``bias`` Parameters, so the model's state
+    dict keys and shapes are unchanged; ``lora_A.weight: (r, in)`` and ``lora_B.weight:
+    (out, r)`` as in :class:`LoRALinear` and peft. :meth:`delta_weight` and :meth:`merge` work
+    in the ``(in, out)`` layout; :meth:`unwrap` gives back a ``Conv1D``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        *,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        device=None,
+        dtype=None,
+    ) -> None:
+        owner = type(self).__name__
+        positive_int(owner, "in_features", in_features)
+        positive_int(owner, "out_features", out_features)
+        AdapterModule.__init__(self)
+        # Conv1D's own initialisation, without importing transformers.
+        weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
+        nn.init.normal_(weight, std=0.02)
+        bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
+        self._setup(weight, bias, r, alpha, dropout, use_rslora)
+
+    @classmethod
+    def from_linear(
+        cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+    ) -> LoRALinear:
+        raise TypeError(
+            f"LoRAConv1D.from_linear: linear: expected a transformers Conv1D through LoRAConv1D.from_conv1d, "
+            f"got {type(linear).__name__} (an nn.Linear is LoRALinear.from_linear's)"
+        )
+
+    @classmethod
+    def from_conv1d(
+        cls, conv: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+    ) -> LoRAConv1D:
+        """Wrap transformers' ``Conv1D`` ``conv``: the new layer holds the same ``weight``/``bias``
+        Parameters, no copy."""
+        conv_type = conv1d_type()
+        if conv_type is None or not isinstance(conv, conv_type):
+            raise TypeError(f"LoRAConv1D.from_conv1d: conv: expected a transformers Conv1D, got {type(conv).__name__}")
+        for name, value in zip(("in_features", "out_features"), conv.weight.shape, strict=True):
+            if value < 1:
+                raise ValueError(f"LoRAConv1D.from_conv1d: conv: expected {name} >= 1, got {value}")
+        layer = cls.__new__(cls)
+        AdapterModule.__init__(layer)
+        layer._setup(conv.weight, conv.bias, r, alpha, dropout, use_rslora)
+        return layer
+
+    def _linear_weight(self) -> Tensor:
+        # A transposed view: every lora_linear backend takes it and gives the gradient in the
+        # Parameter's own (in, out) layout.
+        return self.weight.t()
+
+    @property
+    def nf(self) -> int:
+        """``Conv1D``'s name for ``out_features``."""
+        return self.out_features
+
+    @property
+    def nx(self) -> int:
+        """``Conv1D``'s name for ``in_features``."""
+        return self.in_features
+
+    def delta_weight(self) -> Tensor:
+        """``scaling * (B A)^T``, ``(in, out)`` as ``weight``, in float32 (float64 for a float64 layer)."""
+        return super().delta_weight().t()
+
+    def unwrap(self) -> nn.Module:
+        """A transformers ``Conv1D`` holding this layer's ``weight`` and ``bias`` Parameters (no
+        copy, no merge: merge first to keep the update)."""
+        from transformers.pytorch_utils import Conv1D
+
+        with torch.device("meta"):
+            base = Conv1D(self.out_features, self.in_features)
+        base.weight = self.weight
+        base.bias = self.bias
+        return base.train(self.training)
+
+
+def conv1d_type() -> type[nn.Module] | None:
+    """transformers' ``Conv1D`` class if transformers is loaded, else ``None``: a model holding a
+    ``Conv1D`` imported it already, and ``import peftops`` must not need transformers."""
+
+    module = sys.modules.get("transformers.pytorch_utils")
+    return getattr(module, "Conv1D", None)
+
+
+def _unmerged_weight_in_state_dict(module: LoRALayerBase, state_dict, prefix, local_metadata) -> None:
     if module.merged:
         with torch.no_grad():
             state_dict[prefix + "weight"] = module._merged_weight(-1.0)
 
 
-def _unmerge_before_load(module: LoRALinear, state_dict, prefix, *args) -> None:
+def _unmerge_before_load(module: LoRALayerBase, state_dict, prefix, *args) -> None:
     # The load then writes unmerged values next to unmerged ones, whichever keys it has. If it
     # stops before the post-hook, the layer is left unmerged and says so.
     if module.merged:
@@ -192,7 +342,7 @@ def _unmerge_before_load(module: LoRALinear, state_dict, prefix, *args) -> None:
         module._remerge_pending = True
 
 
-def _remerge_after_load(module: LoRALinear, incompatible_keys) -> None:
+def _remerge_after_load(module: LoRALayerBase, incompatible_keys) -> None:
     # Runs after the children (lora_A, lora_B) loaded, and before a strict load raises.
     if module._remerge_pending:
         module._remerge_pending = False

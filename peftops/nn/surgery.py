@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import re
+import sys
+import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
 
 from torch import nn
 
-from ._base import AdapterModule
-from .lora_linear import LoRALinear
+from ._base import AdapterModule, finite, positive_int
+from .lora_embedding import LoRAEmbedding
+from .lora_linear import LoRAConv1D, LoRALayerBase, LoRALinear, conv1d_type
 from .multi_lora_linear import MultiLoRALinear
 
 
@@ -36,6 +39,108 @@ def _matches(name: str, target: str | Iterable[str]) -> bool:
     return any(name == t or name.endswith("." + t) for t in target)
 
 
+LORA_LAYER_TYPES: tuple[type[LoRALayerBase], ...] = (LoRALinear, LoRAConv1D, LoRAEmbedding)
+"""The LoRA layer classes :func:`apply_lora` builds (one adapter per layer)."""
+
+_BIAS_MODES = ("none", "all", "lora_only")
+# Where apply_lora records, on the model itself, what later apply_lora /
+# mark_only_adapters_trainable calls keep trainable besides the adapters.
+_SAVE_ATTR = "_peftops_modules_to_save"
+_BIAS_ATTR = "_peftops_lora_bias"
+# peft's names for a sequence classifier's head (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
+_SEQ_CLS_HEAD_NAMES = ("score", "classifier")
+
+
+def modules_to_save(model: nn.Module) -> tuple[str, ...]:
+    """Full names of the modules :func:`apply_lora` (``modules_to_save=...``) keeps fully trainable."""
+    _module("modules_to_save", model)
+    return tuple(getattr(model, _SAVE_ATTR, ()))
+
+
+def lora_bias(model: nn.Module) -> str:
+    """The ``bias`` mode :func:`apply_lora` recorded on ``model``: ``"none"``, ``"all"`` or ``"lora_only"``."""
+    _module("lora_bias", model)
+    return getattr(model, _BIAS_ATTR, "none")
+
+
+def _supported_types() -> str:
+    return "nn.Linear, nn.Embedding or transformers' Conv1D"
+
+
+def _wrap(name: str, module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> LoRALayerBase:
+    conv1d = conv1d_type()
+    if type(module) is nn.Linear:
+        return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    if conv1d is not None and type(module) is conv1d:
+        return LoRAConv1D.from_conv1d(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    if type(module) is nn.Embedding:
+        return LoRAEmbedding.from_embedding(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+    # Exact types only: a subclass may override forward (quantized layers, scaled embeddings).
+    raise TypeError(
+        f"apply_lora: target_modules: {name!r} expected an {_supported_types()}, got {type(module).__name__}"
+    )
+
+
+def _pattern_key(patterns: dict, name: str) -> str | None:
+    """The first key of ``patterns`` that matches ``name`` as peft's ``get_pattern_key`` does:
+    the key as a regex matching the whole name or its last dotted components."""
+    return next((key for key in patterns if re.match(rf"(.*\.)?({key})$", name)), None)
+
+
+def _check_pattern(name: str, pattern: object, check_value) -> dict:
+    if pattern is None:
+        return {}
+    if not isinstance(pattern, dict):
+        raise TypeError(f"apply_lora: {name}: expected a dict of module name patterns, got {type(pattern).__name__}")
+    for key, value in pattern.items():
+        if not isinstance(key, str) or not key:
+            raise TypeError(f"apply_lora: {name}: expected non-empty str keys, got {key!r}")
+        try:
+            re.compile(key)
+        except re.error as e:
+            raise ValueError(f"apply_lora: {name}: key {key!r}: expected a regex, got an invalid one ({e})") from None
+        check_value("apply_lora", f"{name}[{key!r}]", value)
+    return dict(pattern)
+
+
+def _str_list(name: str, value: object, allow_regex: bool) -> str | list[str] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        if allow_regex:
+            return value
+    elif isinstance(value, Iterable):
+        value = list(value)
+        if all(isinstance(v, str) for v in value):
+            return value
+    kind = "a regex str or a list of str" if allow_regex else "a list of str"
+    raise TypeError(f"apply_lora: {name}: expected {kind}, got {value!r}")
+
+
+def _all_linear(model: nn.Module) -> list[str]:
+    """The names peft's ``target_modules="all-linear"`` selects: every ``nn.Linear`` and
+    ``Conv1D`` but the output head (``get_output_embeddings()``, or for a sequence classifier
+    its ``score`` / ``classifier``), and nothing inside an adapter module."""
+    conv1d = conv1d_type()
+    linear_types = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
+    names = {name for name, m in model.named_modules() if isinstance(m, linear_types)}
+    excluded = set()
+    modeling = sys.modules.get("transformers.modeling_utils")
+    if modeling is not None and isinstance(model, modeling.PreTrainedModel):
+        head = model.get_output_embeddings()
+        if head is None and type(model).__name__.endswith("ForSequenceClassification"):
+            # peft does this for task_type SEQ_CLS; peftops reads the task off the class.
+            head = next((getattr(model, n) for n in _SEQ_CLS_HEAD_NAMES if getattr(model, n, None) is not None), None)
+        if head is not None:
+            excluded.update(name for name, m in model.named_modules() if m is head)
+    for prefix, module in model.named_modules():
+        if isinstance(module, AdapterModule):
+            excluded.update(
+                f"{prefix}.{suffix}" if prefix else suffix for suffix, _ in module.named_modules() if suffix
+            )
+    return sorted(names - excluded)
+
+
 def apply_lora(
     model: nn.Module,
     target_modules: str | Iterable[str],
@@ -45,24 +150,50 @@ def apply_lora(
     *,
     use_rslora: bool = False,
     capacity: int | None = None,
+    modules_to_save: Iterable[str] | None = None,
+    bias: str = "none",
+    rank_pattern: dict[str, int] | None = None,
+    alpha_pattern: dict[str, float] | None = None,
+    exclude_modules: str | Iterable[str] | None = None,
 ) -> nn.Module:
-    """Replace matching ``nn.Linear`` children by :class:`LoRALinear` in place, freeze every
-    other parameter, and return ``model``.
+    """Replace matching layers by LoRA layers in place, freeze every other parameter, and
+    return ``model``: ``nn.Linear`` by :class:`LoRALinear`, transformers' ``Conv1D`` by
+    :class:`LoRAConv1D`, ``nn.Embedding`` by :class:`LoRAEmbedding` (exact types: anything
+    else matched is a ``TypeError``). The base Parameters are shared, not copied, so the
+    model's state dict keys are unchanged.
 
-    With ``capacity``, the children become :class:`MultiLoRALinear` layers with ``capacity``
-    adapter slots of rank up to ``r`` and no adapter yet: add adapters to every such layer with
-    :func:`add_adapter` (``alpha`` and ``use_rslora`` are then given there, per adapter).
+    With ``capacity``, ``nn.Linear`` children become :class:`MultiLoRALinear` layers with
+    ``capacity`` adapter slots of rank up to ``r`` and no adapter yet: add adapters to every
+    such layer with :func:`add_adapter` (``alpha`` and ``use_rslora`` are then given there,
+    per adapter).
 
-    ``target_modules`` is, as in HF PEFT, either a regex matched against the full module
-    name, or names matched exactly or as the last dotted components (``"q_proj"`` matches
-    ``layers.0.attn.q_proj``). The base weights are shared, not copied.
+    The options follow HF PEFT's ``LoraConfig``:
+
+    * ``target_modules``: a regex matched against the full module name, names matched exactly
+      or as the last dotted components (``"q_proj"`` matches ``layers.0.attn.q_proj``), or
+      ``"all-linear"``: every ``nn.Linear``/``Conv1D`` but the output head, as peft picks them.
+    * ``exclude_modules``: a regex or names, matched the same way; never targeted.
+    * ``modules_to_save``: names matched as peft does (a module whose full name ends with
+      one): these modules train fully, in place (no wrapper: their state dict keys are
+      unchanged) and are never LoRA targets, nor is anything inside them.
+    * ``bias``: ``"none"``, ``"all"`` (every bias of the model trains) or ``"lora_only"`` (the
+      biases of the LoRA layers).
+    * ``rank_pattern`` / ``alpha_pattern``: ``{pattern: r}`` / ``{pattern: alpha}`` overriding
+      ``r`` / ``alpha`` for the targets whose name the pattern matches (as a regex, whole or
+      last dotted components; the first matching key wins, as peft's ``get_pattern_key``).
+
+    ``modules_to_save`` and ``bias`` are recorded on the model (:func:`modules_to_save`,
+    :func:`lora_bias`), so that later ``apply_lora`` and :func:`mark_only_adapters_trainable`
+    calls keep them trainable; a second call adds its ``modules_to_save`` to the first's.
 
     A target whose weight other modules of ``model`` also hold (a tied ``lm_head``/embedding,
     a layer also reachable under a name not targeted) is wrapped, and trains as usual; the
     tie is recorded, so that :meth:`LoRALinear.merge` refuses to write the update through it.
     """
     _module("apply_lora", model)
-    if not isinstance(target_modules, str):
+    if isinstance(target_modules, str):
+        all_linear = target_modules.lower() == "all-linear"
+    else:
         if not isinstance(target_modules, Iterable):
             raise TypeError(
                 f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {type(target_modules).__name__}"
@@ -72,48 +203,116 @@ def apply_lora(
             raise TypeError(
                 f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {target_modules!r}"
             )
+        all_linear = False
+    if not isinstance(bias, str) or bias not in _BIAS_MODES:
+        raise ValueError(f"apply_lora: bias: expected one of {', '.join(map(repr, _BIAS_MODES))}, got {bias!r}")
+    previous_bias = lora_bias(model)
+    if bias != "none" and previous_bias not in ("none", bias):
+        raise ValueError(
+            f"apply_lora: bias: the model already trains biases as {previous_bias!r} (one mode per model, as "
+            f"peft allows one adapter with a bias), got {bias!r}"
+        )
+    ranks = _check_pattern("rank_pattern", rank_pattern, positive_int)
+    alphas = _check_pattern("alpha_pattern", alpha_pattern, finite)
+    exclude = _str_list("exclude_modules", exclude_modules, allow_regex=True)
+    to_save = _str_list("modules_to_save", modules_to_save, allow_regex=False) or []
+    if capacity is not None:
+        refused = [
+            f"{n}={v!r}"
+            for n, v in (
+                ("bias", bias),
+                ("modules_to_save", to_save),
+                ("rank_pattern", ranks),
+                ("alpha_pattern", alphas),
+            )
+            if v and v != "none"
+        ]
+        if refused:
+            raise ValueError(
+                f"apply_lora: capacity: MultiLoRALinear banks share the base layers between adapters and take r and "
+                f"alpha per adapter (add_adapter), so expected no {', '.join(refused)}"
+            )
+
     # remove_duplicate=False: a module registered under two names (tied) is swapped under both.
     all_modules = list(model.named_modules(remove_duplicate=False))
-    inside_lora = {name + "." for name, m in all_modules if isinstance(m, (LoRALinear, MultiLoRALinear))}
-    matched = [(name, m) for name, m in all_modules if name and _matches(name, target_modules)]
+    saved = [name for name, _ in all_modules if name and any(name.endswith(m) for m in to_save)]
+    if to_save and not saved:
+        raise ValueError(
+            f"apply_lora: modules_to_save: expected to match at least one module, got no match for {to_save!r}"
+        )
+    targets = _all_linear(model) if all_linear else target_modules
+    lora_types = (*LORA_LAYER_TYPES, MultiLoRALinear)
+    inside_lora = {name + ".": type(m).__name__ for name, m in all_modules if isinstance(m, lora_types)}
+    matched, excluded = [], []
+    for name, m in all_modules:
+        if not name or not _matches(name, targets):
+            continue
+        # peft: excluded, and modules_to_save (with everything inside them), are never targets.
+        if (exclude is not None and _matches(name, exclude)) or any(
+            re.match(rf"(^|.*\.){key}($|\..*)", name) for key in to_save
+        ):
+            excluded.append(name)
+        else:
+            matched.append((name, m))
     if not matched:
+        if excluded:
+            raise ValueError(
+                f"apply_lora: target_modules: expected a module that exclude_modules and modules_to_save leave, "
+                f"got every match excluded ({', '.join(excluded[:6])}{', ...' if len(excluded) > 6 else ''})"
+            )
         linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
         raise ValueError(
             f"apply_lora: target_modules: expected to match at least one module, got no match for {target_modules!r} "
             f"(nn.Linear modules: {', '.join(linears[:12]) or 'none'}{', ...' if len(linears) > 12 else ''})"
         )
     for name, module in matched:
-        if isinstance(module, (LoRALinear, MultiLoRALinear)):
+        if isinstance(module, lora_types):
             raise ValueError(f"apply_lora: target_modules: {name!r} already is a {type(module).__name__}")
-        if any(name.startswith(p) for p in inside_lora):
-            raise ValueError(f"apply_lora: target_modules: {name!r} is part of a LoRALinear, not a base layer")
-        if type(module) is not nn.Linear:
-            raise TypeError(f"apply_lora: target_modules: {name!r} expected an nn.Linear, got {type(module).__name__}")
+        owner = next((kind for prefix, kind in inside_lora.items() if name.startswith(prefix)), None)
+        if owner is not None:
+            raise ValueError(f"apply_lora: target_modules: {name!r} is part of a {owner}, not a base layer")
+        if capacity is not None and type(module) is not nn.Linear:
+            raise TypeError(
+                f"apply_lora: target_modules: {name!r} expected an nn.Linear (MultiLoRALinear banks, capacity=...), "
+                f"got {type(module).__name__}"
+            )
+    # Every layer is built before any is swapped in: a bad r or pattern value swaps nothing.
     wrapped: dict[int, nn.Module] = {}
     for name, module in matched:
         if id(module) in wrapped:
-            pass
-        elif capacity is not None:
+            continue
+        if capacity is not None:
             wrapped[id(module)] = MultiLoRALinear.from_linear(module, capacity=capacity, r_max=r, dropout=dropout)
-        else:
-            wrapped[id(module)] = LoRALinear.from_linear(
-                module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora
-            )
+            continue
+        r_key, alpha_key = _pattern_key(ranks, name), _pattern_key(alphas, name)
+        layer_r = ranks[r_key] if r_key is not None else r
+        layer_alpha = alphas[alpha_key] if alpha_key is not None else alpha
+        wrapped[id(module)] = _wrap(name, module, layer_r, layer_alpha, dropout, use_rslora)
+    for pattern_name, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
+        unused = [k for k in pattern if not any(_pattern_key({k: None}, name) for name, _ in matched)]
+        if unused:
+            # A warning, as peft: a checkpoint's config may name modules this model lacks.
+            warnings.warn(f"apply_lora: {pattern_name}: keys {unused!r} match no targeted module", stacklevel=2)
+    for name, module in matched:
         parent_name, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent_name), child, wrapped[id(module)])
     for _, layer, ties in _lora_layers(model):
         layer._ties = tuple(ties)
+    recorded = list(getattr(model, _SAVE_ATTR, ()))
+    setattr(model, _SAVE_ATTR, (*recorded, *(n for n in saved if n not in recorded)))
+    if bias != "none":
+        setattr(model, _BIAS_ATTR, bias)
     mark_only_adapters_trainable(model)
     return model
 
 
 def merge_adapters(model: nn.Module) -> nn.Module:
-    """Merge every :class:`LoRALinear` of ``model`` not merged yet (:meth:`LoRALinear.merge`)
-    and return ``model``.
+    """Merge every LoRA layer (:data:`LORA_LAYER_TYPES`) of ``model`` not merged yet
+    (:meth:`LoRALinear.merge`) and return ``model``.
 
     Refuses, merging none, when a layer's weight is also held by another module of ``model``
     (a tied ``lm_head``/embedding, a layer also reachable under a name that was not
-    targeted): writing ``W + s B A`` into a shared Parameter would change those modules too.
+    targeted): writing the update into a shared Parameter would change those modules too.
     Ties are looked up now, so ties made after :func:`apply_lora` (``tie_weights``) count.
     """
     layers = _lora_layers(model, "merge_adapters")
@@ -126,9 +325,9 @@ def merge_adapters(model: nn.Module) -> nn.Module:
         layer._ties = tuple(ties)
     if tied:
         raise ValueError(
-            f"merge_adapters: model: expected LoRALinear weights that no other module holds, got tied weights "
+            f"merge_adapters: model: expected LoRA layer weights that no other module holds, got tied weights "
             f"({'; '.join(tied)}): merging would write the update into those modules too. Untie them (give the "
-            "LoRALinear its own copy of the weight) or keep the adapters unmerged"
+            "LoRA layer its own copy of the weight) or keep the adapters unmerged"
         )
     for _, layer, _ in layers:
         if not layer.merged:
@@ -137,31 +336,33 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Unmerge every merged :class:`LoRALinear` of ``model`` and return ``model``."""
+    """Unmerge every merged LoRA layer (:data:`LORA_LAYER_TYPES`) of ``model`` and return ``model``."""
     for _, layer, _ in _lora_layers(model, "unmerge_adapters"):
         if layer.merged:
             layer.unmerge()
     return model
 
 
-def _lora_layers(model: nn.Module, owner: str | None = None) -> list[tuple[str, LoRALinear, list]]:
-    """``(name, layer, ties)`` for each LoRALinear of ``model`` (once, under its first name);
+def _lora_layers(model: nn.Module, owner: str | None = None) -> list[tuple[str, LoRALayerBase, list]]:
+    """``(name, layer, ties)`` for each LoRA layer of ``model`` (once, under its first name);
     ``ties``: ``(name, module, attribute)`` of the other modules' parameters that are its weight."""
     if owner is not None:
         _module(owner, model)
     holders: dict[int, list[tuple[str, nn.Module, str]]] = {}
-    layers: dict[int, tuple[str, LoRALinear]] = {}
+    layers: dict[int, tuple[str, LoRALayerBase]] = {}
     # remove_duplicate=False: a module or Parameter reachable under a second name is a tie.
     for mod_name, module in model.named_modules(remove_duplicate=False):
-        if isinstance(module, LoRALinear):
+        if isinstance(module, LORA_LAYER_TYPES):
             layers.setdefault(id(module), (mod_name, module))
         for attr, p in module.named_parameters(recurse=False, remove_duplicate=False):
             holders.setdefault(id(p), []).append((f"{mod_name}.{attr}" if mod_name else attr, module, attr))
     if owner is not None and not layers:
-        raise ValueError(f"{owner}: model: expected LoRALinear layers (apply_lora), got none")
+        raise ValueError(
+            f"{owner}: model: expected LoRA layers ({', '.join(t.__name__ for t in LORA_LAYER_TYPES)}: apply_lora), got none"
+        )
     out = []
     for name, layer in layers.values():
-        # The same LoRALinear under two names is one layer, merged once: not a tie.
+        # The same layer under two names is one layer, merged once: not a tie.
         ties = [h for h in holders.get(id(layer.weight), []) if h[1] is not layer]
         out.append((name, layer, ties))
     return out
@@ -169,7 +370,9 @@ def _lora_layers(model: nn.Module, owner: str | None = None) -> list[tuple[str, 
 
 def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     """Freeze every parameter, then unfreeze those of peftops adapter modules
-    (``LoRALinear``'s A and B but not its base weight, adapters, prefixes, prompts)."""
+    (``LoRALinear``'s A and B but not its base weight, adapters, prefixes, prompts), and what
+    :func:`apply_lora` recorded on the model: its ``bias`` mode (:func:`lora_bias`) and its
+    ``modules_to_save`` (:func:`modules_to_save`)."""
     _module("mark_only_adapters_trainable", model)
     adapters = [m for m in model.modules() if isinstance(m, AdapterModule)]
     if not adapters:
@@ -179,6 +382,18 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     for m in adapters:
         for t in m.adapter_parameters():
             t.requires_grad_(True)
+    bias = lora_bias(model)
+    if bias == "all":
+        # peft's rule: every parameter named "bias", wherever it is.
+        for name, p in model.named_parameters():
+            if name == "bias" or name.endswith(".bias"):
+                p.requires_grad_(True)
+    elif bias == "lora_only":
+        for m in model.modules():
+            if isinstance(m, LORA_LAYER_TYPES) and getattr(m, "bias", None) is not None:
+                m.bias.requires_grad_(True)
+    for name in modules_to_save(model):
+        model.get_submodule(name).requires_grad_(True)
     return model
 
 
