@@ -1,0 +1,370 @@
+r"""Bottleneck adapters inside stock transformers models, placed as AdapterHub places them.
+
+``apply_adapters(model, config)`` adds :class:`~peftops.nn.BottleneckAdapter` modules (so the
+fused :func:`~peftops.bottleneck_adapter` op) to every transformer layer with forward hooks: no
+base module is replaced or renamed, so the base ``state_dict`` keys and tensors are unchanged and
+the adapters add keys of their own, ``<layer>.bottleneck_adapters.mh_adapter.*`` (after
+attention) and ``<layer>.bottleneck_adapters.output_adapter.*`` (after the feed-forward block),
+AdapterHub's location names. ``remove_adapters(model)`` takes them out again.
+
+Configs, with AdapterHub's defaults (``adapters.configuration.adapter_config``), ``s`` the
+scaling, ``f(v) = up(act(down(v)))``:
+
+==================  ==========================  =========  ==============  =======  =========
+``config``          AdapterHub class (paper)    locations  non_linearity   scaling  reduction
+==================  ==========================  =========  ==============  =======  =========
+``"seq_bn"``        ``SeqBnConfig`` (Pfeiffer)  output     ``"relu"``      1.0      16
+``"double_seq_bn"`` ``DoubleSeqBnConfig``       both       ``"swish"``     1.0      16
+                    (Houlsby)
+``"par_bn"``        ``ParBnConfig`` (He et al.) output     ``"relu"``      4.0      2
+==================  ==========================  =========  ==============  =======  =========
+
+The adapter width is ``int(hidden_size // reduction_factor)`` (at least 1), as AdapterHub's.
+
+Placement. For a sublayer (attention or feed-forward) with residual input ``x`` (what is added
+back around it) and output ``h`` (before that addition), AdapterHub's ``Adapter.pre_forward`` /
+``forward`` / ``post_forward`` with these configs compute, and this module computes the same:
+
+* post-LN layers (BERT: ``y = LN(x + h)``), with the layer's own ``LN``:
+
+  - ``seq_bn`` (``original_ln_before``, ``residual_before_ln=True``):
+    ``y = LN(x + h + s f(LN(x + h)))``, the same ``LN`` twice;
+  - ``double_seq_bn``: ``y = LN(x + h + s f(h))`` at both locations;
+  - ``par_bn``: ``y = LN(x + h + s f(x))``, ``x`` being the feed-forward block's input;
+
+* pre-LN layers (Llama, Qwen2, Mistral, GPT-2: ``y = x + h``, ``h = sublayer(norm(x))``),
+  where AdapterHub's own model code passes no layer norm:
+
+  - ``seq_bn``: ``y = z + s f(z)``, ``z = x + h``: after the residual addition;
+  - ``double_seq_bn``: ``y = x + h + s f(h)`` at both locations;
+  - ``par_bn``: ``y = x + h + s f(x)``: from the residual stream ``x``, before the block's norm
+    (not the normalised input the feed-forward block sees).
+
+Each is one :class:`~peftops.nn.BottleneckAdapter` call on the sublayer output ``h``:
+``double_seq_bn`` the serial form ``h + s f(h)``; ``seq_bn`` and ``par_bn`` the parallel form
+(``parallel=True``), whose residual is ``h`` and whose input is ``LN(x + h)``, ``x + h`` or
+``x``: in AdapterHub's Pfeiffer adapter too the residual around the bottleneck (``h``, taken
+before the norm) is not its input. ``x`` is read by a forward pre-hook on the module that
+receives it (the block's pre-norm, or BERT's ``BertSelfOutput``/``BertOutput``), ``h`` is
+changed by a forward hook on the module that returns it (the attention or MLP module, or BERT's
+output dropout, after which AdapterHub's BERT code inserts its adapters). Dropout inside the
+model therefore acts where it acts under AdapterHub.
+
+Where this differs from AdapterHub, because peftops' module or a generic model decides:
+
+* initialisation: the up projection starts at zero, so a fresh adapter leaves the model's
+  outputs exactly as they were (AdapterHub's ``init_weights="bert"``, the default of
+  ``seq_bn``/``double_seq_bn``, draws it from N(0, 0.02), which perturbs the model from the
+  first step). The down projection is initialised as AdapterHub's: N(0, 0.02) weights for
+  ``seq_bn``/``double_seq_bn``, Kaiming-uniform (``mam_adapter``) for ``par_bn``; zero biases;
+* the layer structure is read from the layer classes in :data:`LAYERS`, not from an
+  ``adapter_interface``, so an architecture outside them is a ``TypeError``, never a guess: a
+  layer with the same attribute names can apply its norms elsewhere (Gemma2's, OLMo2's
+  ``post_attention_layernorm`` follow the attention);
+* not offered: ``ln_before``/``ln_after``, gating, ``leave_out``, per-layer reduction factors,
+  learned scaling, adapter dropout, invertible and cross-attention adapters, Compacter (PHM);
+  ``non_linearity`` is one of :data:`NON_LINEARITIES` (transformers' names as AdapterHub takes
+  them, or peftops').
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.hooks import RemovableHandle
+
+from ..nn.bottleneck_adapter import BottleneckAdapter
+from ..nn.surgery import mark_only_adapters_trainable
+
+__all__ = ["CONFIGS", "LAYERS", "NON_LINEARITIES", "apply_adapters", "remove_adapters"]
+
+# Attribute holding each layer's adapters (an nn.ModuleDict keyed by AdapterHub's location).
+ADAPTERS_ATTR = "bottleneck_adapters"
+# Model attribute holding what remove_adapters() needs (hook handles, requires_grad flags).
+_STATE = "_peftops_bottleneck_adapters"
+
+
+@dataclass(frozen=True)
+class _Config:
+    mh_adapter: bool  # after the attention block
+    output_adapter: bool  # after the feed-forward block
+    kind: str  # "seq" (Pfeiffer), "double" (Houlsby, serial on h), "par" (parallel from x)
+    non_linearity: str
+    reduction_factor: float
+    scaling: float
+    init: str  # AdapterHub's init_weights for the down projection: "bert" or "mam_adapter"
+
+
+CONFIGS: dict[str, _Config] = {
+    "seq_bn": _Config(False, True, "seq", "relu", 16, 1.0, "bert"),
+    "double_seq_bn": _Config(True, True, "double", "swish", 16, 1.0, "bert"),
+    "par_bn": _Config(False, True, "par", "relu", 2, 4.0, "mam_adapter"),
+}
+
+# transformers' activation names (which AdapterHub looks up), and peftops', to the op's.
+NON_LINEARITIES = {
+    "relu": "relu",
+    "gelu": "gelu",
+    "gelu_new": "gelu_tanh",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_tanh": "gelu_tanh",
+    "swish": "silu",
+    "silu": "silu",
+}
+
+
+@dataclass(frozen=True)
+class _Site:
+    """One adapter location of a layer, as dotted paths inside the layer."""
+
+    output: str  # module returning the sublayer output h (a tensor, or a tuple with h first)
+    residual: str  # module called with the residual x
+    residual_arg: int  # x's position in that call
+    residual_kwarg: str  # x's name, if passed by keyword
+    layer_norm: str | None  # post-LN: the norm applied to x + h; None for pre-LN layers
+
+
+_PRE_LN_DECODER = {
+    "mh_adapter": _Site("self_attn", "input_layernorm", 0, "hidden_states", None),
+    "output_adapter": _Site("mlp", "post_attention_layernorm", 0, "hidden_states", None),
+}
+
+# Layer classes (by name: transformers is imported only by the caller) whose forward was read
+# (transformers 5.x) and whose adapters match AdapterHub's code for that model.
+LAYERS: dict[str, dict[str, _Site]] = {
+    "LlamaDecoderLayer": _PRE_LN_DECODER,
+    "Qwen2DecoderLayer": _PRE_LN_DECODER,
+    "MistralDecoderLayer": _PRE_LN_DECODER,
+    "GPT2Block": {
+        "mh_adapter": _Site("attn", "ln_1", 0, "input", None),
+        "output_adapter": _Site("mlp", "ln_2", 0, "input", None),
+    },
+    "BertLayer": {
+        "mh_adapter": _Site(
+            "attention.output.dropout", "attention.output", 1, "input_tensor", "attention.output.LayerNorm"
+        ),
+        "output_adapter": _Site("output.dropout", "output", 1, "input_tensor", "output.LayerNorm"),
+    },
+}
+
+
+@dataclass
+class _State:
+    config: str
+    handles: list[RemovableHandle] = field(default_factory=list)
+    layers: list[nn.Module] = field(default_factory=list)
+    requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
+
+
+class _Residual:
+    """The residual input ``x`` of one sublayer call, from the pre-hook to the output hook."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value: Tensor | None = None
+
+
+def _capture(store: _Residual, site: _Site, module: nn.Module, args: tuple, kwargs: dict) -> None:
+    store.value = args[site.residual_arg] if len(args) > site.residual_arg else kwargs[site.residual_kwarg]
+
+
+def _adapt(
+    adapter: BottleneckAdapter,
+    kind: str,
+    store: _Residual | None,
+    layer_norm: nn.Module | None,
+    module: nn.Module,
+    args: tuple,
+    output: Any,
+) -> Any:
+    h = output[0] if isinstance(output, tuple) else output
+    if kind == "double":
+        new = adapter(h)
+    else:
+        assert store is not None
+        x, store.value = store.value, None  # do not keep the activation alive past the call
+        if x is None:
+            raise RuntimeError(
+                f"apply_adapters: {type(module).__name__} ran without its residual input having been seen "
+                "(the layer was called in a way peftops does not know); remove_adapters(model) and report it"
+            )
+        if kind == "par":
+            new = adapter(x, h)
+        else:  # seq: the adapter reads the sublayer's sum with its residual, normalised if post-LN
+            z = x + h
+            new = adapter(z if layer_norm is None else layer_norm(z), h)
+    return (new, *output[1:]) if isinstance(output, tuple) else new
+
+
+def _real(name: str, value: object) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"apply_adapters: {name}: expected a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"apply_adapters: {name}: expected a finite number, got {value}")
+    return value
+
+
+def _resolve(config: object, reduction_factor: object, non_linearity: object, scaling: object) -> _Config:
+    if not isinstance(config, str):
+        raise TypeError(
+            f"apply_adapters: config: expected a str, one of {sorted(CONFIGS)}, got {type(config).__name__}"
+        )
+    if config not in CONFIGS:
+        raise ValueError(f"apply_adapters: config: expected one of {sorted(CONFIGS)}, got {config!r}")
+    base = CONFIGS[config]
+    reduction = base.reduction_factor if reduction_factor is None else _real("reduction_factor", reduction_factor)
+    if reduction <= 0:
+        raise ValueError(f"apply_adapters: reduction_factor: expected a number > 0, got {reduction}")
+    act = base.non_linearity if non_linearity is None else non_linearity
+    if not isinstance(act, str):
+        raise TypeError(f"apply_adapters: non_linearity: expected a str, got {type(act).__name__}")
+    if act.lower() not in NON_LINEARITIES:
+        raise ValueError(f"apply_adapters: non_linearity: expected one of {sorted(NON_LINEARITIES)}, got {act!r}")
+    scale = base.scaling if scaling is None else _real("scaling", scaling)
+    return _Config(
+        base.mh_adapter, base.output_adapter, base.kind, NON_LINEARITIES[act.lower()], reduction, scale, base.init
+    )
+
+
+def _find_layers(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, _Site]]]:
+    layers = [(name, m, LAYERS[type(m).__name__]) for name, m in model.named_modules() if type(m).__name__ in LAYERS]
+    if not layers:
+        raise TypeError(
+            f"apply_adapters: model: {type(model).__name__} has no transformer layer peftops knows where to put "
+            f"adapters in: expected layers of class {', '.join(LAYERS)} (Llama, Qwen2, Mistral, GPT-2, BERT)"
+        )
+    for name, layer, sites in layers:
+        for site in sites.values():
+            for path in (site.output, site.residual, site.layer_norm):
+                if path is not None and not _has(layer, path):
+                    raise TypeError(
+                        f"apply_adapters: model: {type(model).__name__}: layer {name!r} ({type(layer).__name__}) "
+                        f"has no submodule {path!r}, which peftops needs to place adapters in it"
+                    )
+    return layers
+
+
+def _has(module: nn.Module, path: str) -> bool:
+    try:
+        module.get_submodule(path)
+    except AttributeError:
+        return False
+    return True
+
+
+def _hidden_size(model: nn.Module, layer: nn.Module, sites: dict[str, _Site]) -> int:
+    size = getattr(getattr(model, "config", None), "hidden_size", None)
+    if isinstance(size, int):
+        return size
+    norm = layer.get_submodule(sites["output_adapter"].residual)
+    weight = getattr(norm, "weight", None)
+    if isinstance(weight, Tensor) and weight.dim() == 1:
+        return weight.shape[0]
+    raise TypeError(f"apply_adapters: model: {type(model).__name__} has no config.hidden_size to size the adapters by")
+
+
+def _init_down(adapter: BottleneckAdapter, init: str) -> None:
+    with torch.no_grad():
+        if init == "bert":
+            nn.init.normal_(adapter.down.weight, mean=0.0, std=0.02)
+        else:
+            nn.init.kaiming_uniform_(adapter.down.weight, a=math.sqrt(5))
+        nn.init.zeros_(adapter.down.bias)
+
+
+def apply_adapters(
+    model: nn.Module,
+    config: str = "seq_bn",
+    reduction_factor: float | None = None,
+    non_linearity: str | None = None,
+    *,
+    scaling: float | None = None,
+) -> nn.Module:
+    """Add bottleneck adapters to every layer of a transformers ``model``, in place, and return it.
+
+    ``config``: ``"seq_bn"`` (Pfeiffer), ``"double_seq_bn"`` (Houlsby) or ``"par_bn"`` (He et
+    al.); see the module docstring for where each adapter sits. ``reduction_factor``,
+    ``non_linearity`` and ``scaling`` override the config's defaults (16 / ``"relu"`` / 1.0 for
+    ``seq_bn``; ``None`` keeps the default). Every base parameter is frozen, the adapters are
+    trainable (:func:`~peftops.mark_only_adapters_trainable`), and the adapters start as the
+    identity: the model computes what it computed before until they are trained.
+
+    Supported layers: :data:`LAYERS` (Llama, Qwen2, Mistral, GPT-2, BERT); a model without any
+    is a ``TypeError`` naming its class. A model that has adapters already is a ``ValueError``.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"apply_adapters: model: expected a torch.nn.Module, got {type(model).__name__}")
+    cfg = _resolve(config, reduction_factor, non_linearity, scaling)
+    if _STATE in model.__dict__:
+        raise ValueError(
+            f"apply_adapters: model: already has {model.__dict__[_STATE].config!r} adapters; "
+            "call remove_adapters(model) first"
+        )
+    layers = _find_layers(model)
+    for _, layer, _ in layers:
+        if ADAPTERS_ATTR in layer._modules or hasattr(layer, ADAPTERS_ATTR):
+            raise ValueError(f"apply_adapters: model: a layer already has an attribute {ADAPTERS_ATTR!r}")
+    state = _State(config=config)
+    state.requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    locations = [loc for loc, on in (("mh_adapter", cfg.mh_adapter), ("output_adapter", cfg.output_adapter)) if on]
+    for _, layer, sites in layers:
+        d = _hidden_size(model, layer, sites)
+        r = max(1, int(d // cfg.reduction_factor))
+        adapters = nn.ModuleDict()
+        for loc in locations:
+            site = sites[loc]
+            out_module = layer.get_submodule(site.output)
+            ref = next(out_module.parameters(), None)
+            if ref is None:  # BERT's dropout: the layer's own dtype and device
+                ref = next(layer.parameters(), None)
+            adapter = BottleneckAdapter(
+                d,
+                r,
+                activation=cfg.non_linearity,
+                scale=cfg.scaling,
+                parallel=cfg.kind != "double",
+                device=None if ref is None else ref.device,
+                dtype=None if ref is None else ref.dtype,
+            )
+            _init_down(adapter, cfg.init)
+            adapters[loc] = adapter
+            store = None
+            if cfg.kind != "double":
+                store = _Residual()
+                state.handles.append(
+                    layer.get_submodule(site.residual).register_forward_pre_hook(
+                        partial(_capture, store, site), with_kwargs=True
+                    )
+                )
+            norm = None if site.layer_norm is None else layer.get_submodule(site.layer_norm)
+            state.handles.append(out_module.register_forward_hook(partial(_adapt, adapter, cfg.kind, store, norm)))
+        layer.add_module(ADAPTERS_ATTR, adapters)
+        state.layers.append(layer)
+    model.__dict__[_STATE] = state
+    return mark_only_adapters_trainable(model)
+
+
+def remove_adapters(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_adapters`: hooks and adapter modules removed, ``requires_grad`` of the
+    base parameters as it was before, the ``state_dict`` the base model's again."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"remove_adapters: model: expected a torch.nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError("remove_adapters: model: expected a model given to apply_adapters, got one without adapters")
+    for handle in state.handles:
+        handle.remove()
+    for layer in state.layers:
+        delattr(layer, ADAPTERS_ATTR)
+    for p, flag in state.requires_grad.values():
+        p.requires_grad_(flag)
+    del model.__dict__[_STATE]
+    return model
