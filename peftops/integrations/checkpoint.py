@@ -100,9 +100,7 @@ def _check_model(owner: str, model: object) -> nn.Module:
 
 
 def _lora_types() -> tuple[type[Any], ...]:
-    from .. import nn as pnn
-
-    return tuple(getattr(pnn, "LORA_LAYER_TYPES", (pnn.LoRALinear,)))
+    return surgery.LORA_LAYER_TYPES
 
 
 def _lora_layers(model: nn.Module) -> dict[str, Any]:
@@ -254,8 +252,8 @@ def _lora_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
             raise ValueError(
                 f"save_adapter: model: expected one {field} for every LoRA layer (peft's config has one), got {sorted(values)}"
             )
-    bias = surgery.lora_bias(model) if hasattr(surgery, "lora_bias") else "none"
-    to_save = tuple(surgery.modules_to_save(model)) if hasattr(surgery, "modules_to_save") else ()
+    bias = surgery.lora_bias(model)
+    to_save = surgery.modules_to_save(model)
     config: dict[str, Any] = {
         "peft_type": "LORA",
         "r": r,
@@ -430,7 +428,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         exclude_modules=config.get("exclude_modules") or None,
     )
     layers = _lora_layers(model)
-    state = _model_keys(owner, tensors, layers)
+    state = _model_keys(owner, tensors, layers, surgery.modules_to_save(model))
     expected = {
         f"{n}.{p}"
         for n, layer in layers.items()
@@ -485,17 +483,35 @@ def _check_lora_config(owner: str, config: dict) -> None:
         )
 
 
-def _model_keys(owner: str, tensors: dict[str, Tensor], layers: dict[str, Any]) -> dict[str, Tensor]:
-    """peft checkpoint keys -> this model's state-dict keys."""
+def _model_keys(
+    owner: str, tensors: dict[str, Tensor], layers: dict[str, Any], to_save: tuple[str, ...]
+) -> dict[str, Tensor]:
+    """peft checkpoint keys -> this model's state-dict keys.
+
+    peft wraps a LoRA layer's base as ``<m>.base_layer`` (its bias with ``bias`` != "none", and
+    an embedding's whole weight when embeddings are targeted) and a ``modules_to_save`` module
+    ``<s>`` as ``<s>.modules_to_save`` (the trained copy) next to ``<s>.original_module`` (the
+    frozen base copy). peftops keeps both in place, so ``<m>.base_layer.x`` is ``<m>.x``,
+    ``<s>.modules_to_save.x`` is ``<s>.x``, and the base copy, which ``bias="all"`` makes peft
+    save too, is the base model's own value and is not loaded.
+    """
     out = {}
     for key, value in tensors.items():
         if not key.startswith(PREFIX):
             raise ValueError(f"{owner}: path: expected tensor names starting with {PREFIX!r}, got {key!r}")
         k = key[len(PREFIX) :]
-        if k.endswith(".base_layer.bias") and k[: -len(".base_layer.bias")] in layers:
-            k = k[: -len(".base_layer.bias")] + ".bias"
+        owner_layer = next((m for m in layers if k.startswith(m + ".base_layer.")), None)
+        owner_saved = next((s for s in to_save if k.startswith(s + ".")), None)
+        if owner_layer is not None:
+            k = owner_layer + k[len(owner_layer) + len(".base_layer") :]
+        elif owner_saved is not None and k.startswith(owner_saved + ".original_module."):
+            continue
+        elif owner_saved is not None and k.startswith(owner_saved + ".modules_to_save."):
+            k = owner_saved + k[len(owner_saved) + len(".modules_to_save") :]
         elif ".base_layer." in k:
-            raise ValueError(f"{owner}: path: expected only LoRA layers' biases under base_layer, got {key!r}")
+            raise ValueError(
+                f"{owner}: path: {key!r} is under base_layer, but {k.partition('.base_layer.')[0]!r} is not a LoRA layer"
+            )
         out[k] = value
     return out
 
