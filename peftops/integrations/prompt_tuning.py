@@ -1,0 +1,602 @@
+"""Prompt tuning and P-tuning on transformers models, as peft's ``PromptTuningConfig`` /
+``PromptEncoderConfig`` compute them, with no change to the user's call.
+
+:func:`apply_prompt_tuning` keeps the learned prompt as a submodule of the model
+(``model.peftops_prompt``: a :class:`peftops.nn.PromptEmbedding`, or a :class:`PromptEncoder`
+for P-tuning) and registers a forward pre-hook that does what ``peft.PeftModelForCausalLM`` /
+``PeftModelForSequenceClassification`` do around the base model:
+
+* the prompt's embeddings go in front of the input embeddings (``input_ids`` are embedded with
+  the model's own input embeddings, or ``inputs_embeds`` are used as given);
+* ``attention_mask`` gets ``num_virtual_tokens`` ones in front; causal-LM ``labels`` get as
+  many ``-100``; sequence-classification ``token_type_ids`` get zeros in front;
+* ``position_ids`` are dropped with a warning (the model numbers the positions itself, the
+  virtual tokens first), and so are a causal LM's ``token_type_ids``, as peft does;
+* a call whose KV cache already holds tokens (a decoding step of ``generate()``, or the user's
+  own incremental decoding) gets no prompt again, since the cache holds it, only the mask
+  entries for it. ``cache_position`` is dropped, so the model counts from the cache, which
+  holds the virtual tokens too.
+
+The hook fires in ``model(...)`` (``__call__``), which is what ``generate()`` calls; calling
+``model.forward`` directly bypasses it. Attention masks must be 2-D ``(B, L)``.
+
+``peft_prompt_state`` / ``load_peft_prompt`` convert to and from peft's checkpoint format
+(``prompt_embeddings``: the prompt itself, ``(num_virtual_tokens, token_dim)``; for P-tuning,
+what the encoder produces, so a loaded P-tuning checkpoint is a fixed prompt, as in peft's
+inference mode), for :func:`peftops.save_adapter` / :func:`peftops.load_adapter`. A sequence
+classification model's head (``classifier`` / ``score``) is saved with the prompt, as peft's
+``modules_to_save`` does: it is usually freshly initialised, so a reloaded model would
+otherwise get another one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import math
+import numbers
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from ..nn import PromptEmbedding
+from ..nn._base import AdapterModule, positive_int
+
+__all__ = [
+    "PromptEncoder",
+    "apply_prompt_tuning",
+    "load_peft_prompt",
+    "peft_prompt_state",
+    "remove_prompt_tuning",
+]
+
+ATTR = "peftops_prompt"
+_STATE = "_peftops_prompt_tuning"
+PREFIX = "base_model."  # prompt learning: peft's base_model is the transformers model itself
+_HEAD_NAMES = ("classifier", "score")  # what peft's PeftModelForSequenceClassification saves
+
+_COMMON_FIELDS = {
+    "peft_type",
+    "task_type",
+    "auto_mapping",
+    "peft_version",
+    "base_model_name_or_path",
+    "revision",
+    "inference_mode",
+    "num_virtual_tokens",
+    "token_dim",
+    "num_transformer_submodules",
+    # Shape metadata of the base model: prompt tuning reads neither.
+    "num_attention_heads",
+    "num_layers",
+    "modules_to_save",
+}
+# Initialisation only: a checkpoint's prompt_embeddings replace whatever they would build.
+_PROMPT_TUNING_FIELDS = {"prompt_tuning_init", "prompt_tuning_init_text", "tokenizer_name_or_path", "tokenizer_kwargs"}
+# peft saves what the encoder produces, never the encoder, so these only describe the training.
+_P_TUNING_FIELDS = {"encoder_reparameterization_type", "encoder_hidden_size", "encoder_num_layers", "encoder_dropout"}
+_INITS = ("RANDOM", "TEXT", "SAMPLE_VOCAB")
+
+
+class PromptEncoder(AdapterModule):
+    r"""P-tuning's prompt encoder (Liu et al. 2021), peft's ``PromptEncoder`` math and parameter names.
+
+    ``embedding`` ``(num_virtual_tokens, token_dim)`` goes through ``mlp_head``
+    (``Linear-ReLU-Linear-ReLU-Linear``, hidden ``hidden_size``) for ``encoder_type="MLP"``, or
+    through a bidirectional ``lstm_head`` then ``mlp_head`` (``Linear-ReLU-Linear`` on
+    ``2 * hidden_size``) for ``"LSTM"``. ``heads=False`` builds the embedding alone, which is
+    then the prompt: what a P-tuning checkpoint holds (peft saves the encoder's output).
+
+    ``forward() -> (num_virtual_tokens, token_dim)``: the prompt.
+    """
+
+    def __init__(
+        self,
+        num_virtual_tokens: int,
+        token_dim: int,
+        hidden_size: int,
+        encoder_type: str = "MLP",
+        num_layers: int = 2,
+        dropout: float = 0.0,
+        *,
+        heads: bool = True,
+        device=None,
+        dtype=None,
+    ) -> None:
+        super().__init__()
+        owner = "PromptEncoder"
+        self.total_virtual_tokens = positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
+        self.token_dim = self.input_size = self.output_size = positive_int(owner, "token_dim", token_dim)
+        self.hidden_size = positive_int(owner, "hidden_size", hidden_size)
+        if encoder_type not in ("MLP", "LSTM"):
+            raise ValueError(f"{owner}: encoder_type: expected 'MLP' or 'LSTM', got {encoder_type!r}")
+        self.encoder_type = encoder_type
+        self.num_layers = positive_int(owner, "num_layers", num_layers)
+        self.dropout = float(dropout)
+        factory = {"device": device, "dtype": dtype}
+        self.embedding = nn.Embedding(self.total_virtual_tokens, self.token_dim, **factory)
+        self.has_heads = bool(heads)
+        if not heads:
+            return
+        h = self.hidden_size
+        if encoder_type == "LSTM":
+            self.lstm_head = nn.LSTM(
+                input_size=self.token_dim,
+                hidden_size=h,
+                num_layers=self.num_layers,
+                dropout=self.dropout,
+                bidirectional=True,
+                batch_first=True,
+                **factory,
+            )
+            self.mlp_head = nn.Sequential(
+                nn.Linear(2 * h, 2 * h, **factory), nn.ReLU(), nn.Linear(2 * h, self.token_dim, **factory)
+            )
+        else:
+            # peft always uses three linear layers here, whatever encoder_num_layers says.
+            self.mlp_head = nn.Sequential(
+                nn.Linear(self.token_dim, h, **factory),
+                nn.ReLU(),
+                nn.Linear(h, h, **factory),
+                nn.ReLU(),
+                nn.Linear(h, self.token_dim, **factory),
+            )
+
+    def forward(self) -> Tensor:
+        embeds = self.embedding.weight
+        if not self.has_heads:
+            return embeds
+        if self.encoder_type == "LSTM":
+            return self.mlp_head(self.lstm_head(embeds.unsqueeze(0))[0])[0]
+        return self.mlp_head(embeds)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_virtual_tokens={self.total_virtual_tokens}, token_dim={self.token_dim}, "
+            f"hidden_size={self.hidden_size}, encoder_type={self.encoder_type!r}, heads={self.has_heads}"
+        )
+
+
+@dataclasses.dataclass
+class _State:
+    task_type: str  # "CAUSAL_LM" or "SEQ_CLS"
+    num_virtual_tokens: int
+    init: str  # peft's prompt_tuning_init
+    init_text: str | None
+    tokenizer_name: str | None
+    requires_grad: dict[str, bool]  # the flags apply_prompt_tuning changed, to put back
+    replaced: dict[str, Tensor]  # base tensors a checkpoint's modules_to_save overwrote
+    handle: Any = None
+
+
+# -- helpers -------------------------------------------------------------------------------------
+
+
+def _check_model(owner: str, model: object) -> nn.Module:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model: expected an nn.Module, got {type(model).__name__}")
+    return model
+
+
+def _task_type(owner: str, model: nn.Module) -> str:
+    cls = type(model).__name__
+    config = getattr(model, "config", None)
+    if getattr(config, "is_encoder_decoder", False):
+        raise TypeError(
+            f"{owner}: model: expected a decoder-only causal LM or a sequence classification model, got the "
+            f"encoder-decoder {cls}"
+        )
+    if cls.endswith("ForSequenceClassification"):
+        return "SEQ_CLS"
+    if cls.endswith(("ForCausalLM", "LMHeadModel")):
+        return "CAUSAL_LM"
+    raise TypeError(
+        f"{owner}: model: expected a transformers causal LM (*ForCausalLM, *LMHeadModel) or sequence "
+        f"classification model (*ForSequenceClassification), got {cls}"
+    )
+
+
+def _input_embeddings(owner: str, model: nn.Module) -> nn.Module:
+    get = getattr(model, "get_input_embeddings", None)
+    embeddings = get() if callable(get) else None
+    weight = getattr(embeddings, "weight", None)
+    if not isinstance(weight, Tensor) or weight.dim() != 2:
+        raise TypeError(
+            f"{owner}: model: expected get_input_embeddings() to return an embedding with a (vocab, hidden) "
+            f"weight, got {type(embeddings).__name__}"
+        )
+    return embeddings
+
+
+def _prompt_factory(embeddings: nn.Module) -> dict[str, Any]:
+    weight = embeddings.weight
+    # peft keeps prompts in float32 for half-precision models (autocast_adapter_dtype) and casts
+    # them to the input embeddings' dtype in the forward.
+    dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
+    return {"device": weight.device, "dtype": dtype}
+
+
+def _prompt(module: nn.Module) -> Tensor:
+    return module.weight if isinstance(module, PromptEmbedding) else module()
+
+
+def _state(owner: str, model: nn.Module) -> _State:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        raise ValueError(
+            f"{owner}: model: expected a model prepared by apply_prompt_tuning, got {type(model).__name__}"
+        )
+    return state
+
+
+def _model_shape(model: nn.Module) -> tuple[int | None, int | None]:
+    config = getattr(model, "config", None)
+    if config is not None and hasattr(config, "get_text_config"):
+        config = config.get_text_config()
+    heads = getattr(config, "num_attention_heads", getattr(config, "n_head", None))
+    layers = getattr(config, "num_hidden_layers", getattr(config, "n_layer", None))
+    return heads, layers
+
+
+def _heads(model: nn.Module) -> list[str]:
+    # peft's rule (PeftModelForSequenceClassification): a child whose name contains one of these.
+    return [n for n, _ in model.named_children() if n != ATTR and any(h in n for h in _HEAD_NAMES)]
+
+
+def _cached_length(cache: object) -> int:
+    if cache is None:
+        return 0
+    get = getattr(cache, "get_seq_length", None)
+    if callable(get):
+        return int(get())
+    if isinstance(cache, (tuple, list)) and len(cache) > 0 and cache[0] is not None:
+        return int(cache[0][0].shape[-2])  # legacy tuple cache: (layers, 2, (B, H, S, D))
+    return 0
+
+
+def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
+    if not args:
+        return dict(kwargs)
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
+    if len(args) > len(names):
+        raise TypeError(
+            f"{type(model).__name__}.forward: expected at most {len(names)} positional arguments, got {len(args)}"
+        )
+    out = dict(kwargs)
+    for name, value in zip(names[: len(args)], args, strict=True):
+        if name in out:
+            raise TypeError(f"{type(model).__name__}.forward: got multiple values for argument {name!r}")
+        out[name] = value
+    return out
+
+
+def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
+    state = model.__dict__.get(_STATE)
+    if state is None:
+        return None
+    kw = _as_kwargs(model, args, kwargs)
+    input_ids, inputs_embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    if input_ids is None and inputs_embeds is None:
+        return None  # the model's own error says what is missing
+    batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    p, causal = state.num_virtual_tokens, state.task_type == "CAUSAL_LM"
+    # transformers 5 renamed past_key_values to cache (the old name is still accepted).
+    cache = kw.get("cache", kw.get("past_key_values"))
+    prompted = _cached_length(cache) == 0
+
+    mask = kw.get("attention_mask")
+    if mask is not None:
+        if not isinstance(mask, Tensor) or mask.dim() != 2:
+            got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
+            raise ValueError(f"apply_prompt_tuning: attention_mask: expected a 2-D (B, L) tensor, got {got}")
+        kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+    # Positions computed for the user's tokens would miss the prompt: the model counts from the
+    # cache instead, which holds the virtual tokens.
+    kw.pop("cache_position", None)
+    if kw.get("position_ids") is not None:
+        warnings.warn(
+            "apply_prompt_tuning: position_ids (given, or made by generate()) are ignored, as peft does: with "
+            "the virtual tokens in front, the model numbers positions itself, the virtual tokens first",
+            stacklevel=2,
+        )
+        kw["position_ids"] = None
+    token_type_ids = kw.get("token_type_ids")
+    if token_type_ids is not None:
+        if causal:
+            warnings.warn("apply_prompt_tuning: token_type_ids are ignored for causal LMs, as peft does", stacklevel=2)
+            kw["token_type_ids"] = None
+        elif prompted:
+            zeros = token_type_ids.new_zeros(token_type_ids.shape[0], p)
+            kw["token_type_ids"] = torch.cat([zeros, token_type_ids], dim=1)
+    if not prompted:
+        return (), kw
+
+    if inputs_embeds is None:
+        inputs_embeds = model.get_input_embeddings()(input_ids)
+    prompt = _prompt(getattr(model, ATTR)).to(inputs_embeds.dtype)
+    kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), inputs_embeds], dim=1)
+    if "input_ids" in kw:
+        kw["input_ids"] = None
+    labels = kw.get("labels")
+    if causal and labels is not None:
+        kw["labels"] = torch.cat([labels.new_full((labels.shape[0], p), -100), labels], dim=1)
+    return (), kw
+
+
+def _install(owner: str, model: nn.Module, module: nn.Module, state: _State) -> nn.Module:
+    state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
+    for param in model.parameters():
+        param.requires_grad_(False)
+    model.add_module(ATTR, module)
+    for param in module.parameters():
+        param.requires_grad_(True)
+    state.handle = model.register_forward_pre_hook(_forward_pre_hook, with_kwargs=True)
+    model.__dict__[_STATE] = state
+    return model
+
+
+def _check_fresh(owner: str, model: nn.Module) -> None:
+    if _STATE in model.__dict__ or hasattr(model, ATTR):
+        raise ValueError(
+            f"{owner}: model: expected a model without prompt tuning, got one that has it already "
+            "(remove_prompt_tuning(model) first)"
+        )
+
+
+def _text_init(owner: str, embeddings: nn.Module, init_text: str, tokenizer: Any, n: int) -> Tensor:
+    """peft's TEXT init: the text's token embeddings, truncated or repeated to ``n`` tokens."""
+    if not callable(tokenizer):
+        raise TypeError(f"{owner}: tokenizer: expected a callable tokenizer, got {type(tokenizer).__name__}")
+    ids = list(tokenizer(init_text)["input_ids"])
+    if not ids:
+        raise ValueError(f"{owner}: init_text: expected text that tokenizes to at least one token, got {init_text!r}")
+    ids = (ids * math.ceil(n / len(ids)))[:n]
+    device = embeddings.weight.device
+    with torch.no_grad():
+        return embeddings(torch.tensor(ids, dtype=torch.long, device=device)).detach().clone().float()
+
+
+# -- public API ----------------------------------------------------------------------------------
+
+
+def apply_prompt_tuning(
+    model: nn.Module,
+    num_virtual_tokens: int,
+    init_text: str | None = None,
+    *,
+    tokenizer: Any = None,
+    encoder: str | None = None,
+    encoder_hidden_size: int | None = None,
+) -> nn.Module:
+    """Prompt tuning (``encoder=None``) or P-tuning (``encoder="mlp" | "lstm"``) on a transformers
+    causal LM or sequence classification model, in place; returns ``model``.
+
+    The base model is frozen; the prompt (``model.peftops_prompt``) is trainable. The base
+    ``state_dict`` keys are unchanged (the prompt's keys are added). ``model(...)`` and
+    ``model.generate(...)`` take the same arguments as before and compute what peft's
+    ``PeftModelForCausalLM`` / ``PeftModelForSequenceClassification`` compute (see the module
+    docstring for masks, labels, positions and the KV cache).
+
+    ``init_text`` (with ``tokenizer``): peft's ``TEXT`` init, the token embeddings of the text,
+    truncated or repeated to ``num_virtual_tokens``. Otherwise the prompt starts as
+    :class:`peftops.nn.PromptEmbedding` does (uniform in [-0.5, 0.5]); P-tuning encoders start
+    as peft's (``encoder_hidden_size`` defaults to the model's hidden size).
+    """
+    owner = "apply_prompt_tuning"
+    _check_model(owner, model)
+    p = positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
+    task_type = _task_type(owner, model)
+    embeddings = _input_embeddings(owner, model)
+    hidden = embeddings.weight.shape[1]
+    if encoder is not None and encoder not in ("mlp", "lstm"):
+        raise ValueError(f"{owner}: encoder: expected None, 'mlp' or 'lstm', got {encoder!r}")
+    if encoder is None and encoder_hidden_size is not None:
+        raise ValueError(f"{owner}: encoder_hidden_size: expected None without an encoder, got {encoder_hidden_size}")
+    if init_text is not None:
+        if not isinstance(init_text, str):
+            raise TypeError(f"{owner}: init_text: expected a str, got {type(init_text).__name__}")
+        if tokenizer is None:
+            raise TypeError(f"{owner}: tokenizer: expected a tokenizer to turn init_text into tokens, got None")
+        if encoder is not None:
+            raise ValueError(
+                f"{owner}: init_text: expected None with encoder={encoder!r} (P-tuning encoders start random, as "
+                f"peft's), got {init_text!r}"
+            )
+    elif tokenizer is not None:
+        raise ValueError(f"{owner}: tokenizer: expected None without init_text (it is only used for it), got one")
+    _check_fresh(owner, model)
+
+    factory = _prompt_factory(embeddings)
+    if encoder is None:
+        module: nn.Module = PromptEmbedding(p, hidden, **factory)
+        if init_text is not None:
+            with torch.no_grad():
+                module.weight.copy_(_text_init(owner, embeddings, init_text, tokenizer, p))
+    else:
+        h = hidden if encoder_hidden_size is None else positive_int(owner, "encoder_hidden_size", encoder_hidden_size)
+        module = PromptEncoder(p, hidden, h, encoder.upper(), **factory)
+    name = getattr(tokenizer, "name_or_path", None) or None
+    # peft refuses a TEXT config without a tokenizer name, so a tokenizer built in memory is
+    # recorded as RANDOM: the saved prompt is what matters when loading.
+    init = "TEXT" if init_text is not None and name else "RANDOM"
+    state = _State(task_type, p, init, init_text if init == "TEXT" else None, name if init == "TEXT" else None, {}, {})
+    return _install(owner, model, module, state)
+
+
+def remove_prompt_tuning(model: nn.Module) -> nn.Module:
+    """Undo :func:`apply_prompt_tuning` (or :func:`load_peft_prompt`): drop the prompt and the
+    hook, put back the ``requires_grad`` flags and any base tensors a checkpoint replaced."""
+    owner = "remove_prompt_tuning"
+    _check_model(owner, model)
+    state = _state(owner, model)
+    state.handle.remove()
+    delattr(model, ATTR)
+    del model.__dict__[_STATE]
+    params = dict(model.named_parameters())
+    with torch.no_grad():
+        for key, value in state.replaced.items():
+            _tensor(model, key).copy_(value)
+    for name, flag in state.requires_grad.items():
+        if name in params:
+            params[name].requires_grad_(flag)
+    return model
+
+
+def _tensor(model: nn.Module, key: str) -> Tensor:
+    module_name, _, leaf = key.rpartition(".")
+    return getattr(model.get_submodule(module_name) if module_name else model, leaf)
+
+
+def peft_prompt_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
+    """``model``'s prompt as peft's ``(adapter_config, state_dict)``: ``PROMPT_TUNING`` or
+    ``P_TUNING``, with a sequence classification head as peft's ``modules_to_save``."""
+    owner = "save_adapter"
+    _check_model(owner, model)
+    state = _state(owner, model)
+    module = getattr(model, ATTR)
+    heads, layers = _model_shape(model)
+    with torch.no_grad():
+        prompt = _prompt(module).detach()
+    config: dict[str, Any] = {
+        "task_type": state.task_type,
+        "num_virtual_tokens": state.num_virtual_tokens,
+        "token_dim": int(prompt.shape[1]),
+        "num_transformer_submodules": 1,
+        "num_attention_heads": heads,
+        "num_layers": layers,
+        "modules_to_save": None,
+        "auto_mapping": None,
+        "revision": None,
+    }
+    if isinstance(module, PromptEncoder):
+        config.update(
+            peft_type="P_TUNING",
+            encoder_reparameterization_type=module.encoder_type,
+            encoder_hidden_size=module.hidden_size,
+            encoder_num_layers=module.num_layers,
+            encoder_dropout=module.dropout,
+        )
+    else:
+        config.update(
+            peft_type="PROMPT_TUNING",
+            prompt_tuning_init=state.init,
+            prompt_tuning_init_text=state.init_text,
+            tokenizer_name_or_path=state.tokenizer_name,
+            tokenizer_kwargs=None,
+        )
+    tensors = {"prompt_embeddings": prompt}
+    if state.task_type == "SEQ_CLS":
+        config["modules_to_save"] = list(_HEAD_NAMES)
+        for head in _heads(model):
+            for key, value in model.get_submodule(head).state_dict().items():
+                tensors[f"{PREFIX}{head}.{key}"] = value
+    return config, tensors
+
+
+def _field_error(owner: str, field: str, expected: str, got: object) -> ValueError:
+    return ValueError(f"{owner}: {field}: expected {expected}, got {got!r}")
+
+
+def load_peft_prompt(
+    model: nn.Module, config: dict, state_dict: dict[str, Tensor], adapter_name: str = "default"
+) -> nn.Module:
+    """Load a peft ``PROMPT_TUNING`` or ``P_TUNING`` checkpoint (its config dict and tensors)
+    into the plain transformers ``model``; returns ``model`` prepared as by
+    :func:`apply_prompt_tuning`, the prompt trainable.
+
+    A P-tuning checkpoint holds the encoder's output, not the encoder: it loads as a
+    :class:`PromptEncoder` without heads, which computes what peft's loaded model computes.
+    Checkpoint tensors of ``modules_to_save`` (a classification head) overwrite the model's.
+    Raises ``ValueError`` naming any config field peftops does not honour and any tensor that
+    lands nowhere.
+    """
+    owner = "load_adapter"
+    _check_model(owner, model)
+    if not isinstance(config, dict):
+        raise TypeError(f"{owner}: config: expected a dict, got {type(config).__name__}")
+    if adapter_name != "default":
+        raise ValueError(
+            f"{owner}: adapter_name: expected 'default' (a model holds one prompt-tuning adapter), got {adapter_name!r}"
+        )
+    peft_type = config.get("peft_type")
+    if peft_type not in ("PROMPT_TUNING", "P_TUNING"):
+        raise _field_error(owner, "peft_type", "'PROMPT_TUNING' or 'P_TUNING'", peft_type)
+    known = _COMMON_FIELDS | (_PROMPT_TUNING_FIELDS if peft_type == "PROMPT_TUNING" else _P_TUNING_FIELDS)
+    unknown = sorted(set(config) - known)
+    if unknown:
+        raise ValueError(f"{owner}: {', '.join(unknown)}: fields of a {peft_type} config peftops does not support")
+    task_type = _task_type(owner, model)
+    if config.get("task_type") not in (None, task_type):
+        raise _field_error(
+            owner, "task_type", f"{task_type!r} (the model is a {type(model).__name__})", config["task_type"]
+        )
+    if config.get("num_transformer_submodules") not in (None, 1):
+        raise _field_error(
+            owner,
+            "num_transformer_submodules",
+            "1 (decoder-only and encoder-only models)",
+            config["num_transformer_submodules"],
+        )
+    p = config.get("num_virtual_tokens")
+    if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
+        raise _field_error(owner, "num_virtual_tokens", "an int >= 1", p)
+    embeddings = _input_embeddings(owner, model)
+    hidden = embeddings.weight.shape[1]
+    if config.get("token_dim") not in (None, hidden):
+        raise _field_error(owner, "token_dim", f"{hidden} (the model's hidden size)", config["token_dim"])
+    if peft_type == "PROMPT_TUNING":
+        init = config.get("prompt_tuning_init") or "RANDOM"
+        if init not in _INITS:
+            raise _field_error(owner, "prompt_tuning_init", f"one of {', '.join(_INITS)}", init)
+    else:
+        kind = config.get("encoder_reparameterization_type") or "MLP"
+        if kind not in ("MLP", "LSTM"):
+            raise _field_error(owner, "encoder_reparameterization_type", "'MLP' or 'LSTM'", kind)
+    _check_fresh(owner, model)
+
+    if "prompt_embeddings" not in state_dict:
+        raise ValueError(f"{owner}: state_dict: expected a 'prompt_embeddings' tensor, got keys {sorted(state_dict)}")
+    prompt = state_dict["prompt_embeddings"]
+    if tuple(prompt.shape) != (p, hidden):
+        raise ValueError(f"{owner}: prompt_embeddings: expected shape ({p}, {hidden}), got {tuple(prompt.shape)}")
+    base = model.state_dict()
+    extra = {}
+    for key, value in state_dict.items():
+        if key == "prompt_embeddings":
+            continue
+        target = key[len(PREFIX) :] if key.startswith(PREFIX) else None
+        if target is None or target not in base:
+            raise ValueError(f"{owner}: state_dict: the key {key!r} matches no tensor of {type(model).__name__}")
+        if base[target].shape != value.shape:
+            raise ValueError(f"{owner}: {key}: expected shape {tuple(base[target].shape)}, got {tuple(value.shape)}")
+        extra[target] = value
+
+    factory = _prompt_factory(embeddings)
+    if peft_type == "PROMPT_TUNING":
+        module: nn.Module = PromptEmbedding(p, hidden, **factory)
+        weight = module.weight
+        name = config.get("tokenizer_name_or_path")
+        state = _State(task_type, p, init, config.get("prompt_tuning_init_text"), name, {}, {})
+    else:
+        module = PromptEncoder(
+            p,
+            hidden,
+            config.get("encoder_hidden_size") or hidden,
+            kind,
+            config.get("encoder_num_layers") or 2,
+            config.get("encoder_dropout") or 0.0,
+            heads=False,
+            **factory,
+        )
+        weight = module.embedding.weight
+        state = _State(task_type, p, "RANDOM", None, None, {}, {})
+    with torch.no_grad():
+        weight.copy_(prompt)
+        for key, value in extra.items():
+            tensor = _tensor(model, key)
+            state.replaced[key] = tensor.detach().clone()
+            tensor.copy_(value)
+    return _install(owner, model, module, state)
