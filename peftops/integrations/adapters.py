@@ -48,7 +48,8 @@ before the norm) is not its input. ``x`` is read by a forward pre-hook on the mo
 receives it (the block's pre-norm, or BERT's ``BertSelfOutput``/``BertOutput``), ``h`` is
 changed by a forward hook on the module that returns it (the attention or MLP module, or BERT's
 output dropout, after which AdapterHub's BERT code inserts its adapters). Dropout inside the
-model therefore acts where it acts under AdapterHub.
+model therefore acts where it acts under AdapterHub. The hooks run again when gradient
+checkpointing recomputes a layer, and under ``generate()`` with or without a KV cache.
 
 Where this differs from AdapterHub, because peftops' module or a generic model decides:
 

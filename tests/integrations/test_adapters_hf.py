@@ -60,11 +60,12 @@ def bottleneck(v, p, act):
     return act(v @ wd.T + bd) @ wu.T + bu
 
 
-def make_reference(arch: str, config: str, params: list[dict]) -> nn.Module:
-    """The base model with each layer's forward written out with adapters placed as AdapterHub
-    places them; ``params[i][location]`` = (Wd, bd, Wu, bu) of layer i."""
+def make_reference(arch: str, config: str, params: list[dict], ref: nn.Module | None = None) -> nn.Module:
+    """The base model (``ref``, or a new copy) with each layer's forward written out with
+    adapters placed as AdapterHub places them; ``params[i][location]`` = (Wd, bd, Wu, bu) of
+    layer i."""
     act, s, _, _ = DEFAULTS[config]
-    ref = ARCHS[arch]()
+    ref = ARCHS[arch]() if ref is None else ref
 
     def pre_ln(p, x, h):  # pre-LN sublayer: y = x + h without an adapter
         if p is None:
@@ -186,8 +187,10 @@ def test_matches_hand_written_placement_with_gradients(arch, config):
     model = apply_adapters(ARCHS[arch](), config)
     randomise(model)
     params = adapter_params(model)
-    ref = make_reference(arch, config, params)
     ids = hf_models.token_ids()
+    ref = ARCHS[arch]()
+    base_logits = ref(ids).logits
+    ref = make_reference(arch, config, params, ref)
 
     calls = []
     for m in model.modules():
@@ -196,8 +199,7 @@ def test_matches_hand_written_placement_with_gradients(arch, config):
     out = model(ids, labels=ids)
     expected = ref(ids, labels=ids)
     assert len(calls) == len(DEFAULTS[config][3]) * len(layers_of(model))  # every adapter ran, once
-    base_out = ARCHS[arch]()(ids).logits
-    assert (out.logits - base_out).abs().max() > 1e-2  # the adapters do change the model
+    assert (out.logits - base_logits).abs().max() > 1e-2  # the adapters do change the model
     torch.testing.assert_close(out.logits, expected.logits, rtol=1e-5, atol=1e-5)
 
     out.loss.backward()
@@ -321,3 +323,19 @@ def test_unknown_architecture_is_a_type_error_naming_it():
     ):
         apply_adapters(model)
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+
+
+def test_gradient_checkpointing_recomputes_through_the_hooks():
+    # The recomputed forward must see its residual again (the pre-hook fires on each run).
+    grads = []
+    for checkpointing in (False, True):
+        model = apply_adapters(hf_models.llama(), "seq_bn")
+        randomise(model)
+        if checkpointing:  # renamed activation_checkpointing_enable in later transformers 5.x
+            enable = getattr(model, "activation_checkpointing_enable", None) or model.gradient_checkpointing_enable
+            enable()
+        ids = hf_models.token_ids()
+        model(ids, labels=ids).loss.backward()
+        grads.append([p.grad for p in model.parameters() if p.requires_grad])
+    for got, want in zip(*grads, strict=True):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
