@@ -1,0 +1,222 @@
+"""peftops.integrations.generate: one adapter per row under transformers' generate(), in every
+mode that repeats rows (beam search, num_return_sequences), against single-adapter runs and
+against peft's mixed-batch generate (``adapter_names=``) with the same weights."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.integrations import hf_models
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+import peftops  # noqa: E402
+from peftops.integrations.generate import generate  # noqa: E402
+from peftops.nn import MultiLoRALinear, add_adapter, apply_lora, set_batch_adapters  # noqa: E402
+
+TARGETS = ["q_proj", "v_proj", "down_proj"]
+ADAPTERS = {"a": (4, 8.0), "b": (2, 4.0)}  # name -> (r, alpha); a in slot 0, b in slot 1
+ROWS = ["a", None, "b"]  # None: the base model
+NEW = 3
+# Each mode also takes the ids in another of the forms set_batch_adapters accepts.
+MODES = {
+    "greedy": ({}, ROWS),
+    "beam": ({"num_beams": 3}, torch.tensor([0, -1, 1])),
+    "sample": ({"do_sample": True, "num_return_sequences": 2, "top_k": 0}, [0, -1, "b"]),
+    "beam_nrs": ({"num_beams": 3, "num_return_sequences": 2}, ["a", -1, 1]),
+}
+
+
+def llama():
+    # No end-of-sequence token: every row runs to max_new_tokens, so a row generated alone has
+    # the batch's length and rows compare whole.
+    return hf_models.llama(eos_token_id=None)
+
+
+def multi_model():
+    model = llama()
+    apply_lora(model, TARGETS, r=4, alpha=1.0, capacity=3)
+    for name, (r, alpha) in ADAPTERS.items():
+        add_adapter(model, name, r, alpha)
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():  # random B (add_adapter's is zeros), so each adapter changes the tokens
+        for layer in model.modules():
+            if isinstance(layer, MultiLoRALinear):
+                layer.lora_B.copy_(0.2 * torch.randn(layer.lora_B.shape, generator=g))
+    return model.eval()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def reference_backend():
+    # What is under test is which adapter each row gets, not the kernels (tests/kernels): the
+    # reference backend keeps dozens of generate() calls cheap where Triton would be interpreted.
+    with peftops.use_backend("reference"):
+        yield
+
+
+@pytest.fixture(scope="module")
+def model():
+    return multi_model()
+
+
+@pytest.fixture(scope="module")
+def mixed_runs():
+    """mode -> the mixed batch's output, shared by the tests that compare it with something."""
+    return {}
+
+
+@pytest.fixture(scope="module")
+def base():
+    return llama().eval()
+
+
+@pytest.fixture(scope="module")
+def prompts():
+    return hf_models.token_ids(batch=len(ROWS), seq=6)
+
+
+def run(model, ids, seed=0, **kw):
+    torch.manual_seed(seed)
+    return model.generate(ids, max_new_tokens=NEW, pad_token_id=0, **kw)
+
+
+def run_ids(model, ids, adapter_ids, seed=0, **kw):
+    torch.manual_seed(seed)
+    return generate(model, ids, adapter_ids=adapter_ids, max_new_tokens=NEW, pad_token_id=0, **kw)
+
+
+def layers(model):
+    return [m for m in model.modules() if isinstance(m, MultiLoRALinear)]
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_each_row_generates_as_its_adapter_alone(model, base, prompts, mixed_runs, mode):
+    kw, ids = MODES[mode]
+    per = kw.get("num_return_sequences", 1)  # rows returned per input row
+    mixed = mixed_runs[mode] = run_ids(model, prompts, ids, **kw)
+    assert mixed.shape[0] == len(ROWS) * per
+    plain = run(base, prompts, **kw)
+    if kw.get("do_sample"):
+        # Alone, a row would draw other random numbers. The whole batch under one adapter with
+        # the same seed draws each row from its own distribution with the generator in the same
+        # state, so the rows of that adapter must agree.
+        single = {name: run_ids(model, prompts, [name] * len(ROWS), **kw) for name in ADAPTERS}
+    else:
+        single = {name: run_ids(model, prompts[i : i + 1], [name], **kw) for i, name in enumerate(ROWS) if name}
+    for i, name in enumerate(ROWS):
+        rows = slice(i * per, (i + 1) * per)
+        if name is None:
+            assert torch.equal(mixed[rows], plain[rows]), (mode, i)
+            continue
+        expected = single[name][rows] if kw.get("do_sample") else single[name]
+        assert torch.equal(mixed[rows], expected), (mode, i, name)
+        assert not torch.equal(mixed[rows], plain[rows]), (mode, i, name)  # the adapter is not a no-op here
+
+
+@pytest.fixture(scope="module")
+def peft_model(model):
+    """peft's LoRA on the same base weights, with adapters a and b copied from ``model``'s slots."""
+    configs = {
+        name: peft.LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0)
+        for name, (r, alpha) in ADAPTERS.items()
+    }
+    theirs = peft.get_peft_model(llama(), configs["a"], adapter_name="a")
+    theirs.add_adapter("b", configs["b"])
+    ours = dict(model.named_modules())
+    with torch.no_grad():
+        for name, module in theirs.base_model.model.named_modules():
+            if not isinstance(module, peft.tuners.lora.LoraLayer):
+                continue
+            layer = ours[name]
+            for adapter, (r, _) in ADAPTERS.items():
+                slot = layer.adapter_id(adapter)
+                module.lora_A[adapter].weight.copy_(layer.lora_A[slot, :r])
+                module.lora_B[adapter].weight.copy_(layer.lora_B[slot, :, :r])
+                assert module.scaling[adapter] == pytest.approx(float(layer.scales[slot]))
+    return theirs.eval()
+
+
+@pytest.mark.parametrize("mode", ["greedy", "beam"])
+def test_matches_peft_mixed_batch_generate(model, peft_model, prompts, mixed_runs, mode):
+    kw, ids = MODES[mode]
+    names = ["__base__" if r is None else r for r in ROWS]
+    expected = peft_model.generate(input_ids=prompts, adapter_names=names, max_new_tokens=NEW, pad_token_id=0, **kw)
+    mixed = mixed_runs[mode] if mode in mixed_runs else run_ids(model, prompts, ids, **kw)
+    assert torch.equal(mixed, expected)
+
+
+class Boom(transformers.StoppingCriteria):
+    def __call__(self, input_ids, scores, **kwargs):
+        raise RuntimeError("boom")
+
+
+def test_previous_ids_and_the_model_come_back_also_on_error(model, prompts):
+    before = torch.tensor([1, -1, 0])
+    set_batch_adapters(model, before)
+    try:
+        generate(model, prompts, adapter_ids=ROWS, num_beams=3, max_new_tokens=1, pad_token_id=0)
+        assert all(layer._batch_ids is before for layer in layers(model))
+        assert "_expand_inputs_for_generation" not in model.__dict__
+        # The criteria run after the expansion, with the ids repeated for 9 rows.
+        criteria = transformers.StoppingCriteriaList([Boom()])
+        with pytest.raises(RuntimeError, match="boom"):
+            run_ids(model, prompts, ROWS, num_beams=3, stopping_criteria=criteria)
+        assert all(layer._batch_ids is before for layer in layers(model))
+        assert "_expand_inputs_for_generation" not in model.__dict__
+    finally:
+        set_batch_adapters(model, None)
+
+
+def test_plain_generate_with_beams_says_why_the_ids_do_not_fit(model, prompts):
+    # The issue's failure, now an error that points to the fix instead of the op's shape message.
+    set_batch_adapters(model, ROWS)
+    try:
+        with pytest.raises(ValueError, match=r"got shape \(3,\) from set_batch_adapters.*peftops\.generate"):
+            run(model, prompts, num_beams=3)
+    finally:
+        set_batch_adapters(model, None)
+
+
+def test_bad_adapter_ids_are_refused_by_name(model, base, prompts):
+    cases = [
+        (ValueError, r"generate: adapter_ids: expected one per row of the inputs \(3 rows\), got 2", ROWS[:2]),
+        (ValueError, r"generate: adapter_ids: .*no adapter named 'zed'", ["a", "zed", None]),
+        (ValueError, r"generate: adapter_ids: .*adapter id 2 is not a slot in use", [0, 2, None]),
+        (TypeError, r"generate: adapter_ids: expected a list .* got str", "a"),
+        (TypeError, r"generate: adapter_ids: .*got float", ["a", 1.0, None]),
+        (TypeError, r"generate: adapter_ids: expected a signed integer tensor .* got torch.float32", torch.zeros(3)),
+        (ValueError, r"generate: adapter_ids: expected one id per row, shape \(B,\), got shape \(3, 6\)", prompts),
+    ]
+    for error, match, ids in cases:
+        with pytest.raises(error, match=match):
+            generate(model, prompts, adapter_ids=ids, max_new_tokens=2, pad_token_id=0)
+        assert all(layer._batch_ids is None for layer in layers(model))
+    with pytest.raises(ValueError, match=r"generate: model: expected MultiLoRALinear layers"):
+        generate(base, prompts, adapter_ids=ROWS, max_new_tokens=2)
+    with pytest.raises(TypeError, match=r"generate: model: expected a transformers model with generate\(\), got int"):
+        generate(3, prompts, adapter_ids=ROWS)
+
+
+def test_serving_example_runs_and_checks_its_rows():
+    root = Path(__file__).resolve().parents[2]
+    # Run as a user would on this machine: without the suite's Triton interpreter, so on CPU the
+    # reference backend serves it.
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(root)
+    done = subprocess.run(
+        [sys.executable, str(root / "examples" / "serve_multi_adapter.py"), "--max-new-tokens", "2"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "base" in done.stdout and "all rows match" in done.stdout
