@@ -89,9 +89,9 @@ class LoRAEmbedding(LoRALayerBase):
         self.scale_grad_by_freq = base.scale_grad_by_freq
         self.sparse = base.sparse
         r = self._init_lora(r, alpha, dropout, use_rslora)
-        factory = {"device": base.weight.device, "dtype": base.weight.dtype}
-        self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, **factory))
-        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, **factory))
+        device, dtype = base.weight.device, base.weight.dtype
+        self.lora_embedding_A = nn.Parameter(torch.empty(r, self.num_embeddings, device=device, dtype=dtype))
+        self.lora_embedding_B = nn.Parameter(torch.empty(self.embedding_dim, r, device=device, dtype=dtype))
         self.reset_lora_parameters()
 
     def reset_lora_parameters(self) -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 import sys
 from collections.abc import Iterator
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +27,7 @@ class LoRALayerBase(AdapterModule):
     defines :meth:`delta_weight` (in the layout of ``weight``) and :meth:`unwrap`.
     """
 
-    weight: nn.Parameter
+    weight: Tensor
 
     def _init_lora(self, r, alpha, dropout, use_rslora) -> int:
         """Validate and store the hyperparameters, set up merging; returns the validated ``r``."""
@@ -212,14 +213,14 @@ class LoRALinear(LoRALayerBase):
         acc = self._acc_dtype()
         return self.scaling * (self.lora_B.weight.to(acc) @ self.lora_A.weight.to(acc))
 
-    def unwrap(self) -> nn.Linear:
+    def unwrap(self) -> nn.Module:
         """An ``nn.Linear`` holding this layer's ``weight`` and ``bias`` Parameters (no copy, no
         merge: merge first to keep the update)."""
         with torch.device("meta"):
             base = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
-        base.weight = self.weight
+        base.weight = cast(nn.Parameter, self.weight)
         if self.bias is not None:
-            base.bias = self.bias
+            base.bias = cast(nn.Parameter, self.bias)
         return base.train(self.training)
 
     def extra_repr(self) -> str:
@@ -280,12 +281,13 @@ class LoRAConv1D(LoRALinear):
         conv_type = conv1d_type()
         if conv_type is None or not isinstance(conv, conv_type):
             raise TypeError(f"LoRAConv1D.from_conv1d: conv: expected a transformers Conv1D, got {type(conv).__name__}")
-        for name, value in zip(("in_features", "out_features"), conv.weight.shape, strict=True):
+        weight, bias = cast(Tensor, conv.weight), cast("Tensor | None", conv.bias)
+        for name, value in zip(("in_features", "out_features"), weight.shape, strict=True):
             if value < 1:
                 raise ValueError(f"LoRAConv1D.from_conv1d: conv: expected {name} >= 1, got {value}")
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
-        layer._setup(conv.weight, conv.bias, r, alpha, dropout, use_rslora)
+        layer._setup(weight, bias, r, alpha, dropout, use_rslora)
         return layer
 
     def _linear_weight(self) -> Tensor:

@@ -124,7 +124,7 @@ def _all_linear(model: nn.Module) -> list[str]:
     conv1d = conv1d_type()
     linear_types = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
     names = {name for name, m in model.named_modules() if isinstance(m, linear_types)}
-    excluded = set()
+    excluded: set[str] = set()
     modeling = sys.modules.get("transformers.modeling_utils")
     if modeling is not None and isinstance(model, modeling.PreTrainedModel):
         head = model.get_output_embeddings()
@@ -389,9 +389,10 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
             if name == "bias" or name.endswith(".bias"):
                 p.requires_grad_(True)
     elif bias == "lora_only":
-        for m in model.modules():
-            if isinstance(m, LORA_LAYER_TYPES) and getattr(m, "bias", None) is not None:
-                m.bias.requires_grad_(True)
+        for layer in model.modules():
+            layer_bias = getattr(layer, "bias", None) if isinstance(layer, LORA_LAYER_TYPES) else None
+            if layer_bias is not None:
+                layer_bias.requires_grad_(True)
     for name in modules_to_save(model):
         model.get_submodule(name).requires_grad_(True)
     return model
