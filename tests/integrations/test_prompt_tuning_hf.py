@@ -120,6 +120,10 @@ def test_positional_call_and_inputs_embeds():
     torch.testing.assert_close(_logits(mine, ids, mask), expected, **TOL)
     embeds = mine.get_input_embeddings()(ids)
     torch.testing.assert_close(_logits(mine, inputs_embeds=embeds, attention_mask=mask), expected, **TOL)
+    # Positions the user numbered for their own tokens are dropped with a warning, as peft drops them.
+    positions = torch.arange(ids.shape[1]).expand(2, -1) + 7
+    with pytest.warns(UserWarning, match="apply_prompt_tuning: position_ids"):
+        torch.testing.assert_close(_logits(mine, ids, mask, position_ids=positions), expected, **TOL)
 
 
 def test_sequence_classification_matches_peft():
