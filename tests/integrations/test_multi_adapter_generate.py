@@ -152,6 +152,43 @@ def test_matches_peft_mixed_batch_generate(model, peft_model, prompts, mixed_run
     assert torch.equal(mixed, expected)
 
 
+def tiny_t5():
+    torch.manual_seed(0)
+    config = transformers.T5Config(
+        vocab_size=64,
+        d_model=32,
+        d_kv=8,
+        d_ff=64,
+        num_layers=1,
+        num_decoder_layers=1,
+        num_heads=4,
+        dropout_rate=0.0,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=None,
+    )
+    model = transformers.T5ForConditionalGeneration(config)
+    apply_lora(model, ["q", "v"], r=4, alpha=1.0, capacity=2)
+    add_adapter(model, "a", 4, 8.0)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.lora_B.copy_(0.5 * torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(3)))
+    return model.eval()
+
+
+def test_encoder_decoder_runs_its_encoder_on_the_rows_before_they_are_repeated():
+    # The encoder sees B rows and the decoder B * num_beams: the ids must follow both.
+    model = tiny_t5()
+    prompts = torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(1))
+    kw = {"num_beams": 3, "num_return_sequences": 2, "max_new_tokens": NEW}
+    rows = ["a", None, "a"]
+    mixed = generate(model, prompts, adapter_ids=rows, **kw)
+    for i, name in enumerate(rows):
+        alone = generate(model, prompts[i : i + 1], adapter_ids=[name], **kw)
+        assert torch.equal(mixed[2 * i : 2 * i + 2], alone), (i, name)
+    assert not torch.equal(mixed[:2], generate(model, prompts[:1], adapter_ids=[None], **kw))
+
+
 class Boom(transformers.StoppingCriteria):
     def __call__(self, input_ids, scores, **kwargs):
         raise RuntimeError("boom")
