@@ -49,6 +49,7 @@ import torch
 from torch import Tensor, nn
 
 from ..nn import PrefixKV
+from ..nn._base import positive_int
 from ..ops.prefix_attention import prefix_attention
 
 __all__ = [
@@ -139,7 +140,7 @@ def _state(owner: str, model: nn.Module) -> _State:
 
 def _shape(owner: str, model: nn.Module) -> tuple[int, int, int]:
     """(layers, kv heads, head dim), read from the config as peft's ``_prepare_prompt_learning_config`` does."""
-    config = model.config
+    config: Any = model.config
     if hasattr(config, "get_text_config"):
         config = config.get_text_config()
     layers = getattr(config, "num_hidden_layers", None) or getattr(config, "n_layer", None)
@@ -217,11 +218,9 @@ def _decoder_pre_hook(owner_model: nn.Module):
                 return None  # the model's own error says what is missing
             past = _cached_length(cache)
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        # peft's prefix sits in the cache, in front of every real token.
+        # peft's prefix sits in the cache, in front of every real token. cache_position (where the
+        # new tokens go in the cache) stays as it is: this cache holds the real tokens only.
         kw["position_ids"] = position_ids + state.num_virtual_tokens
-        # cache_position (transformers < 5.x) would number the tokens from the cache, which here
-        # holds no prefix; without it the model derives it from the cache as well, so drop both
-        # consistently by letting position_ids alone carry the shift.
         return (), kw
 
     return hook
@@ -229,11 +228,16 @@ def _decoder_pre_hook(owner_model: nn.Module):
 
 def _layer_prefix(state: _State, module: nn.Module, layer: int, batch: int) -> tuple[Tensor, Tensor]:
     if state.ids is None:
-        allp = state.shared if state.shared is not None else module._peftops_prefix_owner.prefixes()
+        allp = (
+            state.shared
+            if state.shared is not None
+            else getattr(module.__dict__["_peftops_prefix_owner"], ATTR).prefixes()
+        )
         return allp[layer, 0], allp[layer, 1]
     bank = state.bank
     if bank is None:
-        bank = _stacked_bank(module._peftops_prefix_owner)
+        bank = _stacked_bank(module.__dict__["_peftops_prefix_owner"])
+    assert bank is not None  # set_prefix_ids refuses ids without a bank
     if state.ids.shape[0] != batch:
         raise ValueError(
             f"set_prefix_ids: ids: expected one id per batch row ({batch} rows in this call; generate() with "
@@ -321,11 +325,8 @@ def _register() -> None:
     masks.register(ATTN_IMPLEMENTATION, _mask)
 
 
-def _set_attn(model: nn.Module, name: str) -> None:
-    if hasattr(model, "set_attn_implementation"):
-        model.set_attn_implementation(name)
-    else:  # pragma: no cover - transformers 5 models all have it
-        model.config._attn_implementation = name
+def _set_attn(model: Any, name: str) -> None:
+    model.set_attn_implementation(name)
 
 
 def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, reparam_hidden: int | None = None) -> nn.Module:
@@ -340,15 +341,17 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, reparam_hidde
     """
     owner = "apply_prefix_tuning"
     _check_model(owner, model)
+    positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
+    if reparam_hidden is not None:
+        positive_int(owner, "reparam_hidden", reparam_hidden)
     if _STATE in model.__dict__ or hasattr(model, ATTR):
         raise ValueError(f"{owner}: model: expected a model without prefix tuning, got one that has it already")
-    p = int(num_virtual_tokens) if isinstance(num_virtual_tokens, numbers.Integral) else num_virtual_tokens
     layers, kv_heads, head_dim = _shape(owner, model)
     param = next(model.parameters(), None)
     prefix = PrefixKV(
         layers,
         kv_heads,
-        p,  # type: ignore[arg-type]  # PrefixKV checks it and names the argument
+        num_virtual_tokens,  # PrefixKV checks it and names the argument
         head_dim,
         reparam_hidden,
         device=param.device if param is not None else None,
