@@ -30,7 +30,7 @@ from tests.integrations import hf_models  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 P = 3
-FACTORIES = [hf_models.llama, hf_models.qwen2, hf_models.mistral]
+FACTORIES = [hf_models.llama, hf_models.qwen2, hf_models.mistral, hf_models.gpt2]
 
 
 @pytest.fixture(autouse=True)
