@@ -13,30 +13,36 @@ from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_atte
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
+from .integrations.adapters import apply_adapters, remove_adapters
 from .integrations.checkpoint import load_adapter, merge_and_unload, save_adapter
 from .integrations.peft import accelerate, restore  # peft itself is imported on first use
+from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "BackendUnavailableError",
     "accelerate",
+    "apply_adapters",
     "apply_lora",
+    "apply_prompt_tuning",
     "available_backends",
     "backends",
+    "BackendUnavailableError",
     "bottleneck_adapter",
     "count_trainable",
     "get_backend",
     "load_adapter",
     "lora_linear",
     "mark_only_adapters_trainable",
-    "merge_and_unload",
     "merge_adapters",
+    "merge_and_unload",
     "multi_lora_linear",
     "nn",
     "prefix_attention",
     "reference",
+    "remove_adapters",
+    "remove_prompt_tuning",
     "restore",
     "save_adapter",
     "unmerge_adapters",
