@@ -21,7 +21,7 @@ import peftops  # noqa: E402
 from peftops.integrations.generate import generate  # noqa: E402
 from peftops.nn import MultiLoRALinear, add_adapter, apply_lora, set_batch_adapters  # noqa: E402
 
-TARGETS = ["q_proj", "v_proj", "down_proj"]
+TARGETS = ["q_proj", "v_proj"]
 ADAPTERS = {"a": (4, 8.0), "b": (2, 4.0)}  # name -> (r, alpha); a in slot 0, b in slot 1
 ROWS = ["a", None, "b"]  # None: the base model
 NEW = 3
