@@ -22,8 +22,8 @@ What runs on the op, per call (everything else runs peft's own forward, see belo
   ``"__base__"`` rows and adapters this layer lacks through the base layer.
 
 A layer the op cannot compute as peft does (DoRA or another LoRA variant, ``lora_bias``, a base
-layer that is not ``nn.Linear`` such as GPT-2's ``Conv1D`` or a quantised layer, embeddings and
-convolutions, ``fan_in_fan_out``, hooks on the base layer, ...) is left alone and named in the
+layer that is neither ``nn.Linear`` nor GPT-2's ``Conv1D``, such as a quantised layer, embeddings
+and convolutions, ``fan_in_fan_out`` on an ``nn.Linear``, hooks on the base layer, ...) is left alone and named in the
 report with the reason. A call that an accelerated layer cannot take (an extra argument, a
 dtype mismatch, an adapter added later with a variant, ...) runs peft's forward, is counted in
 ``report.fallbacks`` and warned about once per reason (:class:`PeftopsFallbackWarning`).
@@ -31,6 +31,7 @@ dtype mismatch, an adapter added later with a variant, ...) runs peft's forward,
 
 from __future__ import annotations
 
+import sys
 import types
 import warnings
 from collections import Counter
@@ -106,13 +107,26 @@ def _has_hooks(module: nn.Module) -> bool:
     )
 
 
+def _is_conv1d(base: nn.Module) -> bool:
+    """transformers' ``Conv1D`` exactly (GPT-2): ``x W + b`` with ``W: (in, out)``. Looked up in
+    ``sys.modules``: a model holding one has imported transformers already."""
+    module = sys.modules.get("transformers.pytorch_utils")
+    return module is not None and type(base) is getattr(module, "Conv1D", None)
+
+
 def _base_reason(layer: Any) -> str | None:
     base = layer.base_layer
-    if not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
+    fan_in_fan_out = getattr(layer, "fan_in_fan_out", False)
+    if _is_conv1d(base):
+        # peft runs a Conv1D base as x W + b and stores lora_A/lora_B as for nn.Linear, so the
+        # op computes it from the transposed view of W (every backend takes any weight strides).
+        if not fan_in_fan_out:
+            return "base layer is transformers Conv1D with fan_in_fan_out=False (peft would transpose the update)"
+    elif not isinstance(base, nn.Linear) or type(base).forward is not nn.Linear.forward:
         kind = f"{type(base).__module__}.{type(base).__qualname__}"
-        return f"base layer is {kind}, not torch.nn.Linear (lora_linear computes x W^T + b only)"
-    if getattr(layer, "fan_in_fan_out", False):
-        return "fan_in_fan_out=True (weight stored transposed)"
+        return f"base layer is {kind}, not torch.nn.Linear or transformers Conv1D (lora_linear computes x W^T + b only)"
+    elif fan_in_fan_out:
+        return "fan_in_fan_out=True on an nn.Linear (weight stored transposed)"
     if _has_hooks(base):
         return "the base layer has hooks or a replaced forward (offloading, quantisation, ...)"
     return None
@@ -200,7 +214,7 @@ def _with_adapter(layer: Any, x: Tensor, name: str) -> Tensor:
     p, training = _dropout_args(layer, name)
     return lora_linear(
         x,
-        base.weight,
+        base.weight.t() if _is_conv1d(base) else base.weight,
         layer.lora_A[name].weight,
         layer.lora_B[name].weight,
         scale=float(layer.scaling[name]),

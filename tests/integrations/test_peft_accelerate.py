@@ -390,17 +390,29 @@ def test_compile_fullgraph():
 # -- what is left on peft's forward, and says so -----------------------------------------------
 
 
-def test_gpt2_conv1d_is_skipped_and_correct(op_calls):
-    model = get_peft_model(_gpt2(), _lora(target_modules=["c_attn", "c_proj"], fan_in_fan_out=True))
+def test_gpt2_conv1d_is_accelerated(op_calls):
+    model = get_peft_model(_gpt2(), _lora(target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True))
     ids = _inputs()
     expected = _logits_and_grads(model, ids)
+    report = accelerate(model)
+    _assert_same(expected, _logits_and_grads(model, ids))
+    assert len(op_calls) == len(report.accelerated) == len(_lora_layers(model)) and not report.skipped
+    # The op got the Conv1D's own (in, out) weight, transposed as a view, not a copy.
+    conv = {id(m.base_layer.weight): m.base_layer.weight for m in _lora_layers(model).values()}
+    for call in op_calls:
+        w = call["weight"]
+        assert w._base is not None and id(w._base) in conv and w.shape == w._base.t().shape
+
+
+def test_conv1d_without_fan_in_fan_out_is_skipped(op_calls):
+    model = get_peft_model(_gpt2(), _lora(target_modules=["c_attn"], fan_in_fan_out=True))
+    for layer in _lora_layers(model).values():
+        layer.fan_in_fan_out = False  # what no peft version leaves on a Conv1D: refused, not guessed
     with pytest.warns(PeftopsFallbackWarning, match="no LoRA layer accelerated"):
         report = accelerate(model)
     assert not report.accelerated
-    assert report.skipped.keys() == _lora_layers(model).keys()
-    assert all("Conv1D" in reason for reason in report.skipped.values())
-    assert "Conv1D" in str(report)
-    _assert_same(expected, _logits_and_grads(model, ids))
+    assert all("fan_in_fan_out=False" in reason for reason in report.skipped.values())
+    model(_inputs())
     assert not op_calls
 
 
