@@ -15,7 +15,9 @@ from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
 from .integrations.adapters import apply_adapters, remove_adapters
 from .integrations.checkpoint import load_adapter, merge_and_unload, save_adapter
+from .integrations.generate import generate
 from .integrations.peft import accelerate, restore  # peft itself is imported on first use
+from .integrations.prefix_tuning import apply_prefix_tuning, remove_prefix_tuning, set_prefix_bank, set_prefix_ids
 from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
 from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
 
@@ -25,12 +27,14 @@ __all__ = [
     "accelerate",
     "apply_adapters",
     "apply_lora",
+    "apply_prefix_tuning",
     "apply_prompt_tuning",
     "available_backends",
     "backends",
     "BackendUnavailableError",
     "bottleneck_adapter",
     "count_trainable",
+    "generate",
     "get_backend",
     "load_adapter",
     "lora_linear",
@@ -42,9 +46,12 @@ __all__ = [
     "prefix_attention",
     "reference",
     "remove_adapters",
+    "remove_prefix_tuning",
     "remove_prompt_tuning",
     "restore",
     "save_adapter",
+    "set_prefix_bank",
+    "set_prefix_ids",
     "unmerge_adapters",
     "use_backend",
 ]
