@@ -80,6 +80,19 @@ def test_save_adapter_loads_in_peft(tmp_path, factory, kwargs):
     assert not torch.allclose(_logits(factory(), ids), expected, **TOL)
 
 
+def test_generate_greedy_equals_peft_after_save(tmp_path):
+    model = _randomize(peftops.apply_lora(hf_models.qwen2(), "all-linear", r=4, alpha=8))
+    model.eval()
+    save_adapter(model, tmp_path)
+    loaded = _peft_loaded(hf_models.qwen2, tmp_path)
+    loaded.eval()
+    ids = hf_models.token_ids(batch=2, seq=5)
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    ours = model.generate(input_ids=ids, **kwargs)
+    assert torch.equal(ours, loaded.generate(input_ids=ids, **kwargs))
+    assert not torch.equal(ours, hf_models.qwen2().generate(input_ids=ids, **kwargs))
+
+
 def test_save_adapter_bias_and_modules_to_save_load_in_peft(tmp_path):
     model = peftops.apply_lora(
         hf_models.bert(head="cls"), ["query", "value"], r=4, alpha=8, bias="lora_only", modules_to_save=["classifier"]

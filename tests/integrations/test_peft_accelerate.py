@@ -306,6 +306,26 @@ def test_mixed_adapter_batch(op_calls):
     torch.testing.assert_close(actual[2], base[2], **TOL)
 
 
+def test_generate_greedy_and_beams_token_for_token(op_calls):
+    model = _two_adapters()
+    model.eval()
+    ids = _inputs(batch=3, seq=5)
+    names = ["other", "__base__", "default"]
+    kwargs = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = {
+        "greedy": model.generate(input_ids=ids, **kwargs),
+        "mixed-beams": model.generate(input_ids=ids, adapter_names=names, num_beams=2, **kwargs),
+    }
+    accelerate(model)
+    actual = {
+        "greedy": model.generate(input_ids=ids, **kwargs),
+        "mixed-beams": model.generate(input_ids=ids, adapter_names=names, num_beams=2, **kwargs),
+    }
+    for mode in expected:
+        assert torch.equal(actual[mode], expected[mode]), mode
+    assert op_calls
+
+
 def test_save_pretrained_unchanged(tmp_path, op_calls):
     safetensors = pytest.importorskip("safetensors.torch")
     model = _two_adapters()
