@@ -36,7 +36,7 @@ import inspect
 import math
 import numbers
 import warnings
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -200,7 +200,7 @@ def _task_type(owner: str, model: nn.Module) -> str:
 
 def _input_embeddings(owner: str, model: nn.Module) -> nn.Module:
     get = getattr(model, "get_input_embeddings", None)
-    embeddings = get() if callable(get) else None
+    embeddings: Any = get() if callable(get) else None
     weight = getattr(embeddings, "weight", None)
     if not isinstance(weight, Tensor) or weight.dim() != 2:
         raise TypeError(
@@ -210,8 +210,17 @@ def _input_embeddings(owner: str, model: nn.Module) -> nn.Module:
     return embeddings
 
 
+def _weight(embeddings: nn.Module) -> Tensor:
+    # _input_embeddings checked it is a 2-D tensor; mypy types module attributes as Tensor | Module.
+    return cast(Tensor, embeddings.weight)
+
+
+def _hidden_size(embeddings: nn.Module) -> int:
+    return int(_weight(embeddings).shape[1])
+
+
 def _prompt_factory(embeddings: nn.Module) -> dict[str, Any]:
-    weight = embeddings.weight
+    weight = _weight(embeddings)
     # peft keeps prompts in float32 for half-precision models (autocast_adapter_dtype) and casts
     # them to the input embeddings' dtype in the forward.
     dtype = weight.dtype if weight.dtype in (torch.float32, torch.float64) else torch.float32
@@ -278,7 +287,9 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     if state is None:
         return None
     kw = _as_kwargs(model, args, kwargs)
-    input_ids, inputs_embeds = kw.get("input_ids"), kw.get("inputs_embeds")
+    # Whatever the caller passed: the model itself validates them.
+    input_ids: Any = kw.get("input_ids")
+    inputs_embeds: Any = kw.get("inputs_embeds")
     if input_ids is None and inputs_embeds is None:
         return None  # the model's own error says what is missing
     batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
@@ -315,7 +326,9 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         return (), kw
 
     if inputs_embeds is None:
-        inputs_embeds = model.get_input_embeddings()(input_ids)
+        # A transformers method, which nn.Module's attribute typing does not know.
+        embed: nn.Module = cast(Any, model).get_input_embeddings()
+        inputs_embeds = embed(input_ids)
     prompt = _prompt(getattr(model, ATTR)).to(inputs_embeds.dtype)
     kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), inputs_embeds], dim=1)
     if "input_ids" in kw:
@@ -354,7 +367,7 @@ def _text_init(owner: str, embeddings: nn.Module, init_text: str, tokenizer: Any
     if not ids:
         raise ValueError(f"{owner}: init_text: expected text that tokenizes to at least one token, got {init_text!r}")
     ids = (ids * math.ceil(n / len(ids)))[:n]
-    device = embeddings.weight.device
+    device = _weight(embeddings).device
     with torch.no_grad():
         return embeddings(torch.tensor(ids, dtype=torch.long, device=device)).detach().clone().float()
 
@@ -390,7 +403,7 @@ def apply_prompt_tuning(
     p = positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
     task_type = _task_type(owner, model)
     embeddings = _input_embeddings(owner, model)
-    hidden = embeddings.weight.shape[1]
+    hidden = _hidden_size(embeddings)
     if encoder is not None and encoder not in ("mlp", "lstm"):
         raise ValueError(f"{owner}: encoder: expected None, 'mlp' or 'lstm', got {encoder!r}")
     if encoder is None and encoder_hidden_size is not None:
@@ -411,10 +424,11 @@ def apply_prompt_tuning(
 
     factory = _prompt_factory(embeddings)
     if encoder is None:
-        module: nn.Module = PromptEmbedding(p, hidden, **factory)
+        embedding = PromptEmbedding(p, hidden, **factory)
         if init_text is not None:
             with torch.no_grad():
-                module.weight.copy_(_text_init(owner, embeddings, init_text, tokenizer, p))
+                embedding.weight.copy_(_text_init(owner, embeddings, init_text, tokenizer, p))
+        module: nn.Module = embedding
     else:
         h = hidden if encoder_hidden_size is None else positive_int(owner, "encoder_hidden_size", encoder_hidden_size)
         module = PromptEncoder(p, hidden, h, encoder.upper(), **factory)
@@ -543,8 +557,9 @@ def load_peft_prompt(
     p = config.get("num_virtual_tokens")
     if isinstance(p, bool) or not isinstance(p, numbers.Integral) or p < 1:
         raise _field_error(owner, "num_virtual_tokens", "an int >= 1", p)
+    p = int(p)  # any Integral (a numpy int, say): the prompt and the saved config take a plain int
     embeddings = _input_embeddings(owner, model)
-    hidden = embeddings.weight.shape[1]
+    hidden = _hidden_size(embeddings)
     if config.get("token_dim") not in (None, hidden):
         raise _field_error(owner, "token_dim", f"{hidden} (the model's hidden size)", config["token_dim"])
     if peft_type == "PROMPT_TUNING":
@@ -576,12 +591,13 @@ def load_peft_prompt(
 
     factory = _prompt_factory(embeddings)
     if peft_type == "PROMPT_TUNING":
-        module: nn.Module = PromptEmbedding(p, hidden, **factory)
-        weight = module.weight
+        embedding = PromptEmbedding(p, hidden, **factory)
+        module: nn.Module = embedding
+        weight: Tensor = embedding.weight
         name = config.get("tokenizer_name_or_path")
         state = _State(task_type, p, init, config.get("prompt_tuning_init_text"), name, {}, {})
     else:
-        module = PromptEncoder(
+        encoder = PromptEncoder(
             p,
             hidden,
             config.get("encoder_hidden_size") or hidden,
@@ -591,7 +607,8 @@ def load_peft_prompt(
             heads=False,
             **factory,
         )
-        weight = module.embedding.weight
+        module = encoder
+        weight = encoder.embedding.weight
         state = _State(task_type, p, "RANDOM", None, None, {}, {})
     with torch.no_grad():
         weight.copy_(prompt)
