@@ -383,6 +383,7 @@ def apply_prompt_tuning(
     tokenizer: Any = None,
     encoder: str | None = None,
     encoder_hidden_size: int | None = None,
+    train_head: bool | None = None,
 ) -> nn.Module:
     """Prompt tuning (``encoder=None``) or P-tuning (``encoder="mlp" | "lstm"``) on a transformers
     causal LM or sequence classification model, in place; returns ``model``.
@@ -397,6 +398,10 @@ def apply_prompt_tuning(
     truncated or repeated to ``num_virtual_tokens``. Otherwise the prompt starts as
     :class:`peftops.nn.PromptEmbedding` does (uniform in [-0.5, 0.5]); P-tuning encoders start
     as peft's (``encoder_hidden_size`` defaults to the model's hidden size).
+
+    ``train_head``: whether a sequence classification model's head (``classifier`` / ``score``)
+    trains with the prompt. ``None`` is peft's default: trained (peft puts it in
+    ``modules_to_save``). A causal LM has no such head: ``True`` is then an error.
     """
     owner = "apply_prompt_tuning"
     _check_model(owner, model)
@@ -420,6 +425,13 @@ def apply_prompt_tuning(
             )
     elif tokenizer is not None:
         raise ValueError(f"{owner}: tokenizer: expected None without init_text (it is only used for it), got one")
+    if train_head is not None and not isinstance(train_head, bool):
+        raise TypeError(f"{owner}: train_head: expected None or a bool, got {type(train_head).__name__}")
+    if train_head and task_type != "SEQ_CLS":
+        raise ValueError(
+            f"{owner}: train_head: expected None or False for a {task_type} model (only sequence classification "
+            f"models have a classifier/score head), got True"
+        )
     _check_fresh(owner, model)
 
     factory = _prompt_factory(embeddings)
@@ -437,7 +449,11 @@ def apply_prompt_tuning(
     # recorded as RANDOM: the saved prompt is what matters when loading.
     init = "TEXT" if init_text is not None and name else "RANDOM"
     state = _State(task_type, p, init, init_text if init == "TEXT" else None, name if init == "TEXT" else None, {}, {})
-    return _install(owner, model, module, state)
+    _install(owner, model, module, state)
+    if task_type == "SEQ_CLS" and train_head is not False:
+        for head in _heads(model):
+            model.get_submodule(head).requires_grad_(True)
+    return model
 
 
 def remove_prompt_tuning(model: nn.Module) -> nn.Module:

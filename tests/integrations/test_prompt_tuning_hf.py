@@ -277,6 +277,23 @@ def test_peftops_checkpoint_loads_into_peft(tmp_path, factory, peft_config, kwar
 # -- training, removal -----------------------------------------------------------------------------
 
 
+def test_sequence_classifier_head_trains_as_peft():
+    theirs = get_peft_model(_bert_cls(), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=P))
+    peft_trainable = {
+        n.replace("base_model.", "").replace("modules_to_save.default.", "")
+        for n, p in theirs.named_parameters()
+        if p.requires_grad and "prompt_encoder" not in n
+    }
+    mine = apply_prompt_tuning(_bert_cls(), P)
+    mine_trainable = {n for n, p in mine.named_parameters() if p.requires_grad}
+    assert mine_trainable == peft_trainable | {"peftops_prompt.weight"}
+    assert peft_trainable == {"classifier.weight", "classifier.bias"}
+    frozen = apply_prompt_tuning(_bert_cls(), P, train_head=False)
+    assert [n for n, p in frozen.named_parameters() if p.requires_grad] == ["peftops_prompt.weight"]
+    with pytest.raises(ValueError, match="apply_prompt_tuning: train_head: expected None or False for a CAUSAL_LM"):
+        apply_prompt_tuning(hf_models.llama(), P, train_head=True)
+
+
 def test_training_changes_only_the_prompt_and_lowers_the_loss():
     model = apply_prompt_tuning(hf_models.llama(), P)
     base = {k: v.clone() for k, v in hf_models.llama().state_dict().items()}
