@@ -14,4 +14,4 @@ from ..backends import register_backend
 
 register_backend("torch", lambda device_type: None)
 
-from . import lora_linear  # noqa: E402, F401  (registers its op; the backend must exist first)
+from . import ia3_linear, lora_linear  # noqa: E402, F401  (each registers its op; the backend must exist first)

@@ -33,4 +33,10 @@ def _status(device_type: str) -> str | None:
 register_backend("triton", _status)
 
 if _INSTALLED:
-    from . import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention  # noqa: F401  (each registers its op)
+    from . import (  # noqa: F401  (each registers its op)
+        bottleneck_adapter,
+        ia3_linear,
+        lora_linear,
+        multi_lora_linear,
+        prefix_attention,
+    )

@@ -15,6 +15,7 @@ from .bottleneck_adapter import (
     bottleneck_adapter_backward,
 )
 from .common import dropout_keep_mask
+from .ia3_linear import ia3_base_output, ia3_linear, ia3_linear_backward
 from .lora_linear import lora_activation, lora_linear, lora_linear_backward
 from .multi_lora_linear import multi_lora_linear, multi_lora_linear_backward
 from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
@@ -28,6 +29,9 @@ __all__ = [
     "bottleneck_adapter_backward",
     "default_scale",
     "dropout_keep_mask",
+    "ia3_base_output",
+    "ia3_linear",
+    "ia3_linear_backward",
     "lora_activation",
     "lora_linear",
     "lora_linear_backward",
