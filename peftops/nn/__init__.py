@@ -2,6 +2,7 @@
 
 from ._base import AdapterModule
 from .bottleneck_adapter import BottleneckAdapter
+from .ia3 import IA3Linear, apply_ia3, ia3_layers
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALinear
 from .multi_lora_linear import MultiLoRALinear
@@ -26,6 +27,7 @@ __all__ = [
     "LORA_LAYER_TYPES",
     "AdapterModule",
     "BottleneckAdapter",
+    "IA3Linear",
     "LoRAConv1D",
     "LoRAEmbedding",
     "LoRALinear",
@@ -35,8 +37,10 @@ __all__ = [
     "PrefixSelfAttention",
     "PromptEmbedding",
     "add_adapter",
+    "apply_ia3",
     "apply_lora",
     "count_trainable",
+    "ia3_layers",
     "lora_bias",
     "mark_only_adapters_trainable",
     "merge_adapters",
