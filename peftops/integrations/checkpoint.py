@@ -38,6 +38,7 @@ from torch import Tensor, nn
 
 from ..nn import surgery
 from ..nn.multi_lora_linear import MultiLoRALinear
+from .peft_format import METADATA_FIELDS, is_off
 
 __all__ = ["load_adapter", "merge_and_unload", "save_adapter"]
 
@@ -62,20 +63,9 @@ _LORA_FIELDS = {
     "fan_in_fan_out",
     "init_lora_weights",
 }
-# Metadata: says nothing about the adapter's function.
-_METADATA_FIELDS = {
-    "peft_type",
-    "task_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "runtime_config",
-    # Only read when megatron_config is set (refused below) or use_qalora is True (refused).
-    "megatron_core",
-    "qalora_group_size",
-}
+# Metadata, and LoraConfig fields only read when another field (refused unless off) asks for them:
+# megatron_core with megatron_config, qalora_group_size with use_qalora.
+_METADATA_FIELDS = METADATA_FIELDS | {"runtime_config", "megatron_core", "qalora_group_size"}
 # Initialisations that only choose the starting A and B: a checkpoint overwrites them. The others
 # (PiSSA, OLoRA, LoftQ, CorDA, EVA, ...) also rewrite the base weights, which this load would not do.
 _PLAIN_INITS = (True, False, "gaussian")
@@ -87,10 +77,6 @@ _TASK_TYPES = (
     ("ForQuestionAnswering", "QUESTION_ANS"),
     ("ForConditionalGeneration", "SEQ_2_SEQ_LM"),
 )
-
-
-def _is_off(value: Any) -> bool:
-    return value is None or value is False or (isinstance(value, (dict, list, tuple, str)) and len(value) == 0)
 
 
 def _check_model(owner: str, model: object) -> nn.Module:
@@ -467,7 +453,7 @@ def _check_lora_config(owner: str, config: dict) -> None:
     for key, value in config.items():
         if key in _LORA_FIELDS or key in _METADATA_FIELDS:
             continue
-        if not _is_off(value):
+        if not is_off(value):
             refused.append(f"{key}={value!r}")
     init = config.get("init_lora_weights", True)
     if init not in _PLAIN_INITS:
@@ -521,7 +507,7 @@ def _load_into_banks(
 ) -> nn.Module:
     banks = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
     for field in ("modules_to_save",):
-        if not _is_off(config.get(field)):
+        if not is_off(config.get(field)):
             raise ValueError(f"{owner}: {field}: a MultiLoRALinear bank holds LoRA weights only, got {config[field]!r}")
     if config.get("bias", "none") != "none":
         raise ValueError(

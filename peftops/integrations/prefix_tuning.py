@@ -51,6 +51,7 @@ from torch import Tensor, nn
 from ..nn import PrefixKV
 from ..nn._base import positive_int
 from ..ops.prefix_attention import prefix_attention
+from .peft_format import METADATA_FIELDS
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
@@ -69,15 +70,7 @@ BANK_ATTR = "peftops_prefix_bank"
 _STATE = "_peftops_prefix_tuning"
 WEIGHTS_KEY = "prompt_embeddings"
 
-_METADATA_FIELDS = {
-    "peft_type",
-    "task_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-}
+_METADATA_FIELDS = METADATA_FIELDS
 # Read and checked against the model.
 _SHAPE_FIELDS = {"num_virtual_tokens", "token_dim", "num_attention_heads", "num_layers", "num_transformer_submodules"}
 # Training-time only: a checkpoint holds the prefix they produced (peft saves the MLP's output).

@@ -43,6 +43,7 @@ from torch import Tensor, nn
 
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
+from .peft_format import METADATA_FIELDS
 
 __all__ = [
     "PromptEncoder",
@@ -57,14 +58,7 @@ _STATE = "_peftops_prompt_tuning"
 PREFIX = "base_model."  # prompt learning: peft's base_model is the transformers model itself
 _HEAD_NAMES = ("classifier", "score")  # what peft's PeftModelForSequenceClassification saves
 
-_COMMON_FIELDS = {
-    "peft_type",
-    "task_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
+_COMMON_FIELDS = METADATA_FIELDS | {
     "num_virtual_tokens",
     "token_dim",
     "num_transformer_submodules",
