@@ -1,6 +1,7 @@
 """Drop-in ``nn.Module``s and model surgery helpers."""
 
 from ._base import AdapterModule
+from .bitfit import BitFitCount, apply_bitfit, bias_parameters
 from .bottleneck_adapter import BottleneckAdapter
 from .ia3 import IA3Linear, apply_ia3, ia3_layers
 from .lora_embedding import LoRAEmbedding
@@ -26,6 +27,7 @@ from .surgery import (
 __all__ = [
     "LORA_LAYER_TYPES",
     "AdapterModule",
+    "BitFitCount",
     "BottleneckAdapter",
     "IA3Linear",
     "LoRAConv1D",
@@ -37,8 +39,10 @@ __all__ = [
     "PrefixSelfAttention",
     "PromptEmbedding",
     "add_adapter",
+    "apply_bitfit",
     "apply_ia3",
     "apply_lora",
+    "bias_parameters",
     "count_trainable",
     "ia3_layers",
     "lora_bias",
