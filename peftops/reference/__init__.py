@@ -15,6 +15,7 @@ from .bottleneck_adapter import (
     bottleneck_adapter_backward,
 )
 from .common import dropout_keep_mask
+from .dora_linear import dora_linear, dora_linear_backward, dora_weight_norm, dora_weight_norm_direct, weight_sq_norm
 from .ia3_linear import ia3_base_output, ia3_linear, ia3_linear_backward
 from .lora_linear import lora_activation, lora_linear, lora_linear_backward
 from .multi_lora_linear import multi_lora_linear, multi_lora_linear_backward
@@ -29,6 +30,11 @@ __all__ = [
     "bottleneck_adapter_backward",
     "default_scale",
     "dropout_keep_mask",
+    "dora_linear",
+    "dora_linear_backward",
+    "dora_weight_norm",
+    "dora_weight_norm_direct",
+    "weight_sq_norm",
     "ia3_base_output",
     "ia3_linear",
     "ia3_linear_backward",
