@@ -9,7 +9,13 @@ Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 # peftops.backends lists them: the spec first, then the framework composite, then kernels.
 # ruff: noqa: I001
 from . import backends, reference
-from .ops import bottleneck_adapter, lora_linear, multi_lora_linear, prefix_attention  # the reference backend
+from .ops import (
+    bottleneck_adapter,
+    ia3_linear,
+    lora_linear,
+    multi_lora_linear,
+    prefix_attention,
+)  # the reference backend
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
@@ -19,13 +25,21 @@ from .integrations.generate import generate
 from .integrations.peft import accelerate, restore  # peft itself is imported on first use
 from .integrations.prefix_tuning import apply_prefix_tuning, remove_prefix_tuning, set_prefix_bank, set_prefix_ids
 from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
-from .nn import apply_lora, count_trainable, mark_only_adapters_trainable, merge_adapters, unmerge_adapters
+from .nn import (
+    apply_ia3,
+    apply_lora,
+    count_trainable,
+    mark_only_adapters_trainable,
+    merge_adapters,
+    unmerge_adapters,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "accelerate",
     "apply_adapters",
+    "apply_ia3",
     "apply_lora",
     "apply_prefix_tuning",
     "apply_prompt_tuning",
@@ -36,6 +50,7 @@ __all__ = [
     "count_trainable",
     "generate",
     "get_backend",
+    "ia3_linear",
     "load_adapter",
     "lora_linear",
     "mark_only_adapters_trainable",

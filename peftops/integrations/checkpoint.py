@@ -38,14 +38,13 @@ from torch import Tensor, nn
 
 from ..nn import surgery
 from ..nn.multi_lora_linear import MultiLoRALinear
-from .peft_format import METADATA_FIELDS, is_off
+from .peft_format import METADATA_FIELDS, PREFIX, is_off, target_modules_for
 
 __all__ = ["load_adapter", "merge_and_unload", "save_adapter"]
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 LEGACY_WEIGHTS_NAME = "adapter_model.bin"
-PREFIX = "base_model.model."
 
 # LoraConfig fields this module reads (everything else must hold its "off" value).
 _LORA_FIELDS = {
@@ -107,7 +106,7 @@ def _is_embedding(layer: nn.Module) -> bool:
 
 def _adapter_kinds(model: nn.Module) -> dict[str, list[str]]:
     """Adapter method -> the module names holding one, for every method peftops can have in a model."""
-    from ..nn import BottleneckAdapter, PrefixKV, PromptEmbedding
+    from ..nn import BottleneckAdapter, IA3Linear, PrefixKV, PromptEmbedding
 
     kinds: dict[str, list[str]] = {}
     lora = _lora_types()
@@ -116,6 +115,8 @@ def _adapter_kinds(model: nn.Module) -> dict[str, list[str]]:
             kinds.setdefault("lora", []).append(name)
         elif isinstance(module, MultiLoRALinear):
             kinds.setdefault("multi_lora", []).append(name)
+        elif isinstance(module, IA3Linear):
+            kinds.setdefault("ia3", []).append(name)
         elif isinstance(module, PrefixKV):
             kinds.setdefault("prefix", []).append(name)
         elif isinstance(module, PromptEmbedding) or type(module).__name__ == "PromptEncoder":
@@ -180,6 +181,10 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
         config, tensors = _lora_state(model)
     elif kind == "multi_lora":
         config, tensors = _bank_state(model, adapter_name)
+    elif kind == "ia3":
+        from . import ia3
+
+        config, tensors = ia3.peft_ia3_state(model)
     elif kind == "prefix":
         from . import prefix_tuning
 
@@ -213,14 +218,6 @@ def _pattern_key(path: str, names: Iterable[str]) -> str:
     return path if hits == [path] else re.escape(path)
 
 
-def _target_modules(names: list[str], all_names: list[str]) -> list[str]:
-    """The shortest peft ``target_modules`` list that selects exactly ``names``: the last
-    components when they select nothing else, else the full names."""
-    suffixes = sorted({n.rpartition(".")[2] for n in names})
-    selected = {n for n in all_names if any(n == s or n.endswith("." + s) for s in suffixes)}
-    return suffixes if selected == set(names) else sorted(names)
-
-
 def _most_common(values: list) -> Any:
     return max(sorted(set(values), key=values.index), key=values.count)
 
@@ -244,7 +241,7 @@ def _lora_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_modules(list(layers), all_names),
+        "target_modules": target_modules_for(list(layers), all_names),
         "exclude_modules": None,
         "lora_dropout": dropout.pop(),
         "use_rslora": rslora.pop(),
@@ -309,7 +306,7 @@ def _bank_state(model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, Te
         "peft_type": "LORA",
         "r": r,
         "lora_alpha": alpha,
-        "target_modules": _target_modules(list(banks), all_names),
+        "target_modules": target_modules_for(list(banks), all_names),
         "lora_dropout": dropout.pop(),
         "use_rslora": False,
         "bias": "none",
@@ -382,9 +379,13 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         from . import prompt_tuning
 
         return prompt_tuning.load_peft_prompt(model, config, tensors, adapter_name)
+    if peft_type == "IA3":
+        from . import ia3
+
+        return ia3.load_peft_ia3(model, config, tensors, adapter_name)
     if peft_type != "LORA":
         raise ValueError(
-            f"{owner}: peft_type: expected one of LORA, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, got {peft_type!r}"
+            f"{owner}: peft_type: expected one of LORA, IA3, PREFIX_TUNING, PROMPT_TUNING, P_TUNING, got {peft_type!r}"
         )
     _check_lora_config(owner, config)
     if any(isinstance(m, MultiLoRALinear) for m in model.modules()):
@@ -570,7 +571,7 @@ def _load_into_banks(
 
 
 def merge_and_unload(model: nn.Module) -> nn.Module:
-    """Fold every LoRA update into its base weight and put the base layers back
+    """Fold every LoRA update (and IA3 vector) into its base weight and put the base layers back
     (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, holding the same Parameters), so
     ``model.save_pretrained`` writes the merged weights and ``from_pretrained`` of the stock
     class loads them. Returns ``model``.
@@ -579,21 +580,28 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     prompt tuning, bottleneck adapters, several adapters in ``MultiLoRALinear`` banks) and LoRA
     layers whose weight another module also holds (see :func:`peftops.merge_adapters`).
     """
+    from ..nn import IA3Linear
+
     owner = "merge_and_unload"
     _check_model(owner, model)
     kinds = _adapter_kinds(model)
-    others = {k: v for k, v in kinds.items() if k != "lora"}
+    others = {k: v for k, v in kinds.items() if k not in ("lora", "ia3")}
     if others:
         found = "; ".join(f"{k}: {', '.join(v[:3])}" for k, v in others.items())
         raise ValueError(
-            f"{owner}: model: expected LoRA layers only (other adapters cannot be folded into the base weights), got {found}"
+            f"{owner}: model: expected LoRA or IA3 layers only (other adapters cannot be folded into the base "
+            f"weights), got {found}"
         )
-    if "lora" not in kinds:
-        raise ValueError(f"{owner}: model: expected LoRA layers (apply_lora), got none")
-    surgery.merge_adapters(model)
+    if not kinds:
+        raise ValueError(f"{owner}: model: expected LoRA or IA3 layers (apply_lora, apply_ia3), got none")
+    if "lora" in kinds:
+        surgery.merge_adapters(model)
+    for layer in {id(m): m for m in model.modules() if isinstance(m, IA3Linear)}.values():
+        if not layer.merged:
+            layer.merge()
     replaced: dict[int, nn.Module] = {}
     for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, _lora_types()):
+        if isinstance(module, (*_lora_types(), IA3Linear)):
             base = replaced.setdefault(id(module), module.unwrap())
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, base)

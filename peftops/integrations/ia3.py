@@ -16,31 +16,13 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.ia3 import IA3Linear, apply_ia3, ia3_layers
+from .peft_format import METADATA_FIELDS, PREFIX, is_off, target_modules_for
 
 __all__ = ["load_peft_ia3", "peft_ia3_state"]
 
-PREFIX = "base_model.model."
-
 # IA3Config fields this module reads; the rest must hold their "off" value (or are metadata).
 _FIELDS = {"target_modules", "feedforward_modules", "exclude_modules", "fan_in_fan_out", "init_ia3_weights"}
-_METADATA = {
-    "peft_type",
-    "task_type",
-    "auto_mapping",
-    "peft_version",
-    "base_model_name_or_path",
-    "revision",
-    "inference_mode",
-    "runtime_config",
-}
-
-
-def _target_modules(names: list[str], all_names: list[str]) -> list[str]:
-    """The shortest peft ``target_modules`` list selecting exactly ``names``: the last dotted
-    components when they select nothing else, else the full names."""
-    suffixes = sorted({n.rpartition(".")[2] for n in names})
-    selected = {n for n in all_names if any(n == s or n.endswith("." + s) for s in suffixes)}
-    return suffixes if selected == set(names) else sorted(names)
+_METADATA = METADATA_FIELDS | {"runtime_config"}
 
 
 def peft_ia3_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]:
@@ -62,7 +44,7 @@ def peft_ia3_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]
     feedforward = sorted(n for n, layer in layers.items() if layer.is_feedforward)
     config: dict[str, Any] = {
         "peft_type": "IA3",
-        "target_modules": _target_modules(list(layers), all_names),
+        "target_modules": target_modules_for(list(layers), all_names),
         "feedforward_modules": "|".join(re.escape(n) for n in feedforward) if feedforward else [],
         "exclude_modules": None,
         "fan_in_fan_out": any(layer.fan_in_fan_out for layer in layers.values()),
@@ -97,7 +79,7 @@ def load_peft_ia3(
         # (init_ia3_weights only chooses the starting vectors, which the checkpoint overwrites)
         if key in _FIELDS or key in _METADATA:
             continue
-        if value not in (None, False, [], {}, ""):
+        if not is_off(value):
             raise ValueError(f"{owner}: config: {key}: peftops does not implement it; expected it off, got {value!r}")
     apply_ia3(
         model,

@@ -237,10 +237,28 @@ def test_merge_and_unload_round_trips_save_pretrained(tmp_path, factory, targets
 
 def test_merge_and_unload_refuses_what_cannot_merge():
     model = peftops.apply_lora(hf_models.llama(), ATTN, r=4, alpha=8, capacity=2)
-    with pytest.raises(ValueError, match="merge_and_unload: model: expected LoRA layers only"):
+    with pytest.raises(ValueError, match="merge_and_unload: model: expected LoRA or IA3 layers only"):
         merge_and_unload(model)
-    with pytest.raises(ValueError, match="merge_and_unload: model: expected LoRA layers"):
+    with pytest.raises(ValueError, match="merge_and_unload: model: expected LoRA or IA3 layers"):
         merge_and_unload(hf_models.llama())
+
+
+def test_ia3_through_save_load_and_merge_and_unload(tmp_path):
+    model = peftops.apply_ia3(hf_models.llama())
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "ia3_l" in name:
+                p.copy_(1 + 0.3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(4)))
+    ids = hf_models.token_ids()
+    expected = _logits(model, ids)
+    save_adapter(model, tmp_path)
+    assert json.loads((tmp_path / "adapter_config.json").read_text())["peft_type"] == "IA3"
+    torch.testing.assert_close(_logits(_peft_loaded(hf_models.llama, tmp_path), ids), expected, **TOL)
+    torch.testing.assert_close(_logits(load_adapter(hf_models.llama(), tmp_path), ids), expected, **TOL)
+    base = hf_models.llama()
+    merged = merge_and_unload(model)
+    assert {n: type(m) for n, m in merged.named_modules()} == {n: type(m) for n, m in base.named_modules()}
+    torch.testing.assert_close(_logits(merged, ids), expected, **TOL)
 
 
 # -- bad input -----------------------------------------------------------------------------------
@@ -276,11 +294,9 @@ def test_unsupported_config_field_is_named(tmp_path, edit, field):
 
 
 def test_unknown_peft_type_is_named(tmp_path):
-    peft_model = get_peft_model(
-        hf_models.llama(), peft.IA3Config(target_modules=["k_proj", "down_proj"], feedforward_modules=["down_proj"])
-    )
+    peft_model = get_peft_model(hf_models.llama(), peft.LoHaConfig(target_modules=["k_proj"]))
     peft_model.save_pretrained(tmp_path)
-    with pytest.raises(ValueError, match="load_adapter: peft_type: expected one of LORA.*got 'IA3'"):
+    with pytest.raises(ValueError, match="load_adapter: peft_type: expected one of LORA.*got 'LOHA'"):
         load_adapter(hf_models.llama(), tmp_path)
 
 
