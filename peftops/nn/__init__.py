@@ -3,6 +3,7 @@
 from ._base import AdapterModule
 from .bitfit import BitFitCount, apply_bitfit, bias_parameters
 from .bottleneck_adapter import BottleneckAdapter
+from .compacter import CompacterAdapter, PHMRule
 from .ia3 import IA3Linear, apply_ia3, ia3_layers
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALinear
@@ -29,11 +30,13 @@ __all__ = [
     "AdapterModule",
     "BitFitCount",
     "BottleneckAdapter",
+    "CompacterAdapter",
     "IA3Linear",
     "LoRAConv1D",
     "LoRAEmbedding",
     "LoRALinear",
     "MultiLoRALinear",
+    "PHMRule",
     "ParamCount",
     "PrefixKV",
     "PrefixSelfAttention",

@@ -15,6 +15,7 @@ from .bottleneck_adapter import (
     bottleneck_adapter_backward,
 )
 from .common import dropout_keep_mask
+from .compacter import compacter_adapter, compacter_weights, phm_matrix
 from .dora_linear import dora_linear, dora_linear_backward, dora_weight_norm, dora_weight_norm_direct, weight_sq_norm
 from .ia3_linear import ia3_base_output, ia3_linear, ia3_linear_backward
 from .lora_linear import lora_activation, lora_linear, lora_linear_backward
@@ -28,6 +29,8 @@ __all__ = [
     "adapter_hidden",
     "bottleneck_adapter",
     "bottleneck_adapter_backward",
+    "compacter_adapter",
+    "compacter_weights",
     "default_scale",
     "dropout_keep_mask",
     "dora_linear",
@@ -43,6 +46,7 @@ __all__ = [
     "lora_linear_backward",
     "multi_lora_linear",
     "multi_lora_linear_backward",
+    "phm_matrix",
     "prefix_attention",
     "prefix_attention_backward",
     "visible_mask",
