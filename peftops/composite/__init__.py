@@ -14,4 +14,4 @@ from ..backends import register_backend
 
 register_backend("torch", lambda device_type: None)
 
-from . import ia3_linear, lora_linear  # noqa: E402, F401  (each registers its op; the backend must exist first)
+from . import dora_linear, ia3_linear, lora_linear  # noqa: E402, F401  (each registers its op; the backend must exist first)

@@ -2,9 +2,10 @@
 registered with ``torch.library`` (schema, fake implementation, autograd)."""
 
 from .bottleneck_adapter import bottleneck_adapter
+from .dora_linear import dora_linear
 from .ia3_linear import ia3_linear
 from .lora_linear import lora_linear
 from .multi_lora_linear import multi_lora_linear
 from .prefix_attention import prefix_attention
 
-__all__ = ["bottleneck_adapter", "ia3_linear", "lora_linear", "multi_lora_linear", "prefix_attention"]
+__all__ = ["bottleneck_adapter", "dora_linear", "ia3_linear", "lora_linear", "multi_lora_linear", "prefix_attention"]
