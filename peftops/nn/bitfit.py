@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import NamedTuple, cast
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from ._base import strict_bool
 from .lora_linear import conv1d_type
@@ -58,12 +58,13 @@ def _add_missing(model: nn.Module) -> int:
         if module is head or getattr(module, "bias", None) is not None:
             continue
         if type(module) is nn.Linear:
-            out_features, ref = module.out_features, module.weight
+            weight, out_dim = module.weight, 0
         elif conv1d is not None and type(module) is conv1d:
-            out_features, ref = module.nf, module.weight
+            weight, out_dim = cast(Tensor, module.weight), 1  # Conv1D keeps its weight (in, out)
         else:
             continue
-        module.bias = nn.Parameter(torch.zeros(out_features, device=ref.device, dtype=ref.dtype))
+        out_features = weight.shape[out_dim]
+        module.bias = nn.Parameter(torch.zeros(out_features, device=weight.device, dtype=weight.dtype))
         added += out_features
     return added
 
