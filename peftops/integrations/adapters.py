@@ -1,7 +1,8 @@
 r"""Bottleneck adapters inside stock transformers models, placed as AdapterHub places them.
 
 ``apply_adapters(model, config)`` adds :class:`~peftops.nn.BottleneckAdapter` modules (so the
-fused :func:`~peftops.bottleneck_adapter` op) to every transformer layer with forward hooks: no
+fused :func:`~peftops.bottleneck_adapter` op), or :class:`~peftops.nn.CompacterAdapter` modules
+for the Compacter configs, to every transformer layer with forward hooks: no
 base module is replaced or renamed, so the base ``state_dict`` keys and tensors are unchanged and
 the adapters add keys of their own, ``<layer>.bottleneck_adapters.mh_adapter.*`` (after
 attention) and ``<layer>.bottleneck_adapters.output_adapter.*`` (after the feed-forward block),
@@ -17,9 +18,30 @@ scaling, ``f(v) = up(act(down(v)))``:
 ``"double_seq_bn"`` ``DoubleSeqBnConfig``       both       ``"swish"``     1.0      16
                     (Houlsby)
 ``"par_bn"``        ``ParBnConfig`` (He et al.) output     ``"relu"``      4.0      2
+``"compacter"``     ``CompacterConfig``         both       ``"gelu"``      1.0      32
+                    (Mahabadi et al.)
+``"compacter++"``   ``CompacterPlusPlusConfig`` output     ``"gelu"``      1.0      32
+``"mam"``           ``MAMConfig`` (He et al.)   output     ``"relu"``      4.0      width 512
 ==================  ==========================  =========  ==============  =======  =========
 
 The adapter width is ``int(hidden_size // reduction_factor)`` (at least 1), as AdapterHub's.
+
+Compacter. ``"compacter"`` is ``DoubleSeqBnConfig`` with PHM projections and ``"compacter++"``
+``SeqBnConfig`` with them (AdapterHub's classes derive from those), so each is placed as that
+config is. The PHM options are AdapterHub's ``BnConfig`` defaults: ``phm_dim=4``, ``phm_rank=1``,
+``shared_phm_rule=True`` (one :class:`~peftops.nn.PHMRule`, so one ``(n, n, n)`` Parameter, held
+by every adapter of the model, down and up projections alike, as AdapterHub's
+``shared_parameters``), ``factorized_phm_rule=False``; see :mod:`peftops.nn.compacter` for the
+initialisation. The adapter width and the hidden size must be multiples of ``phm_dim``
+(AdapterHub asserts the same): a small model needs a ``reduction_factor`` below 32.
+
+MAM (He et al. 2022, "Towards a Unified View"): prefix tuning on every attention layer
+(:func:`~peftops.apply_prefix_tuning`, ``prefix_length=30`` virtual tokens through a
+reparameterisation MLP of width ``prefix_hidden=800``, AdapterHub's ``MAMConfig`` and the
+paper's code) plus the ``"par_bn"`` adapter on the feed-forward block, with the paper's
+bottleneck width 512 (AdapterHub's ``ParBnConfig`` halves the hidden size instead, the same
+512 on the paper's 1024-wide BART-large); ``reduction_factor`` sets the width as for the other
+configs. :func:`remove_adapters` removes both parts.
 
 Placement. For a sublayer (attention or feed-forward) with residual input ``x`` (what is added
 back around it) and output ``h`` (before that addition), AdapterHub's ``Adapter.pre_forward`` /
@@ -63,8 +85,8 @@ Where this differs from AdapterHub, because peftops' module or a generic model d
   layer with the same attribute names can apply its norms elsewhere (Gemma2's, OLMo2's
   ``post_attention_layernorm`` follow the attention);
 * not offered: ``ln_before``/``ln_after``, gating, ``leave_out``, per-layer reduction factors,
-  learned scaling, adapter dropout, invertible and cross-attention adapters, Compacter (PHM);
-  ``non_linearity`` is one of :data:`NON_LINEARITIES` (transformers' names as AdapterHub takes
+  learned scaling, adapter dropout, invertible and cross-attention adapters, PHM options beyond
+  those of :func:`apply_adapters` (:mod:`peftops.nn.compacter` lists them); ``non_linearity`` is one of :data:`NON_LINEARITIES` (transformers' names as AdapterHub takes
   them, or peftops').
 """
 
@@ -72,6 +94,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -80,10 +103,21 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..nn._base import positive_int, strict_bool
 from ..nn.bottleneck_adapter import BottleneckAdapter
+from ..nn.compacter import CompacterAdapter, PHMRule
 from ..nn.surgery import mark_only_adapters_trainable
+from .prefix_tuning import apply_prefix_tuning, remove_prefix_tuning
 
-__all__ = ["CONFIGS", "LAYERS", "NON_LINEARITIES", "apply_adapters", "remove_adapters"]
+__all__ = [
+    "CONFIGS",
+    "LAYERS",
+    "NON_LINEARITIES",
+    "PHM_DEFAULTS",
+    "PREFIX_DEFAULTS",
+    "apply_adapters",
+    "remove_adapters",
+]
 
 # Attribute holding each layer's adapters (an nn.ModuleDict keyed by AdapterHub's location).
 ADAPTERS_ATTR = "bottleneck_adapters"
@@ -100,13 +134,23 @@ class _Config:
     reduction_factor: float
     scaling: float
     init: str  # AdapterHub's init_weights for the down projection: "bert" or "mam_adapter"
+    phm: bool = False  # Compacter: PHM projections
+    prefix: bool = False  # MAM: prefix tuning as well
+    width: int | None = None  # a fixed default width instead of hidden // reduction_factor
 
 
 CONFIGS: dict[str, _Config] = {
     "seq_bn": _Config(False, True, "seq", "relu", 16, 1.0, "bert"),
     "double_seq_bn": _Config(True, True, "double", "swish", 16, 1.0, "bert"),
     "par_bn": _Config(False, True, "par", "relu", 2, 4.0, "mam_adapter"),
+    "compacter": _Config(True, True, "double", "gelu", 32, 1.0, "bert", phm=True),
+    "compacter++": _Config(False, True, "seq", "gelu", 32, 1.0, "bert", phm=True),
+    "mam": _Config(False, True, "par", "relu", 2, 4.0, "mam_adapter", prefix=True, width=512),
 }
+
+# AdapterHub's BnConfig PHM defaults; MAMConfig's prefix (PrefixTuningConfig(bottleneck_size=800)).
+PHM_DEFAULTS = {"phm_dim": 4, "phm_rank": 1, "shared_phm_rule": True, "factorized_phm_rule": False}
+PREFIX_DEFAULTS = {"prefix_length": 30, "prefix_hidden": 800}
 
 # transformers' activation names (which AdapterHub looks up), and peftops', to the op's.
 NON_LINEARITIES = {
@@ -158,6 +202,7 @@ LAYERS: dict[str, dict[str, _Site]] = {
 @dataclass
 class _State:
     config: str
+    prefix: bool = False  # apply_prefix_tuning was called by apply_adapters (MAM)
     handles: list[RemovableHandle] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)
     requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
@@ -177,7 +222,7 @@ def _capture(store: _Residual, site: _Site, module: nn.Module, args: tuple, kwar
 
 
 def _adapt(
-    adapter: BottleneckAdapter,
+    adapter: BottleneckAdapter | CompacterAdapter,
     kind: str,
     store: _Residual | None,
     layer_norm: nn.Module | None,
@@ -231,8 +276,37 @@ def _resolve(config: object, reduction_factor: object, non_linearity: object, sc
         raise ValueError(f"apply_adapters: non_linearity: expected one of {sorted(NON_LINEARITIES)}, got {act!r}")
     scale = base.scaling if scaling is None else _real("scaling", scaling)
     return _Config(
-        base.mh_adapter, base.output_adapter, base.kind, NON_LINEARITIES[act.lower()], reduction, scale, base.init
+        base.mh_adapter,
+        base.output_adapter,
+        base.kind,
+        NON_LINEARITIES[act.lower()],
+        reduction,
+        scale,
+        base.init,
+        base.phm,
+        base.prefix,
+        base.width if reduction_factor is None else None,
     )
+
+
+def _options(config: str, cfg: _Config, given: dict[str, object], defaults: Mapping[str, object], on: bool) -> dict:
+    """The config's options (PHM or prefix) with the caller's overrides, checked; an override
+    for a config without them is an error, never ignored."""
+    passed = {k: v for k, v in given.items() if v is not None}
+    if not on:
+        if passed:
+            raise ValueError(
+                f"apply_adapters: {next(iter(passed))}: expected None for config {config!r} (it applies to "
+                f"{'compacter / compacter++' if 'phm_dim' in defaults else 'mam'} only), got {next(iter(passed.values()))!r}"
+            )
+        return {}
+    out = {**defaults, **passed}
+    for name, value in out.items():
+        if isinstance(defaults[name], bool):
+            strict_bool("apply_adapters", name, value)
+        else:
+            positive_int("apply_adapters", name, value)
+    return out
 
 
 def _find_layers(model: nn.Module) -> list[tuple[str, nn.Module, dict[str, _Site]]]:
@@ -281,6 +355,10 @@ def _init_down(adapter: BottleneckAdapter, init: str) -> None:
         nn.init.zeros_(adapter.down.bias)
 
 
+def _width(cfg: _Config, d: int) -> int:
+    return cfg.width if cfg.width is not None else max(1, int(d // cfg.reduction_factor))
+
+
 def apply_adapters(
     model: nn.Module,
     config: str = "seq_bn",
@@ -288,15 +366,25 @@ def apply_adapters(
     non_linearity: str | None = None,
     *,
     scaling: float | None = None,
+    phm_dim: int | None = None,
+    phm_rank: int | None = None,
+    shared_phm_rule: bool | None = None,
+    factorized_phm_rule: bool | None = None,
+    prefix_length: int | None = None,
+    prefix_hidden: int | None = None,
 ) -> nn.Module:
     """Add bottleneck adapters to every layer of a transformers ``model``, in place, and return it.
 
-    ``config``: ``"seq_bn"`` (Pfeiffer), ``"double_seq_bn"`` (Houlsby) or ``"par_bn"`` (He et
-    al.); see the module docstring for where each adapter sits. ``reduction_factor``,
-    ``non_linearity`` and ``scaling`` override the config's defaults (16 / ``"relu"`` / 1.0 for
-    ``seq_bn``; ``None`` keeps the default). Every base parameter is frozen, the adapters are
-    trainable (:func:`~peftops.mark_only_adapters_trainable`), and the adapters start as the
-    identity: the model computes what it computed before until they are trained.
+    ``config``: ``"seq_bn"`` (Pfeiffer), ``"double_seq_bn"`` (Houlsby), ``"par_bn"`` (He et
+    al.), ``"compacter"`` / ``"compacter++"`` (Mahabadi et al.) or ``"mam"`` (He et al.: prefix
+    tuning plus ``par_bn``); see the module docstring for where each adapter sits.
+    ``reduction_factor``, ``non_linearity`` and ``scaling`` override the config's defaults (16 /
+    ``"relu"`` / 1.0 for ``seq_bn``; ``None`` keeps the default); ``phm_dim``, ``phm_rank``,
+    ``shared_phm_rule``, ``factorized_phm_rule`` (Compacter only) and ``prefix_length``,
+    ``prefix_hidden`` (MAM only) likewise. Every base parameter is frozen, the adapters (and a
+    MAM prefix) are trainable (:func:`~peftops.mark_only_adapters_trainable`), and the adapters
+    start as the identity: the model computes what it computed before until they are trained
+    (MAM's prefix, like any prefix, changes the outputs from the start).
 
     Supported layers: :data:`LAYERS` (Llama, Qwen2, Mistral, GPT-2, BERT); a model without any
     is a ``TypeError`` naming its class. A model that has adapters already is a ``ValueError``.
@@ -304,6 +392,21 @@ def apply_adapters(
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_adapters: model: expected a torch.nn.Module, got {type(model).__name__}")
     cfg = _resolve(config, reduction_factor, non_linearity, scaling)
+    phm = _options(
+        config,
+        cfg,
+        {
+            "phm_dim": phm_dim,
+            "phm_rank": phm_rank,
+            "shared_phm_rule": shared_phm_rule,
+            "factorized_phm_rule": factorized_phm_rule,
+        },
+        PHM_DEFAULTS,
+        cfg.phm,
+    )
+    prefix = _options(
+        config, cfg, {"prefix_length": prefix_length, "prefix_hidden": prefix_hidden}, PREFIX_DEFAULTS, cfg.prefix
+    )
     if _STATE in model.__dict__:
         raise ValueError(
             f"apply_adapters: model: already has {model.__dict__[_STATE].config!r} adapters; "
@@ -313,12 +416,30 @@ def apply_adapters(
     for _, layer, _ in layers:
         if ADAPTERS_ATTR in layer._modules or hasattr(layer, ADAPTERS_ATTR):
             raise ValueError(f"apply_adapters: model: a layer already has an attribute {ADAPTERS_ATTR!r}")
+    if phm:
+        # Checked for every layer before any is touched: AdapterHub asserts the same divisibility.
+        n = phm["phm_dim"]
+        for _, layer, sites in layers:
+            d = _hidden_size(model, layer, sites)
+            r = _width(cfg, d)
+            if d % n:
+                raise ValueError(f"apply_adapters: phm_dim: expected a divisor of the hidden size {d}, got {n}")
+            if r % n:
+                raise ValueError(
+                    f"apply_adapters: reduction_factor: expected one giving an adapter width that is a multiple of "
+                    f"phm_dim={n}, got {cfg.reduction_factor:g} (width {d} // {cfg.reduction_factor:g} = {r})"
+                )
     state = _State(config=config)
     state.requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
+    if prefix:
+        # First, so that a model prefix tuning refuses is left untouched.
+        apply_prefix_tuning(model, prefix["prefix_length"], reparam_hidden=prefix["prefix_hidden"])
+        state.prefix = True
     locations = [loc for loc, on in (("mh_adapter", cfg.mh_adapter), ("output_adapter", cfg.output_adapter)) if on]
+    shared_rule: PHMRule | None = None
     for _, layer, sites in layers:
         d = _hidden_size(model, layer, sites)
-        r = max(1, int(d // cfg.reduction_factor))
+        r = _width(cfg, d)
         adapters = nn.ModuleDict()
         for loc in locations:
             site = sites[loc]
@@ -326,16 +447,35 @@ def apply_adapters(
             ref = next(out_module.parameters(), None)
             if ref is None:  # BERT's dropout: the layer's own dtype and device
                 ref = next(layer.parameters(), None)
-            adapter = BottleneckAdapter(
-                d,
-                r,
-                activation=cfg.non_linearity,
-                scale=cfg.scaling,
-                parallel=cfg.kind != "double",
-                device=None if ref is None else ref.device,
-                dtype=None if ref is None else ref.dtype,
-            )
-            _init_down(adapter, cfg.init)
+            device, dtype = (None, None) if ref is None else (ref.device, ref.dtype)
+            adapter: BottleneckAdapter | CompacterAdapter
+            if phm:
+                if phm["shared_phm_rule"] and shared_rule is None:
+                    shared_rule = PHMRule(phm["phm_dim"], phm["factorized_phm_rule"], device=device, dtype=dtype)
+                adapter = CompacterAdapter(
+                    d,
+                    r,
+                    activation=cfg.non_linearity,
+                    scale=cfg.scaling,
+                    parallel=cfg.kind != "double",
+                    phm_dim=phm["phm_dim"],
+                    phm_rank=phm["phm_rank"],
+                    phm_rule=shared_rule,
+                    factorized_phm_rule=phm["factorized_phm_rule"],
+                    device=device,
+                    dtype=dtype,
+                )
+            else:
+                adapter = BottleneckAdapter(
+                    d,
+                    r,
+                    activation=cfg.non_linearity,
+                    scale=cfg.scaling,
+                    parallel=cfg.kind != "double",
+                    device=device,
+                    dtype=dtype,
+                )
+                _init_down(adapter, cfg.init)
             adapters[loc] = adapter
             store = None
             if cfg.kind != "double":
@@ -354,7 +494,7 @@ def apply_adapters(
 
 
 def remove_adapters(model: nn.Module) -> nn.Module:
-    """Undo :func:`apply_adapters`: hooks and adapter modules removed, ``requires_grad`` of the
+    """Undo :func:`apply_adapters`: hooks and adapter modules (and MAM's prefix) removed, ``requires_grad`` of the
     base parameters as it was before, the ``state_dict`` the base model's again."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"remove_adapters: model: expected a torch.nn.Module, got {type(model).__name__}")
@@ -365,6 +505,8 @@ def remove_adapters(model: nn.Module) -> nn.Module:
         handle.remove()
     for layer in state.layers:
         delattr(layer, ADAPTERS_ATTR)
+    if state.prefix:
+        remove_prefix_tuning(model)
     for p, flag in state.requires_grad.values():
         p.requires_grad_(flag)
     del model.__dict__[_STATE]
