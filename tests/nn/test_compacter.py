@@ -187,3 +187,25 @@ def test_bad_input_names_the_argument():
         CompacterAdapter(16, 8, phm_rule=torch.zeros(4, 4, 4))
     with pytest.raises(ValueError, match=r"CompacterAdapter\(parallel=True\): residual"):
         CompacterAdapter(16, 8, parallel=True)(x)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_torch_compile_fullgraph_matches_eager(parallel):
+    torch.manual_seed(0)
+    m = CompacterAdapter(16, 8, parallel=parallel)
+    with torch.no_grad():
+        m.up_right.normal_()
+    x = torch.randn(2, 3, 16)
+    args = (x, torch.randn(2, 3, 16)) if parallel else (x,)
+
+    def run(fn):
+        m.zero_grad()
+        y = fn(*args)
+        y.square().sum().backward()
+        return y.detach(), [p.grad.clone() for p in m.parameters()]
+
+    y, g = run(m)
+    y_c, g_c = run(torch.compile(m, fullgraph=True, backend="aot_eager"))
+    torch.testing.assert_close(y_c, y)
+    for a, b in zip(g_c, g, strict=True):
+        torch.testing.assert_close(a, b)
