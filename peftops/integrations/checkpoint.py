@@ -31,7 +31,7 @@ import json
 import os
 import re
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -596,13 +596,13 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
         raise ValueError(f"{owner}: model: expected LoRA or IA3 layers (apply_lora, apply_ia3), got none")
     if "lora" in kinds:
         surgery.merge_adapters(model)
-    for layer in {id(m): m for m in model.modules() if isinstance(m, IA3Linear)}.values():
-        if not layer.merged:
-            layer.merge()
+    for ia3 in {id(m): m for m in model.modules() if isinstance(m, IA3Linear)}.values():
+        if not ia3.merged:
+            ia3.merge()
     replaced: dict[int, nn.Module] = {}
-    for name, module in list(model.named_modules(remove_duplicate=False)):
-        if isinstance(module, (*_lora_types(), IA3Linear)):
-            base = replaced.setdefault(id(module), module.unwrap())
+    for name, layer in list(model.named_modules(remove_duplicate=False)):
+        if isinstance(layer, (*_lora_types(), IA3Linear)):
+            base = replaced.setdefault(id(layer), cast(Any, layer).unwrap())
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, base)
     return model

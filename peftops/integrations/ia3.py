@@ -51,7 +51,7 @@ def peft_ia3_state(model: nn.Module) -> tuple[dict[str, Any], dict[str, Tensor]]
         "modules_to_save": None,
         "init_ia3_weights": True,
     }
-    tensors = {f"{PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in layers.items()}
+    tensors: dict[str, Tensor] = {f"{PREFIX}{name}.ia3_l": layer.ia3_l for name, layer in layers.items()}
     return config, tensors
 
 

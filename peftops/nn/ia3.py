@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,7 +134,8 @@ class IA3Linear(AdapterModule):
             raise ValueError(f"IA3Linear.from_conv1d: conv: expected a non-empty 2-D weight, got {weight!r:.80}")
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
-        layer._setup(weight, conv.bias, is_feedforward, fan_in_fan_out=True)
+        bias: Any = conv.bias  # a Conv1D's bias Parameter (nn.Module attributes type as Tensor | Module)
+        layer._setup(weight, bias, is_feedforward, fan_in_fan_out=True)
         return layer
 
     def _setup(self, weight: Tensor, bias: Tensor | None, is_feedforward: bool, fan_in_fan_out: bool) -> None:
@@ -199,7 +201,7 @@ class IA3Linear(AdapterModule):
         if self.fan_in_fan_out:
             conv1d = conv1d_type()
             assert conv1d is not None  # (a Conv1D was wrapped, so transformers is loaded)
-            base = conv1d(self.out_features, self.in_features)
+            base: Any = conv1d(self.out_features, self.in_features)
         else:
             base = nn.Linear(1, 1, bias=False, device="meta")
             base.in_features, base.out_features = self.in_features, self.out_features
