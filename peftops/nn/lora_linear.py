@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..composite.dora_linear import dora_weight_norm
+from ..ops.dora_linear import dora_linear
 from ..ops.lora_linear import lora_linear
 from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
 
@@ -136,6 +138,19 @@ class LoRALinear(LoRALayerBase):
     checkpoint, an adapter-only one loaded with ``strict=False``, a strict load that raises
     after copying what it could), the layer holds the base weight (loaded or kept) plus
     ``s B A`` (loaded or kept).
+
+    ``use_dora=True``: DoRA (Liu et al. 2024), as peft's ``LoraConfig(use_dora=True)``:
+    ``y = c * (x W^T + s x A^T B^T) + b`` with ``c = m / ||W + s B A||_row`` (the norm a
+    constant in the backward; with dropout, peft's placement: see
+    :func:`peftops.ops.dora_linear.dora_linear`). The magnitude ``m`` is the Parameter
+    ``lora_magnitude_vector: (out,)``, so the state dict key is peft's saved one
+    (``<layer>.lora_magnitude_vector``), initialised as peft does to the row norms of
+    ``W + s B A``. :meth:`merge` writes ``c * (W + s B A)`` (the norm taken from the unmerged
+    weight and kept for :meth:`unmerge`, as peft). The layer caches ``||W_j||^2`` for the
+    norm, keyed on the weight's storage, version counter, dtype and device, so any in-place
+    change through the Parameter (merge, ``load_state_dict``, an optimizer step) or a
+    ``.to()`` recomputes it; a write through ``weight.data`` bypasses the version counter:
+    call :meth:`clear_norm_cache` after one. Under ``torch.compile`` the op computes it.
     """
 
     def __init__(
@@ -148,6 +163,7 @@ class LoRALinear(LoRALayerBase):
         alpha: float = 16,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -156,11 +172,18 @@ class LoRALinear(LoRALayerBase):
         positive_int(owner, "out_features", out_features)
         base = nn.Linear(in_features, out_features, bias=bias, device=device, dtype=dtype)
         super().__init__()
-        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora)
+        self._setup(base.weight, base.bias, r, alpha, dropout, use_rslora, use_dora)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        use_dora: bool = False,
     ) -> LoRALinear:
         """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
         if not isinstance(linear, nn.Linear):
@@ -168,17 +191,23 @@ class LoRALinear(LoRALayerBase):
         nonempty_linear(f"{cls.__name__}.from_linear", linear)
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
-        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora)
+        layer._setup(linear.weight, linear.bias, r, alpha, dropout, use_rslora, use_dora)
         return layer
 
-    def _setup(self, weight: Tensor, bias: Tensor | None, r, alpha, dropout, use_rslora) -> None:
+    def _setup(self, weight: Tensor, bias: Tensor | None, r, alpha, dropout, use_rslora, use_dora=False) -> None:
         self.weight = weight
         self.bias = bias
         self.out_features, self.in_features = self._linear_weight().shape
+        self.use_dora = strict_bool(type(self).__name__, "use_dora", use_dora)
+        self._w_sq_cache: tuple[tuple, Tensor] | None = None
+        self._dora_merge_norm: Tensor | None = None
         r = self._init_lora(r, alpha, dropout, use_rslora)
         factory = {"device": weight.device, "dtype": weight.dtype}
         self.lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
         self.lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        if self.use_dora:
+            # A checkpoint may replace the weight; the post-hook runs after it was copied.
+            self.register_load_state_dict_post_hook(lambda module, keys: module.clear_norm_cache())
         self.reset_lora_parameters()
 
     def _linear_weight(self) -> Tensor:
@@ -188,15 +217,97 @@ class LoRALinear(LoRALayerBase):
     def reset_lora_parameters(self) -> None:
         nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))
         nn.init.zeros_(self.lora_B.weight)
+        if self.use_dora:
+            self.reset_dora_magnitude()
+
+    @torch.no_grad()
+    def reset_dora_magnitude(self) -> None:
+        """Set the magnitude to the row norms of ``W + s B A`` (peft's initialisation, which
+        makes the DoRA layer compute what the LoRA layer with the same A and B computes)."""
+        owner = type(self).__name__
+        if not self.use_dora:
+            raise RuntimeError(f"{owner}.reset_dora_magnitude: the layer was built without use_dora=True")
+        if self.merged:
+            raise RuntimeError(f"{owner}.reset_dora_magnitude: the weight holds the merged update; unmerge() first")
+        norm = self._dora_norm(None).to(self.weight.dtype)
+        if "lora_magnitude_vector" in self._parameters:
+            self.lora_magnitude_vector.copy_(norm)
+        else:
+            self.lora_magnitude_vector = nn.Parameter(norm)
+
+    def _dora_norm(self, w_sq: Tensor | None) -> Tensor:
+        """``||W + s B A||`` per output row of the unmerged weight, float32 (float64 for a
+        float64 layer), detached."""
+        with torch.no_grad():
+            return dora_weight_norm(self._linear_weight(), self.lora_A.weight, self.lora_B.weight, self.scaling, w_sq)
+
+    def clear_norm_cache(self) -> None:
+        """Forget the cached ``||W_j||^2`` (needed only after writing ``weight.data`` in place,
+        which the version counter does not see)."""
+        self._w_sq_cache = None
+
+    def _weight_sq_norm(self) -> Tensor | None:
+        if torch.compiler.is_compiling():
+            return None  # (a traced graph must not close over a tensor computed outside it)
+        w = self._linear_weight()
+        key = (w.data_ptr(), w._version, w.dtype, w.device, w.shape)
+        cache = self._w_sq_cache
+        if cache is not None and cache[0] == key:
+            return cache[1]
+        with torch.no_grad():
+            w_sq = w.pow(2).sum(1, dtype=self._acc_dtype())
+        self._w_sq_cache = (key, w_sq)
+        return w_sq
 
     def adapter_parameters(self) -> Iterator[Tensor]:
         yield self.lora_A.weight
         yield self.lora_B.weight
+        if self.use_dora:
+            yield self.lora_magnitude_vector
+
+    def _in_weight_layout(self, t: Tensor) -> Tensor:
+        """An ``(out, in)`` tensor in the layout of ``weight``."""
+        return t
+
+    def _merged_weight(self, sign: float) -> Tensor:
+        if not self.use_dora:
+            return super()._merged_weight(sign)
+        f64 = torch.float64
+        w = self._linear_weight().to(f64)
+        delta = self.scaling * (self.lora_B.weight.to(f64) @ self.lora_A.weight.to(f64))
+        m = self.lora_magnitude_vector.to(f64)
+        if sign > 0:
+            full = w + delta
+            # Kept for unmerge: the merged weight no longer tells the unmerged norm (peft alike).
+            norm = self._dora_merge_norm = torch.linalg.vector_norm(full, dim=1)
+            out = (m / norm)[:, None] * full
+        else:
+            if self._dora_merge_norm is None:
+                raise RuntimeError(f"{type(self).__name__}.unmerge: no norm was kept by merge()")
+            out = w * (self._dora_merge_norm / m)[:, None] - delta
+        return self._in_weight_layout(out).to(self.weight.dtype)
+
+    def _fold(self, sign: float) -> None:
+        super()._fold(sign)
+        self.clear_norm_cache()
 
     def forward(self, input: Tensor) -> Tensor:
         if self.merged:
             self._check_merged_forward()
             return F.linear(input, self._linear_weight(), self.bias)
+        if self.use_dora:
+            return dora_linear(
+                input,
+                self._linear_weight(),
+                self.lora_A.weight,
+                self.lora_B.weight,
+                self.lora_magnitude_vector,
+                scale=self.scaling,
+                bias=self.bias,
+                dropout_p=self.lora_dropout,
+                training=self.training,
+                weight_sq_norm=self._weight_sq_norm(),
+            )
         return lora_linear(
             input,
             self._linear_weight(),
@@ -227,6 +338,7 @@ class LoRALinear(LoRALayerBase):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"r={self.r}, alpha={self.lora_alpha:g}, dropout={self.lora_dropout:g}, rslora={self.use_rslora}, merged={self.merged}"
+            + (", dora=True" if self.use_dora else "")
         )
 
 
@@ -250,6 +362,7 @@ class LoRAConv1D(LoRALinear):
         alpha: float = 16,
         dropout: float = 0.0,
         use_rslora: bool = False,
+        use_dora: bool = False,
         device=None,
         dtype=None,
     ) -> None:
@@ -261,11 +374,18 @@ class LoRAConv1D(LoRALinear):
         weight = nn.Parameter(torch.empty(in_features, out_features, device=device, dtype=dtype))
         nn.init.normal_(weight, std=0.02)
         bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype))
-        self._setup(weight, bias, r, alpha, dropout, use_rslora)
+        self._setup(weight, bias, r, alpha, dropout, use_rslora, use_dora)
 
     @classmethod
     def from_linear(
-        cls, linear: nn.Linear, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+        cls,
+        linear: nn.Linear,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        use_dora: bool = False,
     ) -> LoRALinear:
         raise TypeError(
             f"LoRAConv1D.from_linear: linear: expected a transformers Conv1D through LoRAConv1D.from_conv1d, "
@@ -274,7 +394,14 @@ class LoRAConv1D(LoRALinear):
 
     @classmethod
     def from_conv1d(
-        cls, conv: nn.Module, r: int = 8, alpha: float = 16, dropout: float = 0.0, use_rslora: bool = False
+        cls,
+        conv: nn.Module,
+        r: int = 8,
+        alpha: float = 16,
+        dropout: float = 0.0,
+        use_rslora: bool = False,
+        *,
+        use_dora: bool = False,
     ) -> LoRAConv1D:
         """Wrap transformers' ``Conv1D`` ``conv``: the new layer holds the same ``weight``/``bias``
         Parameters, no copy."""
@@ -287,8 +414,11 @@ class LoRAConv1D(LoRALinear):
                 raise ValueError(f"LoRAConv1D.from_conv1d: conv: expected {name} >= 1, got {value}")
         layer = cls.__new__(cls)
         AdapterModule.__init__(layer)
-        layer._setup(weight, bias, r, alpha, dropout, use_rslora)
+        layer._setup(weight, bias, r, alpha, dropout, use_rslora, use_dora)
         return layer
+
+    def _in_weight_layout(self, t: Tensor) -> Tensor:
+        return t.t()
 
     def _linear_weight(self) -> Tensor:
         # A transposed view: every lora_linear backend takes it and gives the gradient in the

@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ._base import AdapterModule, finite, positive_int
+from ._base import AdapterModule, finite, positive_int, strict_bool
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALayerBase, LoRALinear, conv1d_type
 from .multi_lora_linear import MultiLoRALinear
@@ -67,12 +67,23 @@ def _supported_types() -> str:
     return "nn.Linear, nn.Embedding or transformers' Conv1D"
 
 
-def _wrap(name: str, module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool) -> LoRALayerBase:
+def _wrap(
+    name: str, module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool = False
+) -> LoRALayerBase:
     conv1d = conv1d_type()
     if type(module) is nn.Linear:
-        return LoRALinear.from_linear(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        return LoRALinear.from_linear(
+            module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
     if conv1d is not None and type(module) is conv1d:
-        return LoRAConv1D.from_conv1d(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
+        return LoRAConv1D.from_conv1d(
+            module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
+    if type(module) is nn.Embedding and use_dora:
+        raise ValueError(
+            f"apply_lora: use_dora: {name!r} is an nn.Embedding, and peftops has DoRA for nn.Linear and "
+            "transformers' Conv1D only; expected use_dora=False or target_modules without embeddings"
+        )
     if type(module) is nn.Embedding:
         return LoRAEmbedding.from_embedding(module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora)
     # Exact types only: a subclass may override forward (quantized layers, scaled embeddings).
@@ -149,6 +160,7 @@ def apply_lora(
     dropout: float = 0.0,
     *,
     use_rslora: bool = False,
+    use_dora: bool = False,
     capacity: int | None = None,
     modules_to_save: Iterable[str] | None = None,
     bias: str = "none",
@@ -176,6 +188,9 @@ def apply_lora(
     * ``modules_to_save``: names matched as peft does (a module whose full name ends with
       one): these modules train fully, in place (no wrapper: their state dict keys are
       unchanged) and are never LoRA targets, nor is anything inside them.
+    * ``use_dora``: DoRA layers (:class:`LoRALinear` with ``use_dora=True``: a trained
+      magnitude per output row, ``lora_magnitude_vector``), for ``nn.Linear`` and ``Conv1D``
+      targets.
     * ``bias``: ``"none"``, ``"all"`` (every bias of the model trains) or ``"lora_only"`` (the
       biases of the LoRA layers).
     * ``rank_pattern`` / ``alpha_pattern``: ``{pattern: r}`` / ``{pattern: alpha}`` overriding
@@ -204,6 +219,7 @@ def apply_lora(
                 f"apply_lora: target_modules: expected a regex str or a non-empty list of str, got {target_modules!r}"
             )
         all_linear = False
+    use_dora = strict_bool("apply_lora", "use_dora", use_dora)
     if not isinstance(bias, str) or bias not in _BIAS_MODES:
         raise ValueError(f"apply_lora: bias: expected one of {', '.join(map(repr, _BIAS_MODES))}, got {bias!r}")
     previous_bias = lora_bias(model)
@@ -221,6 +237,7 @@ def apply_lora(
             f"{n}={v!r}"
             for n, v in (
                 ("bias", bias),
+                ("use_dora", use_dora),
                 ("modules_to_save", to_save),
                 ("rank_pattern", ranks),
                 ("alpha_pattern", alphas),
@@ -287,7 +304,7 @@ def apply_lora(
         r_key, alpha_key = _pattern_key(ranks, name), _pattern_key(alphas, name)
         layer_r = ranks[r_key] if r_key is not None else r
         layer_alpha = alphas[alpha_key] if alpha_key is not None else alpha
-        wrapped[id(module)] = _wrap(name, module, layer_r, layer_alpha, dropout, use_rslora)
+        wrapped[id(module)] = _wrap(name, module, layer_r, layer_alpha, dropout, use_rslora, use_dora)
     for pattern_name, pattern in (("rank_pattern", ranks), ("alpha_pattern", alphas)):
         unused = [k for k in pattern if not any(_pattern_key({k: None}, name) for name, _ in matched)]
         if unused:
