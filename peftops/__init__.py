@@ -26,6 +26,7 @@ from .integrations.peft import accelerate, restore  # peft itself is imported on
 from .integrations.prefix_tuning import apply_prefix_tuning, remove_prefix_tuning, set_prefix_bank, set_prefix_ids
 from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
 from .nn import (
+    apply_bitfit,
     apply_ia3,
     apply_lora,
     count_trainable,
@@ -39,6 +40,7 @@ __version__ = "0.1.0"
 __all__ = [
     "accelerate",
     "apply_adapters",
+    "apply_bitfit",
     "apply_ia3",
     "apply_lora",
     "apply_prefix_tuning",
