@@ -71,20 +71,22 @@ def forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropou
     else:
         keep, xd = x.new_empty((0,), dtype=torch.bool), x2
     u = torch.mm(xd, lora_a.t())
-    if save_base or dropout:
+    base: Tensor | None
+    if dropout:
         base = torch.mm(xd, weight.t())
         z = torch.addmm(base, u, lora_b.t(), alpha=scale)
-    else:
-        base = None
-        z = torch.mm(u, lora_b.t()).addmm_(xd, weight.t(), beta=scale)
-    if not dropout:
-        # z is this call's own (base, if saved, is another tensor): scale it in place.
-        y = torch.addcmul(bias, z, c) if bias is not None else z.mul_(c)
-    else:
         t = torch.addcmul(-base, z, c)
         if bias is not None:
             t.add_(bias)
         y = t.addmm_(x2, weight.t())
+    else:
+        base = torch.mm(xd, weight.t()) if save_base else None
+        if base is not None:
+            z = torch.addmm(base, u, lora_b.t(), alpha=scale)
+        else:
+            z = torch.mm(u, lora_b.t()).addmm_(xd, weight.t(), beta=scale)
+        # z is this call's own (base, if saved, is another tensor): scale it in place.
+        y = torch.addcmul(bias, z, c) if bias is not None else z.mul_(c)
     u_out = u.to(acc_dtype(x.dtype))
     base_out = base.reshape(*lead, n_out) if save_base and base is not None else x.new_empty((0,))
     return (
@@ -103,7 +105,7 @@ def backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, nor
     g = grad.reshape(-1, n_out)
     x2 = x.reshape(-1, k)
     dropout = dropout_p > 0.0
-    kf = keep.reshape(-1, k) if dropout else None
+    kf = keep.reshape(-1, k)  # (0, k) without dropout, and unused
     xd = x2 * kf * (1.0 / (1.0 - dropout_p)) if dropout else x2
     c = (magnitude.to(norm.dtype) / norm).to(x.dtype)
     gc = g * c

@@ -153,6 +153,8 @@ class LoRALinear(LoRALayerBase):
     call :meth:`clear_norm_cache` after one. Under ``torch.compile`` the op computes it.
     """
 
+    lora_magnitude_vector: Tensor  # (only with use_dora=True)
+
     def __init__(
         self,
         in_features: int,
