@@ -50,6 +50,7 @@ __all__ = [
     "BackendUnavailableError",
     "bottleneck_adapter",
     "count_trainable",
+    "dora_linear",
     "generate",
     "get_backend",
     "ia3_linear",

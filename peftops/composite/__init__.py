@@ -7,7 +7,8 @@ runs wherever torch runs, needs no build step, and on a GPU is by construction n
 the ``addmm`` composition users write by hand, which is why ``auto`` falls back to it when a
 GPU or shape has no measurement (``kernels/configs/auto.json``).
 
-Implemented: ``lora_linear`` (:mod:`peftops.composite.lora_linear`).
+Implemented: ``lora_linear`` (:mod:`peftops.composite.lora_linear`), ``dora_linear``
+(:mod:`peftops.composite.dora_linear`), ``ia3_linear`` (:mod:`peftops.composite.ia3_linear`).
 """
 
 from ..backends import register_backend

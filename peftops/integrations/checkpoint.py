@@ -49,6 +49,7 @@ LEGACY_WEIGHTS_NAME = "adapter_model.bin"
 # LoraConfig fields this module reads (everything else must hold its "off" value).
 _LORA_FIELDS = {
     "r",
+    "use_dora",
     "lora_alpha",
     "target_modules",
     "exclude_modules",
@@ -229,8 +230,9 @@ def _lora_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     alphas = {n: layer.lora_alpha for n, layer in layers.items()}
     r, alpha = _most_common(list(ranks.values())), _most_common(list(alphas.values()))
     rslora = {layer.use_rslora for layer in layers.values()}
+    dora = {bool(getattr(layer, "use_dora", False)) for layer in layers.values()}
     dropout = {layer.lora_dropout for layer in layers.values() if not _is_embedding(layer)} or {0.0}
-    for field, values in (("use_rslora", rslora), ("lora_dropout", dropout)):
+    for field, values in (("use_rslora", rslora), ("use_dora", dora), ("lora_dropout", dropout)):
         if len(values) > 1:
             raise ValueError(
                 f"save_adapter: model: expected one {field} for every LoRA layer (peft's config has one), got {sorted(values)}"
@@ -251,7 +253,7 @@ def _lora_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         "rank_pattern": {_pattern_key(n, all_names): v for n, v in ranks.items() if v != r},
         "alpha_pattern": {_pattern_key(n, all_names): v for n, v in alphas.items() if v != alpha},
         "init_lora_weights": True,
-        "use_dora": False,
+        "use_dora": dora.pop(),
         "lora_bias": False,
         "layers_to_transform": None,
         "layers_pattern": None,
@@ -264,6 +266,9 @@ def _lora_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
         else:
             tensors[f"{PREFIX}{name}.lora_A.weight"] = layer.lora_A.weight
             tensors[f"{PREFIX}{name}.lora_B.weight"] = layer.lora_B.weight
+        if getattr(layer, "use_dora", False):
+            # peft's key: the magnitude vector (out,), no ".weight", no adapter name.
+            tensors[f"{PREFIX}{name}.lora_magnitude_vector"] = layer.lora_magnitude_vector
     if bias != "none":
         owners = {f"{n}.": n for n in layers}
         for key, value in model.state_dict().items():
@@ -413,6 +418,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         rank_pattern=config.get("rank_pattern") or None,
         alpha_pattern=config.get("alpha_pattern") or None,
         exclude_modules=config.get("exclude_modules") or None,
+        use_dora=bool(config.get("use_dora", False)),
     )
     layers = _lora_layers(model)
     state = _model_keys(owner, tensors, layers, surgery.modules_to_save(model))
@@ -422,6 +428,7 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
         for p in (
             ("lora_embedding_A", "lora_embedding_B") if _is_embedding(layer) else ("lora_A.weight", "lora_B.weight")
         )
+        + (("lora_magnitude_vector",) if getattr(layer, "use_dora", False) else ())
     }
     missing_lora = sorted(expected - state.keys())
     if missing_lora:
@@ -514,6 +521,8 @@ def _load_into_banks(
         raise ValueError(
             f"{owner}: bias: a MultiLoRALinear bank shares the base bias between adapters, got {config['bias']!r}"
         )
+    if config.get("use_dora", False):
+        raise ValueError(f"{owner}: use_dora: a MultiLoRALinear bank holds plain LoRA adapters, got True")
     weights: dict[str, dict[str, Tensor]] = {}
     for key, value in tensors.items():
         k = key[len(PREFIX) :] if key.startswith(PREFIX) else key

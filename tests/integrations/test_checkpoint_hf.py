@@ -172,6 +172,30 @@ def test_peft_checkpoint_loads_into_peftops(tmp_path, factory, config):
     assert {n for n, p in model.named_parameters() if p.requires_grad} == trainable
 
 
+@pytest.mark.parametrize(
+    "factory, targets", [(hf_models.llama, ATTN), (hf_models.gpt2, ["c_attn"])], ids=["llama", "gpt2"]
+)
+def test_dora_checkpoints_both_ways(tmp_path, factory, targets):
+    peft_model = get_peft_model(
+        factory(), LoraConfig(r=4, lora_alpha=8, target_modules=targets, use_dora=True, init_lora_weights=False)
+    )
+    _randomize(peft_model)  # magnitudes too: their keys hold "lora_"
+    ids = hf_models.token_ids()
+    expected = _logits(peft_model, ids)
+    peft_model.save_pretrained(tmp_path / "peft")
+    ours = load_adapter(factory(), tmp_path / "peft")
+    assert all(layer.use_dora for layer in ours.modules() if isinstance(layer, peftops.nn.LORA_LAYER_TYPES))
+    torch.testing.assert_close(_logits(ours, ids), expected, **TOL)
+    save_adapter(ours, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["use_dora"] is True
+    torch.testing.assert_close(_logits(_peft_loaded(factory, tmp_path / "ours"), ids), expected, **TOL)
+    if factory is hf_models.gpt2:
+        return  # banks wrap nn.Linear only
+    bank = peftops.apply_lora(factory(), targets, r=4, alpha=8, capacity=2)
+    with pytest.raises(ValueError, match="load_adapter: use_dora: a MultiLoRALinear bank holds plain LoRA adapters"):
+        load_adapter(bank.eval(), tmp_path / "peft", adapter_name="x")
+
+
 def test_round_trip_peftops_peft_peftops(tmp_path):
     model = _randomize(peftops.apply_lora(hf_models.mistral(), ["k_proj", "o_proj"], r=3, alpha=6))
     ids = hf_models.token_ids()
@@ -273,7 +297,7 @@ def _peft_dir(tmp_path, **config):
 @pytest.mark.parametrize(
     "edit, field",
     [
-        ({"use_dora": True}, "use_dora"),
+        ({"use_qalora": True}, "use_qalora"),
         ({"layers_to_transform": [0]}, "layers_to_transform"),
         ({"init_lora_weights": "pissa"}, "init_lora_weights"),
         ({"lora_bias": True}, "lora_bias"),
