@@ -1,7 +1,10 @@
 """peftops: fused kernels for parameter-efficient fine-tuning.
 
-Functional ops: :func:`lora_linear`, :func:`multi_lora_linear`, :func:`bottleneck_adapter`,
-:func:`prefix_attention`.
+Functional ops: :func:`lora_linear`, :func:`dora_linear`, :func:`ia3_linear`,
+:func:`multi_lora_linear`, :func:`bottleneck_adapter`, :func:`prefix_attention`.
+Hugging Face workflow: :func:`accelerate`, :func:`save_adapter` / :func:`load_adapter`,
+:func:`merge_and_unload`, :func:`apply_prefix_tuning`, :func:`apply_prompt_tuning`,
+:func:`apply_adapters`, :func:`generate`.
 Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 """
 
@@ -9,13 +12,14 @@ Modules and model surgery: :mod:`peftops.nn`. Backends: :func:`use_backend`.
 # peftops.backends lists them: the spec first, then the framework composite, then kernels.
 # ruff: noqa: I001
 from . import backends, reference
-from .ops import (
+from .ops import (  # the reference backend
     bottleneck_adapter,
+    dora_linear,
     ia3_linear,
     lora_linear,
     multi_lora_linear,
     prefix_attention,
-)  # the reference backend
+)
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
