@@ -9,6 +9,11 @@
 #              512-token cases again eager; host overhead per call on the GPU and on its host CPU.
 #              Writes gpu_tests_lora.log, configs/, lora_linear_graphs.json,
 #              lora_linear_T512_eager.json, host_overhead_cuda.json, host_overhead_cpu.json.
+#   methods13  issue 13 in about 5 minutes: the gpu tests of DoRA, IA3 and the LoRA/adapter
+#              kernels (the bias gradient now comes out of their token reductions); every
+#              dora_linear case (peftops backends, peft's DoRA, peftops LoRA for the 1.15x target)
+#              and every ia3_linear case (peftops backends, peft's IA3) under CUDA graphs.
+#              Writes gpu_tests_methods.log, dora_linear.json, ia3_linear.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA adapter kernel
 #   lora adapter attention
@@ -79,6 +84,20 @@ if has lora10; then
         --cuda-graph off --json "$OUT/lora_linear_T512_eager.json"
     run 40 python3 -m benchmarks --host-overhead --device cuda --quick --json "$OUT/host_overhead_cuda.json"
     run 25 python3 -m benchmarks --host-overhead --device cpu --quick --json "$OUT/host_overhead_cpu.json"
+    gpu_state end
+fi
+if has methods13; then
+    gpu_state start
+    m_tests=()
+    for f in tests/ops/test_dora_linear.py tests/ops/test_ia3_linear.py tests/kernels/test_ia3_linear.py \
+        tests/kernels/test_lora_linear.py tests/kernels/test_bottleneck_adapter.py tests/nn/test_dora.py; do
+        [[ -e $f ]] && m_tests+=("$f")
+    done
+    echo "== pytest -m gpu ${m_tests[*]}" | tee -a "$LOG"
+    timeout 150 python3 -m pytest -m gpu "${m_tests[@]}" -q -rfE -p no:cacheprovider $par \
+        2>&1 | tee "$OUT/gpu_tests_methods.log" | tail -30 || status=1
+    run 100 python3 -m benchmarks --ops dora_linear --cuda-graph on --json "$OUT/dora_linear.json"
+    run 60 python3 -m benchmarks --ops ia3_linear --cuda-graph on --json "$OUT/ia3_linear.json"
     gpu_state end
 fi
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
