@@ -12,11 +12,15 @@ keep-mask ``m`` with probability ``1 - p``::
 Backward, for ``g = dL/dy: (T, N)``; ``dL/du = g B`` and ``u = s x_d A^T`` give::
 
     v  = s g B                                    narrow GEMM, (T, r) (alpha = s)
-    dB = s g^T u                                  (N, r): reads g again (alpha = s)
+    dB = s g^T u,  db = g^T 1                     one GEMM, s g^T [u | c] with c = 1 / s when s
+                                                  is a power of two: (N, r + 1), reads g again;
+                                                  db, when the bias trains, needs no pass of its
+                                                  own (see _grad_b_and_bias for other s)
     dx = (v A) * m / (1 - p) + g W                narrow GEMM writing dx, then the big GEMM
                                                   accumulating into it (beta = 1)
     dA = v^T x_d                                  (r, K)
-    dW = g^T x,  db = sum_t g                     only when the frozen base is trained
+    dW = g^T x                                    only when the frozen base is trained
+    db = sum_t g                                  its own pass only when dB is not trained
 
 The mask is drawn in the forward from torch's generator for ``x.device`` (so it follows
 ``torch.manual_seed`` and is capturable in CUDA graphs) and returned for the backward to
@@ -29,6 +33,8 @@ backend's ``u`` is ``x_d A^T`` (the op's saved rank-r activation is each backend
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 from torch import Tensor
@@ -78,7 +84,9 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, se
     # included): one GEMM each, no elementwise kernels, 5 launches in all without dropout.
     if need_x or need_a:
         v = torch.addmm(g.new_empty(g.shape[0], r), g, lora_b, beta=0, alpha=scale)  # s g B
-    if need_b:
+    if need_b and need_bias and (ones := _ones_value(scale)) is not None:
+        db_, dbias = _grad_b_and_bias(g, lora_u, r, scale, ones)
+    elif need_b:
         u = lora_u if lora_u.dim() == 2 else lora_u.reshape(-1, r)
         db_ = torch.addmm(lora_b.new_empty(n, r), g.t(), u, beta=0, alpha=scale)
     if need_x:
@@ -93,9 +101,52 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, keep, scale, dropout_p, se
         da = torch.mm(v.t(), xd)
     if need_w:
         dw = torch.mm(g.t(), x2)
-    if need_bias:
+    if need_bias and dbias is None:
+        # Without dB no GEMM here reduces over tokens (v and dx reduce over features; dW would
+        # need x copied beside a ones column, more bytes than g): the sum is the one pass, and
+        # torch.mv(g.t(), ones) would read g just the same.
         dbias = g.sum(0, dtype=torch.float64 if g.dtype == torch.float64 else torch.float32).to(grad.dtype)
     return dx, dw, da, db_, dbias
+
+
+def _ones_value(scale: float) -> float | None:
+    """The value ``c`` of the extra column beside u: a signed power of two with ``scale * c`` in
+    ``(0.5, 1]``, so ``c`` is exact in every dtype and so are the products ``g * c``;
+    ``scale * c == 1`` (db needs no correction) whenever ``|scale|`` is a power of two, as
+    ``alpha / r`` usually is. None for a scale outside ``[2**-14, 2**14]`` in magnitude (0
+    included), where ``c`` would leave fp16's normal range or scale bf16 values near float32's
+    limits."""
+    if not 2.0**-14 <= abs(scale) <= 2.0**14:
+        return None
+    mantissa, exponent = math.frexp(abs(scale))  # |scale| = mantissa * 2**exponent, mantissa in [0.5, 1)
+    c = 2.0 ** (1 - exponent) if mantissa == 0.5 else 2.0**-exponent
+    return math.copysign(c, scale)
+
+
+def _grad_b_and_bias(g: Tensor, lora_u: Tensor, r: int, scale: float, c: float) -> tuple[Tensor, Tensor]:
+    """``dB = s g^T u`` and ``db = g^T 1`` as one GEMM, ``s g^T [u | c]``: g is read once.
+
+    The GEMM's alpha stays ``s``, so dB is rounded once from the BLAS's float32 accumulator as
+    before, and the last column is ``round(s c sum_t g)``: with ``s c = 1`` that is db rounded
+    once from a float32 sum, as ``g.sum(0, dtype=float32)`` gives; otherwise (``s c`` in
+    (0.5, 1), so it cannot overflow where db does not) it is divided by ``s c`` in float32,
+    which rounds db a second time. Cost: ``[u | c]`` is written (T x (r + 1)) and u read once
+    more, against a read of g (T x out) saved. The buffer's rows are padded to a multiple of
+    8 elements, so that 16-bit rows stay 16-byte aligned for the BLAS."""
+    t, n = g.shape
+    width = (r + 1 + 7) // 8 * 8
+    uc = torch.empty((t, width), dtype=g.dtype, device=g.device)[:, : r + 1]
+    uc[:, :r].copy_(lora_u if lora_u.dim() == 2 else lora_u.reshape(-1, r))
+    uc[:, r].fill_(c)
+    both = torch.addmm(g.new_empty(n, r + 1), g.t(), uc, beta=0, alpha=scale)
+    # The op's gradient is contiguous (its fake says so): one copy of out x r elements.
+    db_ = both[:, :r].contiguous()
+    last = both[:, r]
+    sc = scale * c
+    if sc != 1.0:
+        acc = torch.float64 if g.dtype == torch.float64 else torch.float32
+        last = (last.to(acc) / sc).to(g.dtype)
+    return db_, last.contiguous()
 
 
 def _saved_mask(x: Tensor, dropout_p: float) -> tuple[tuple[int, ...], torch.dtype]:

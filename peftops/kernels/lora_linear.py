@@ -16,8 +16,12 @@ Backward, for ``g = dL/dy: (M, N)``::
     dx = g W + (v A) * m / (1 - p)           _gemm_kernel with the mask bits applied to the
                                              epilogue term only
     dA = v^T (x * m) / (1 - p)               _tn_kernel: a reduction over tokens, mask bits read
-    dB = g^T u                               _tn_kernel (u saved by the forward)
-    dW = g^T x,  db = sum_m g                only when the frozen base is trained
+    dB = g^T u,  db = g^T 1                  _tn_kernel (u saved by the forward); db, when the
+                                             bias trains, from the same loaded g tiles (column
+                                             sums, float32): no pass of its own over g
+    dW = g^T x                               only when the frozen base is trained; carries db
+                                             when dB is not trained; with neither, the v pass
+                                             (_down_kernel on g) carries it
 
 since ``y = x W^T + u B^T + b`` with ``u = s (x m / (1 - p)) A^T``: ``dL/dB = g^T u`` and
 ``dL/du = g B``; then ``dL/dA = s (dL/du)^T (x m / (1 - p)) = v^T (x m) / (1 - p)`` and the
@@ -51,7 +55,19 @@ from torch import Tensor
 from ..backends import OpImpl, register_impl
 from . import block_config, lora_linear_tma
 from .common import dot_precision, dtype_reason, empty, on_device
-from .lowrank import MAX_RANK, down, empty_mask, expand_bits, fp16_factor, fp16_scaled, launch_meta, pow2, tn
+from .lowrank import (
+    MAX_RANK,
+    down,
+    down_sums,
+    empty_mask,
+    expand_bits,
+    fp16_factor,
+    fp16_scaled,
+    launch_meta,
+    pow2,
+    tn,
+    tn_sums,
+)
 
 OP = "lora_linear"
 
@@ -243,22 +259,41 @@ def backward(grad, x, weight, lora_a, lora_b, lora_u, scale, dropout_p, seed, ou
     g = grad.reshape(-1, n)
     x2 = x.reshape(-1, k)
     dx = dw = da = db_ = dbias = None
+    sums = None  # sum_m g[m, :] in float32, from whichever pass over g below reduces over tokens
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    # The bias gradient rides on a pass over g that runs anyway, the cheapest first: dB's token
+    # reduction (a float32 row per split), else dW's, else the pass computing v (a float32 row
+    # per row block of g written and read back: 1/32 of g's bytes each way at 16 bits and 64-row
+    # blocks). Pure BitFit (A, B, W frozen) has only the last.
+    sums_in_b = need_bias and need_b
+    sums_in_w = need_bias and not need_b and need_w
+    sums_in_v = need_bias and not need_b and not need_w
     with on_device(x.device):
         if need_x or need_a:
             # s * g B in float32, and in the same launch the packed dropout mask that dx and dA read.
             mask = empty_mask(g.shape[0], k, g.device) if dropout_p > 0 else None
-            v = down(g, lora_b, scale, 0.0, seed, out_dtype=torch.float32, mask_out=mask, mask_p=dropout_p)
+            if sums_in_v:
+                v, sums = down_sums(g, lora_b, scale, seed, out_dtype=torch.float32, mask_out=mask, mask_p=dropout_p)
+            else:
+                v = down(g, lora_b, scale, 0.0, seed, out_dtype=torch.float32, mask_out=mask, mask_p=dropout_p)
         if need_x:
             dx = gemm(g, weight, v, lora_a, None, epi_scale=keep_scale, mask=mask).reshape(x.shape)
         if need_a:
             da = tn(v, x2, scale=keep_scale, mask=mask, out_dtype=lora_a.dtype)
         if need_b:
-            db_ = tn(g, lora_u.reshape(g.shape[0], rank), out_dtype=lora_b.dtype)
+            u = lora_u.reshape(g.shape[0], rank)
+            if sums_in_b:
+                db_, sums = tn_sums(g, u, out_dtype=lora_b.dtype)
+            else:
+                db_ = tn(g, u, out_dtype=lora_b.dtype)
         if need_w:
-            dw = tn(g, x2, out_dtype=weight.dtype)
+            if sums_in_w:
+                dw, sums = tn_sums(g, x2, out_dtype=weight.dtype)
+            else:
+                dw = tn(g, x2, out_dtype=weight.dtype)
         if need_bias:
-            dbias = g.sum(0, dtype=torch.float32).to(grad.dtype)
+            # Only the bias trains and nothing else reads g: the sum is the one pass there is.
+            dbias = (sums if sums is not None else g.sum(0, dtype=torch.float32)).to(grad.dtype)
     return dx, dw, da, db_, dbias
 
 

@@ -1,6 +1,8 @@
 r"""Building blocks shared by the rank-r ops (LoRA, bottleneck adapters): the narrow "down"
 projection ``scale * dropout(x) @ W`` over a row block, the token reduction ``L^T dropout(R)``
-split into float32 partials, and the dropout keep-mask.
+split into float32 partials, and the dropout keep-mask. Both passes can also return the column
+sums of their token-major operand (``down_sums``, ``tn_sums``) from the tiles they load anyway:
+a bias gradient ``g^T 1`` without a pass over g of its own.
 
 Dropout mask (LoRA). Counter-based, keyed by a seed read from a device tensor (so CUDA graphs
 replay with whatever seed the tensor holds) and by token ``i`` and feature ``j``::
@@ -123,6 +125,7 @@ def _down_kernel(
     OUT,
     SEED,
     MASK,
+    SUMS,
     M,
     K,
     R,
@@ -134,10 +137,12 @@ def _down_kernel(
     stride_om,
     stride_or,
     stride_mm,
+    stride_sb,
     scale,
     threshold,
     HAS_DROPOUT: tl.constexpr,
     WRITE_MASK: tl.constexpr,
+    COL_SUMS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -150,7 +155,9 @@ def _down_kernel(
     blocks). Accumulates in float32, rounds once to OUT's dtype (float32 for the LoRA
     intermediates). With ``WRITE_MASK`` (the backward's pass over g, which applies no mask),
     the first rank block also writes its rows of the packed keep-mask over ``MASK_COLS`` bytes,
-    so the mask costs no launch of its own.
+    so the mask costs no launch of its own. With ``COL_SUMS``, the first rank block also writes
+    ``SUMS[row block, k] = sum_{m in the block} X[m, k]`` (float32, before dropout) from the x
+    tiles it loads anyway: a partial per row block, which the caller adds up in a fixed order.
     """
     rows = (tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     ranks = (tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R))[None, :]
@@ -161,6 +168,14 @@ def _down_kernel(
         # int64: x may be a column-major view whose feature stride is the token count.
         ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)
         x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
+        if COL_SUMS:
+            # Each k tile is its own slice of the sums, so nothing is carried across iterations.
+            if tl.program_id(1) == 0:
+                tl.store(
+                    SUMS + tl.program_id(0).to(tl.int64) * stride_sb + ks,
+                    tl.sum(x.to(tl.float32), axis=0),
+                    mask=ks < K,
+                )
         if HAS_DROPOUT:
             bits = mask_bytes(seed, rows, (k0 // 8 + tl.arange(0, BLOCK_K // 8))[None, :], threshold)
             x = tl.where(expand_bits(bits, BLOCK_M, BLOCK_K), x, 0.0)
@@ -188,6 +203,7 @@ def _tn_kernel(
     RT,
     OUT,
     MASK,
+    SUMS,
     M,
     P,
     Q,
@@ -200,8 +216,10 @@ def _tn_kernel(
     stride_op,
     stride_oq,
     stride_mm,
+    stride_ss,
     scale,
     HAS_DROPOUT: tl.constexpr,
+    COL_SUMS: tl.constexpr,
     SCALE_L: tl.constexpr,
     SCALE_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -217,6 +235,11 @@ def _tn_kernel(
     16-bit other is rounded to the other's dtype for the product; with ``SCALE_L``/``SCALE_R``
     (fp16) its columns are scaled into fp16's range per token block first (the scale of
     column ``p`` factors out of the sum over ``m``).
+
+    ``COL_SUMS``: also ``SUMS[s, p] = sum_{m in split s} L[m, p]`` (float32, unscaled), what a
+    column of ones appended to RT would give (before ``scale``), from the L tiles the product loads anyway (a bias
+    gradient beside its weight's). Only the first Q block stores them: each (P block, split)
+    has one writer, so no atomics.
     """
     # int64: L and RT may be column-major views whose feature strides are the token count.
     ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
@@ -225,11 +248,15 @@ def _tn_kernel(
     m_start = split.to(tl.int64) * rows_per_split
     m_end = tl.minimum(m_start + rows_per_split, M)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if COL_SUMS:
+        col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         ms = (m0 + tl.arange(0, BLOCK_M))[:, None]
         in_rows = ms < m_end
         lt = tl.load(L + ms * stride_lm + ps * stride_lp, mask=in_rows & (ps < P), other=0.0)
         rt = tl.load(RT + ms * stride_rm + qs * stride_rq, mask=in_rows & (qs < Q), other=0.0)
+        if COL_SUMS:
+            col_sum += tl.sum(lt.to(tl.float32), axis=0)
         if HAS_DROPOUT:
             rt = tl.where(load_keep(MASK, ms, qs, stride_mm, in_rows & (qs < Q)), rt, 0.0)
         if SCALE_L:
@@ -248,6 +275,10 @@ def _tn_kernel(
         acc * scale,
         mask=(out_p < P) & (qs < Q),
     )
+    if COL_SUMS:
+        if tl.program_id(1) == 0:
+            sum_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            tl.store(SUMS + split.to(tl.int64) * stride_ss + sum_p, col_sum, mask=sum_p < P)
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -298,13 +329,52 @@ def down(
     rate-``mask_p`` keep-mask for ``seed`` into it, in the same launch (the LoRA backward's first
     kernel). ``cfg`` forces a block configuration (the tuner's use); by default it is looked up
     in ``op``'s tuned configs."""
+    out, _ = _down(x, w_kr, scale, dropout_p, seed, cfg, op, out_dtype, mask_out, mask_p, False)
+    return out
+
+
+def down_sums(
+    x: Tensor,
+    w_kr: Tensor,
+    scale: float,
+    seed: Tensor | None,
+    cfg: dict | None = None,
+    op: str = "lora_linear",
+    *,
+    out_dtype: torch.dtype | None = None,
+    mask_out: Tensor | None = None,
+    mask_p: float = 0.0,
+) -> tuple[Tensor, Tensor]:
+    """:func:`down` without dropout on x, and the column sums of x, ``sum_m x[m, :]`` (float32,
+    not scaled), from the same launch: the first rank block adds up each x tile it loads into
+    one float32 row per row block, summed here in a fixed order. That is ``(M / BLOCK_M) * K``
+    floats written and read back instead of a pass over x (a bias gradient where the pass over
+    g is the backward's only one that reads all of g)."""
+    out, sums = _down(x, w_kr, scale, 0.0, seed, cfg, op, out_dtype, mask_out, mask_p, True)
+    assert sums is not None
+    return out, sums
+
+
+def _down(
+    x: Tensor,
+    w_kr: Tensor,
+    scale: float,
+    dropout_p: float,
+    seed: Tensor | None,
+    cfg: dict | None,
+    op: str,
+    out_dtype: torch.dtype | None,
+    mask_out: Tensor | None,
+    mask_p: float,
+    col_sums: bool,
+) -> tuple[Tensor, Tensor | None]:
     m, k = x.shape
     r = w_kr.shape[1]
     out = empty((m, r), dtype=out_dtype or x.dtype, device=x.device)
     if m == 0:
-        return out
-    if r == 0 and mask_out is None:
-        return out
+        return out, torch.zeros(k, dtype=torch.float32, device=x.device) if col_sums else None
+    if r == 0 and mask_out is None and not col_sums:
+        return out, None
     if mask_out is not None and (dropout_p > 0 or seed is None or mask_out.shape[0] != m):
         raise ValueError(f"down: mask_out needs a seed, no dropout on x and {m} rows, got {tuple(mask_out.shape)}")
     cfg, opts = launch_meta(dict(cfg) if cfg else block_config.config(op, "down", x.device, m, r, k, r, x.dtype))
@@ -313,6 +383,7 @@ def down(
     block_r = min(pow2(r), 128)
     block_config.fit_stages(opts, (cfg["BLOCK_M"] + block_r) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]), max(1, triton.cdiv(r, block_r)))
+    sums = empty((grid[0], k), dtype=torch.float32, device=x.device) if col_sums else None
     keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
     mask_p = dropout_p if dropout_p > 0 else mask_p
     _down_kernel[grid](
@@ -321,6 +392,7 @@ def down(
         out,
         seed if seed is not None else x,
         mask_out if mask_out is not None else out,
+        sums if sums is not None else out,
         m,
         k,
         r,
@@ -332,17 +404,19 @@ def down(
         out.stride(0),
         out.stride(1),
         mask_out.stride(0) if mask_out is not None else 0,
+        sums.stride(0) if sums is not None else 0,
         scale * keep_scale,
         mask_threshold(mask_p),
         HAS_DROPOUT=dropout_p > 0,
         WRITE_MASK=mask_out is not None,
+        COL_SUMS=col_sums,
         PRECISION=dot_precision(x.dtype),
         BLOCK_R=block_r,
         BLOCK_C=16,
         **cfg,
         **opts,
     )
-    return out
+    return out, sums.sum(0) if sums is not None else None
 
 
 def tn(
@@ -360,10 +434,47 @@ def tn(
 
     ``mask``: the packed keep-mask of ``right`` (:func:`empty_mask` layout), or None. One
     operand may be float32 and the other 16-bit (the rank-r intermediates)."""
+    return _tn(left, right, scale, mask, out_dtype, cfg, op, False)[0]
+
+
+def tn_sums(
+    left: Tensor,
+    right: Tensor,
+    *,
+    scale: float = 1.0,
+    mask: Tensor | None = None,
+    out_dtype: torch.dtype,
+    cfg: dict | None = None,
+    op: str = "lora_linear",
+) -> tuple[Tensor, Tensor]:
+    """:func:`tn` and the column sums of ``left`` over the tokens, ``sum_m left[m, :]`` (float32,
+    not scaled, no mask), from the same launch and the same loaded tiles: a weight's gradient
+    and its bias's in one pass over the output gradient."""
+    out, sums = _tn(left, right, scale, mask, out_dtype, cfg, op, True)
+    assert sums is not None
+    return out, sums
+
+
+def _tn(
+    left: Tensor,
+    right: Tensor,
+    scale: float,
+    mask: Tensor | None,
+    out_dtype: torch.dtype,
+    cfg: dict | None,
+    op: str,
+    col_sums: bool,
+) -> tuple[Tensor, Tensor | None]:
     m, p_dim = left.shape
     q_dim = right.shape[1]
     if m == 0 or p_dim == 0 or q_dim == 0:  # an empty sum, or nothing to sum into
-        return torch.zeros((p_dim, q_dim), dtype=out_dtype, device=left.device)
+        out = torch.zeros((p_dim, q_dim), dtype=out_dtype, device=left.device)
+        if not col_sums:
+            return out, None
+        if m == 0 or p_dim == 0:
+            return out, torch.zeros(p_dim, dtype=torch.float32, device=left.device)
+        # q = 0 (rank 0): no product to share the pass with.
+        return out, left.sum(0, dtype=torch.float32)
     narrow = left if left.element_size() <= right.element_size() else right
     cfg, opts = launch_meta(
         dict(cfg)
@@ -383,12 +494,14 @@ def tn(
     rows_per_split = triton.cdiv(m, splits * cfg["BLOCK_M"]) * cfg["BLOCK_M"]
     splits = triton.cdiv(m, rows_per_split)
     partial = empty((splits, p_dim, q_dim), dtype=torch.float32, device=left.device)
+    sums = empty((splits, p_dim), dtype=torch.float32, device=left.device) if col_sums else None
     grid = (triton.cdiv(p_dim, cfg["BLOCK_P"]), triton.cdiv(q_dim, cfg["BLOCK_Q"]), splits)
     _tn_kernel[grid](
         left,
         right,
         partial,
         mask if mask is not None else partial,
+        sums if sums is not None else partial,
         m,
         p_dim,
         q_dim,
@@ -401,12 +514,14 @@ def tn(
         partial.stride(1),
         partial.stride(2),
         mask.stride(0) if mask is not None else 0,
+        sums.stride(0) if sums is not None else 0,
         scale,
         HAS_DROPOUT=mask is not None,
+        COL_SUMS=col_sums,
         SCALE_L=fp16_scaled(left, right),
         SCALE_R=fp16_scaled(right, left),
         PRECISION=dot_precision(narrow.dtype),
         **cfg,
         **opts,
     )
-    return partial.sum(0).to(out_dtype)
+    return partial.sum(0).to(out_dtype), sums.sum(0) if sums is not None else None

@@ -5,6 +5,7 @@ tests/ops/test_lora_linear.py do not reach. On CPU they run under TRITON_INTERPR
 from __future__ import annotations
 
 import json
+from collections import Counter
 
 import pytest
 import torch
@@ -17,7 +18,7 @@ from peftops.kernels import lora_linear as kernels
 from peftops.testing import assert_close, check_fa_rule
 
 from ..ops.helpers import assert_matches, check_graph_replay, grads_of
-from ..ops.test_lora_linear import merged_truth
+from ..ops.test_lora_linear import TRAINED_WITH_BIAS, backward_reads, merged_truth
 from ..strategies import LoraCase
 
 
@@ -356,3 +357,78 @@ def test_rank_zero_backward_does_not_divide_by_zero():
     torch.testing.assert_close(dx, g @ weight)
     assert da.shape == (0, 7) and db.shape == (4, 0)
     torch.testing.assert_close(dw, g.T @ x)
+
+
+# -- column sums in the token reductions (issue 13, BitFit's db) -----------------------------
+
+#: Small blocks so that odd shapes span several P, Q and rank blocks, row blocks and splits.
+SMALL_TN = dict(BLOCK_P=16, BLOCK_Q=16, BLOCK_M=16, num_warps=4, num_stages=1)
+SMALL_DOWN = dict(BLOCK_M=16, BLOCK_K=16, num_warps=4, num_stages=1)
+
+
+@pytest.mark.parametrize(
+    "left_dtype,right_dtype",
+    [
+        (torch.float32, torch.float32),
+        (torch.float16, torch.float16),
+        (torch.float16, torch.float32),  # dB: g beside the float32 u (SCALE_R)
+        (torch.float32, torch.float16),  # the adapter's dWd: float32 dh beside x (SCALE_L)
+    ],
+)
+@pytest.mark.parametrize("dropout", [False, True])
+def test_tn_column_sums_of_left_at_odd_shapes(left_dtype, right_dtype, dropout):
+    """``tn_sums``: the product bit for bit as ``tn`` gives it, and the column sums of the left
+    operand over 101 tokens (7 row blocks, split over programs) for 37 columns (3 P blocks),
+    written once though 2 Q blocks load the same tiles; the dropout mask applies to the
+    product's right operand only."""
+    m, p_dim, q_dim = 101, 37, 19
+    gen = torch.Generator().manual_seed(21)
+    left = torch.randn(m, p_dim, generator=gen).to(left_dtype)
+    right = torch.randn(m, q_dim, generator=gen).to(right_dtype)
+    mask = None
+    if dropout:
+        mask = lowrank.empty_mask(m, q_dim, left.device)
+        lowrank.down(torch.ones(m, 1), torch.ones(1, 1), 1.0, 0.0, torch.tensor(5), mask_out=mask, mask_p=0.3)
+    kw = dict(scale=0.5, mask=mask, out_dtype=left_dtype, cfg=SMALL_TN)
+    product, sums = lowrank.tn_sums(left, right, **kw)
+    assert torch.equal(product, lowrank.tn(left, right, **kw))
+    assert sums.dtype == torch.float32 and sums.shape == (p_dim,)
+    assert_close(sums, left.double().sum(0), dtype=torch.float32, kind="bwd", name="column sums")
+    empty_product, empty_sums = lowrank.tn_sums(left[:0], right[:0], out_dtype=left_dtype)
+    assert torch.equal(empty_sums, torch.zeros(p_dim)) and torch.equal(empty_product, torch.zeros_like(product))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("rank", [3, 130])
+def test_down_column_sums_at_odd_shapes(dtype, rank):
+    """``down_sums``: ``down``'s output bit for bit, with the packed mask drawn in the same
+    launch, and the column sums of x over 53 tokens (4 row blocks) for 45 features (3 k tiles),
+    written by the first of the rank blocks only (rank 130 takes two)."""
+    m, k = 53, 45
+    gen = torch.Generator().manual_seed(22)
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w = torch.randn(k, rank, generator=gen).to(dtype)
+    seed = torch.tensor(9)
+    masks = [lowrank.empty_mask(m, k, x.device) for _ in range(2)]
+    out, sums = lowrank.down_sums(
+        x, w, 0.5, seed, out_dtype=torch.float32, mask_out=masks[0], mask_p=0.2, cfg=SMALL_DOWN
+    )
+    want = lowrank.down(x, w, 0.5, 0.0, seed, out_dtype=torch.float32, mask_out=masks[1], mask_p=0.2, cfg=SMALL_DOWN)
+    assert torch.equal(out, want) and torch.equal(masks[0], masks[1])
+    assert sums.dtype == torch.float32 and sums.shape == (k,)
+    assert_close(sums, x.double().sum(0), dtype=torch.float32, kind="bwd", name="column sums")
+
+
+@pytest.mark.parametrize("trained", TRAINED_WITH_BIAS, ids=lambda t: "+".join(t) or "bias-only")
+def test_bias_gradient_makes_no_pass_of_its_own_over_g(trained):
+    """The backward's passes over g (kernel launches and torch calls) are the same with the
+    bias trained as without: db comes from dB's reduction, dW's, or the pass computing v.
+    Only the bias trained: its sum is the one pass there is."""
+    launches = [(lowrank, "_down_kernel"), (lowrank, "_tn_kernel"), (kernels, "_gemm_kernel")]
+    with_bias = backward_reads("triton", trained, True, 0.5, launches)
+    without = backward_reads("triton", trained, False, 0.5, launches)
+    if trained:
+        assert without, "the recorder sees no pass over g"
+        assert Counter(with_bias) == Counter(without), (with_bias, without)
+    else:
+        assert with_bias == ["sum"] and without == []

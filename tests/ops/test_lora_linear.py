@@ -2,14 +2,18 @@
 
 from __future__ import annotations
 
+import importlib
 import math
+from collections import Counter
 
 import pytest
 import torch
 import torch.nn.functional as F
 from hypothesis import given
 from hypothesis import strategies as st
+from torch import Tensor
 from torch.library import opcheck
+from torch.overrides import TorchFunctionMode
 
 import peftops
 from peftops.testing import assert_close
@@ -18,6 +22,8 @@ from ..strategies import DTYPES, LoraCase, lora_cases
 from .helpers import assert_matches, backend_params, grads_of, use
 
 OP = "lora_linear"
+# The module (peftops.ops.lora_linear is also the name of the function it exports).
+lora_linear_op = importlib.import_module("peftops.ops.lora_linear")
 
 
 def op_call(backend, **kw):
@@ -248,3 +254,148 @@ def test_bad_input_is_rejected_with_a_named_argument(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=r"lora_linear: " + match):
         peftops.lora_linear(args.pop("x"), args.pop("weight"), args.pop("lora_a"), args.pop("lora_b"), **args)
+
+
+# -- the bias gradient shares a pass over g (issue 13, BitFit) -------------------------------
+
+#: Inputs trained beside the bias: each sends db through a different pass over g (dB's token
+#: reduction, dW's, the pass computing v, or, with nothing else, a pass of its own).
+TRAINED_WITH_BIAS = [
+    ("x", "weight", "lora_a", "lora_b"),
+    ("lora_b",),
+    ("lora_a", "lora_b"),
+    ("weight",),
+    ("x", "weight"),
+    ("x",),
+    ("lora_a",),
+    (),
+]
+#: Calls that touch a tensor's storage without reading its values.
+METADATA_CALLS = frozenset(
+    {"__get__", "dim", "size", "stride", "element_size", "storage_offset", "untyped_storage", "data_ptr"}
+    | {"numel", "new_empty", "reshape", "view", "t", "transpose", "is_contiguous"}
+)
+
+
+def frozen_except(inputs: dict, trained) -> dict:
+    """``inputs`` with every tensor but the bias and ``trained`` detached (frozen)."""
+    return {k: v if v is None or k == "bias" or k in trained else v.detach() for k, v in inputs.items()}
+
+
+class GradReads(TorchFunctionMode):
+    """The passes a backward makes over ``grad``: the torch calls that read its storage
+    (metadata and views excepted) and the Triton launches given it, by name. Torch calls made
+    inside a launch (the interpreter's) are not counted."""
+
+    def __init__(self, grad: Tensor, kernels=()):
+        super().__init__()
+        self.storage = grad.untyped_storage().data_ptr()
+        self.reads: list[str] = []
+        self.launching = 0
+        self.kernels = [(module, name, getattr(module, name)) for module, name in kernels]
+
+    def __enter__(self):
+        for module, name, kernel in self.kernels:
+            setattr(module, name, self._recorder(kernel, name))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for module, name, kernel in self.kernels:
+            setattr(module, name, kernel)
+        return super().__exit__(*exc)
+
+    def _touches(self, values) -> bool:
+        return any(isinstance(v, Tensor) and v.untyped_storage().data_ptr() == self.storage for v in values)
+
+    def _recorder(self, kernel, name):
+        reads = self
+
+        class Launcher:
+            def __getitem__(self, grid):
+                def launch(*args, **kwargs):
+                    if reads._touches(args):
+                        reads.reads.append(name)
+                    reads.launching += 1
+                    try:
+                        return kernel[grid](*args, **kwargs)
+                    finally:
+                        reads.launching -= 1
+
+                return launch
+
+        return Launcher()
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = getattr(func, "__name__", repr(func))
+        if not self.launching and name not in METADATA_CALLS and self._touches([*args, *kwargs.values()]):
+            self.reads.append(name)
+        return func(*args, **kwargs)
+
+
+def backward_reads(backend: str, trained, with_bias: bool, scale: float, kernels=()) -> list[str]:
+    """:class:`GradReads` of one backend's backward with ``trained`` (and the bias, if
+    ``with_bias``) needing gradients, on a fresh incoming gradient."""
+    case = LoraCase(lead=(70,), in_f=12, out_f=10, rank=3, bias=True, scale=scale, layout="contiguous", seed=12)
+    t = case.inputs(torch.float32, "cpu", requires_grad=False)
+    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"])
+    y, lora_u, keep = lora_linear_op._run_forward(backend, *args, t["bias"], scale, 0.0, None)
+    grad = torch.randn_like(y)
+    mask = [k in trained for k in ("x", "weight", "lora_a", "lora_b")] + [with_bias]
+    with GradReads(grad, kernels) as reads:
+        grads = lora_linear_op._run_backward(backend, grad, *args, lora_u, keep, scale, 0.0, None, mask)
+    assert [g is not None for g in grads] == mask
+    if with_bias:
+        assert_close(grads[4], grad.double().sum(0), dtype=torch.float32, kind="bwd", name=f"{backend} dbias")
+    return reads.reads
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("trained", TRAINED_WITH_BIAS, ids=lambda t: "+".join(t) or "bias-only")
+def test_bias_gradient_beside_every_mask_of_trained_inputs(device, backend, dtype, trained):
+    """Every gradient against the merged weight in float64, with the bias trained beside each
+    mask; odd sizes over several token blocks and reduction splits, and a scale that is a power
+    of two (db straight from the shared GEMM) or not (db corrected in float32)."""
+    scale = -0.75 if len(trained) % 2 else 2.0
+    case = LoraCase(lead=(3, 47), in_f=21, out_f=37, rank=3, bias=True, scale=scale, layout="sliced", seed=13)
+    inputs = frozen_except(case.inputs(dtype, device), trained)
+    assert_matches(op_call(backend, scale=scale), merged_truth(scale), inputs, dtype, what=f"{backend} {trained}")
+
+
+@pytest.mark.parametrize("scale", [2.0, -0.375, 0.0, 2.0**-20])
+def test_torch_backend_bias_gradient_reads_g_no_more_than_db_does(scale):
+    """With dB trained, db is a column of dB's GEMM (``s g^T [u | c]``): the backward reads g
+    just as often with the bias trained as without. A scale too small for an exact ``c`` (0,
+    2**-20) takes a pass of its own, and says so here."""
+    trained = ("x", "lora_a", "lora_b")
+    with_bias = backward_reads("torch", trained, True, scale)
+    without = backward_reads("torch", trained, False, scale)
+    assert without.count("addmm") >= 2, without  # the mode sees the GEMMs over g
+    if scale in (0.0, 2.0**-20):
+        assert Counter(with_bias) - Counter(without) == Counter({"sum": 1})
+    else:
+        assert Counter(with_bias) == Counter(without), (with_bias, without)
+
+
+@pytest.mark.parametrize("scale", [4.0, 0.7, -3.0])
+def test_torch_backend_db_and_dbias_from_one_gemm_match_separate_ones(scale):
+    """The shared GEMM changes neither dB (same alpha, same operands) nor, beyond one more
+    rounding when the scale is not a power of two, db: bf16 and fp16 against the two-pass
+    results."""
+    for dtype in (torch.bfloat16, torch.float16):
+        case = LoraCase(lead=(53,), in_f=9, out_f=29, rank=5, bias=True, scale=scale, layout="contiguous", seed=14)
+        t = case.inputs(dtype, "cpu", requires_grad=False)
+        args = (t["x"], t["weight"], t["lora_a"], t["lora_b"])
+        y, lora_u, keep = lora_linear_op._run_forward("torch", *args, t["bias"], scale, 0.0, None)
+        grad = torch.randn_like(y)
+        mask = [False, False, False, True, True]
+        _, _, _, db_, dbias = lora_linear_op._run_backward("torch", grad, *args, lora_u, keep, scale, 0.0, None, mask)
+        assert db_.is_contiguous() and dbias.is_contiguous() and db_.dtype == dbias.dtype == dtype
+        assert torch.equal(db_, torch.addmm(torch.empty_like(db_), grad.t(), lora_u, beta=0, alpha=scale))
+        two_pass = grad.sum(0, dtype=torch.float32).to(dtype)
+        if math.log2(abs(scale)).is_integer():
+            assert torch.equal(dbias, two_pass)
+        else:
+            ulp = torch.finfo(dtype).eps * two_pass.float().abs().clamp_min(torch.finfo(dtype).tiny)
+            assert ((dbias.float() - two_pass.float()).abs() <= ulp).all()
