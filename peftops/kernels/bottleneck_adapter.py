@@ -17,7 +17,9 @@ Backward, for ``g = dL/dy``::
     dx  = dh Wd (+ g serial)  _expand_kernel: the forward's second half, rows of dh
     dWu = s g^T act(h)        lowrank.tn: token reductions, float32 partials summed in order
     dWd = dh^T x
-    dbu = s sum_T g,  dbd = sum_T dh
+    dbu = s g^T 1             column sums of g from dWu's loaded tiles (lowrank.tn_sums), or
+                              from the pass computing da when Wu is frozen: no pass of its own
+    dbd = dh^T 1              likewise from dWd's reduction
 
 from ``y = res + s (act(h) Wu^T + bu)``, ``h = x Wd^T + bd``: ``dL/da = s g Wu``,
 ``dL/dh = dL/da * act'(h)``, and each weight's gradient is the token sum of the outer product
@@ -43,7 +45,7 @@ from .. import reference
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import ACT_CODES, dot_precision, dtype_reason, empty, on_device
-from .lowrank import MAX_RANK, down, fp16_row_factor, fp16_scaled, pow2, tn
+from .lowrank import MAX_RANK, down, down_sums, fp16_row_factor, fp16_scaled, pow2, tn, tn_sums
 
 OP = "bottleneck_adapter"
 
@@ -352,22 +354,34 @@ def backward(
     x2 = x.reshape(-1, d)
     h = hidden.reshape(x2.shape[0], rank)  # not -1: with r = 0 there are no elements to infer it from
     dx = dwd = dbd = dwu = dbu = None
+    g_sums = None  # sum_T g in float32, from a pass over g that runs anyway
     with on_device(x.device):
         if need_wu:
             # float32 activations: the reduction rounds them (scaled into range for fp16).
             a = reference.activation(h, activation)
-            dwu = tn(g, a, scale=scale, out_dtype=up_weight.dtype, op=OP)
-        if need_bu:
-            dbu = (scale * g.sum(0, dtype=torch.float32)).to(grad.dtype)
+            if need_bu:
+                dwu, g_sums = tn_sums(g, a, scale=scale, out_dtype=up_weight.dtype, op=OP)
+            else:
+                dwu = tn(g, a, scale=scale, out_dtype=up_weight.dtype, op=OP)
         if need_x or need_wd or need_bd:
-            da = down(g, up_weight, scale, 0.0, None, op=OP, out_dtype=torch.float32)
+            # Without dWu, this pass over g carries dbu (a float32 row per row block of g).
+            if need_bu and g_sums is None:
+                da, g_sums = down_sums(g, up_weight, scale, None, op=OP, out_dtype=torch.float32)
+            else:
+                da = down(g, up_weight, scale, 0.0, None, op=OP, out_dtype=torch.float32)
             dh = da * reference.activation_grad(h, activation)
             if need_x:
                 dx = _expand_rows(dh, down_weight.T, g if serial else None, x.dtype).reshape(x.shape)
-            if need_wd:
+            if need_wd and need_bd:
+                dwd, dh_sums = tn_sums(dh, x2, out_dtype=down_weight.dtype, op=OP)
+                dbd = dh_sums.to(grad.dtype)
+            elif need_wd:
                 dwd = tn(dh, x2, out_dtype=down_weight.dtype, op=OP)
-            if need_bd:
-                dbd = dh.sum(0).to(grad.dtype)
+            elif need_bd:
+                dbd = dh.sum(0).to(grad.dtype)  # T x r floats: no product to share the pass with
+        if need_bu:
+            # Only bu trains and nothing else reads g: the sum is the one pass there is.
+            dbu = (scale * (g_sums if g_sums is not None else g.sum(0, dtype=torch.float32))).to(grad.dtype)
     return dx, dwd, dbd, dwu, dbu
 
 

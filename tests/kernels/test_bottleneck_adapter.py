@@ -3,16 +3,21 @@ in tests/ops/test_bottleneck_adapter.py do not reach. CPU runs use TRITON_INTERP
 
 from __future__ import annotations
 
+from collections import Counter
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import peftops
 from peftops import reference
+from peftops.kernels import bottleneck_adapter as adapter
+from peftops.kernels import lowrank
 from peftops.testing import assert_close, check_fa_rule
 
 from ..ops.helpers import assert_matches, check_graph_replay, grads_of
 from ..ops.test_bottleneck_adapter import eager_truth
+from ..ops.test_lora_linear import GradReads
 from ..strategies import AdapterCase
 
 
@@ -277,3 +282,72 @@ def test_rank_zero_forward_and_backward():
     dx, dwd, dbd, dwu, dbu = kernels.backward(g, x, wd, None, wu, hidden, "gelu", 1.0, True, [True] * 5)
     torch.testing.assert_close(dx, g)
     assert dwd.shape == (0, 8) and dwu.shape == (8, 0) and dbd.shape == (0,)
+
+
+# -- the bias gradients share the token reductions (issue 13, BitFit) ------------------------
+
+#: Inputs trained beside the biases: dbu rides on dWu's reduction, else on the pass computing
+#: da; dbd on dWd's reduction, else on a sum of the (T x r) dh.
+TRAINED_WITH_BIASES = [
+    ("x", "down_weight", "up_weight"),
+    ("up_weight",),
+    ("down_weight",),
+    ("x",),
+    (),
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("trained", TRAINED_WITH_BIASES, ids=lambda t: "+".join(t) or "biases-only")
+def test_bias_gradients_beside_every_mask_of_trained_inputs(dtype, trained):
+    """Every gradient against the eager adapter in float64 with both biases trained beside each
+    mask, over odd sizes and several row blocks."""
+    case = AdapterCase(
+        lead=(2, 41),
+        d=37,
+        rank=5,
+        activation="gelu",
+        parallel=False,
+        down_bias=True,
+        up_bias=True,
+        scale=0.75,
+        layout="sliced",
+        seed=23,
+    )
+    inputs = {
+        k: v if v is None or k.endswith("bias") or k in trained else v.detach()
+        for k, v in case.inputs(dtype, "cpu").items()
+    }
+    assert_matches(triton_call(case), eager_truth(case), inputs, dtype, what=f"trained {trained}")
+
+
+@pytest.mark.parametrize("with_bd", [False, True])
+@pytest.mark.parametrize("trained", TRAINED_WITH_BIASES, ids=lambda t: "+".join(t) or "biases-only")
+def test_up_bias_gradient_makes_no_pass_of_its_own_over_g(trained, with_bd):
+    """The backward's passes over g (kernel launches and torch calls) are the same with bu
+    trained as without: dbu comes from dWu's reduction or the pass computing da (which dx, dWd
+    and dbd need). Where nothing else reads g, its sum is the one pass there is."""
+    d, rank, scale = 21, 4, 0.5
+    gen = torch.Generator().manual_seed(24)
+    x, g = torch.randn(70, d, generator=gen), torch.randn(70, d, generator=gen)
+    wd, bd = torch.randn(rank, d, generator=gen) / 4, torch.randn(rank, generator=gen)
+    wu, bu = torch.randn(d, rank, generator=gen) / 2, torch.randn(d, generator=gen)
+    _, hidden = adapter.forward(x, wd, bd, wu, bu, None, "silu", scale)
+    launches = [(lowrank, "_down_kernel"), (lowrank, "_tn_kernel"), (adapter, "_expand_kernel")]
+    need_x, need_wd, need_wu = ("x" in trained, "down_weight" in trained, "up_weight" in trained)
+
+    def reads(with_bu):
+        output_mask = [need_x, need_wd, with_bd, need_wu, with_bu]
+        with GradReads(g, launches) as seen:
+            grads = adapter.backward(g, x, wd, bd, wu, hidden, "silu", scale, True, output_mask)
+        assert [t is not None for t in grads] == output_mask
+        if with_bu:
+            assert_close(grads[4], scale * g.double().sum(0), dtype=torch.float32, kind="bwd", name="dbu")
+        return seen.reads
+
+    with_bu, without = reads(True), reads(False)
+    if trained or with_bd:
+        assert without, "the recorder sees no pass over g"
+        assert Counter(with_bu) == Counter(without), (with_bu, without)
+    else:
+        assert with_bu == ["sum"] and without == []
