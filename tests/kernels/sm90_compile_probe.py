@@ -119,6 +119,9 @@ def _launches():
             mask = lowrank.empty_mask(m, k, x.device)
             g, bmat = torch.randn(m, n, dtype=dtype), torch.randn(n, r, dtype=dtype)
             lowrank.down(g, bmat, 0.5, 0.0, seed, cfg=cfg, out_dtype=torch.float32, mask_out=mask, mask_p=0.1)
+            # With the bias gradient's column sums (BitFit with A, B and W frozen), with and without the mask.
+            lowrank.down_sums(g, bmat, 0.5, seed, cfg=cfg, out_dtype=torch.float32, mask_out=mask, mask_p=0.1)
+            lowrank.down_sums(g, bmat, 0.5, None, cfg=cfg, out_dtype=torch.float32)
         for cfg, n, k, r in configs("lora_linear", "tn", 16):
             x, g = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
             v, u = torch.randn(m, r, dtype=torch.float32), torch.randn(m, r, dtype=dtype)
@@ -127,6 +130,8 @@ def _launches():
             lowrank.tn(v, x, scale=2.0, mask=mask, out_dtype=dtype, cfg=cfg)  # dA with dropout
             lowrank.tn(g, u, out_dtype=dtype, cfg=cfg)  # dB
             lowrank.tn(g, x, out_dtype=dtype, cfg=cfg)  # dW
+            lowrank.tn_sums(g, u, out_dtype=dtype, cfg=cfg)  # dB and the bias gradient
+            lowrank.tn_sums(g, x, out_dtype=dtype, cfg=cfg)  # dW and the bias gradient
         for cfg, n, _k, r in configs("bottleneck_adapter", "rows", 64):
             d = n
             x, wd, wu = torch.randn(m, d, dtype=dtype), torch.randn(r, d, dtype=dtype), torch.randn(d, r, dtype=dtype)
