@@ -326,6 +326,40 @@ def test_generate_greedy_and_beams_token_for_token(op_calls):
     assert op_calls
 
 
+def test_model_with_injected_adapters(op_calls):
+    # No PeftModel around it: peft's adapters injected into a plain transformers model.
+    model = peft.inject_adapter_in_model(_lora(), _llama())
+    _check_parity(model, op_calls, _inputs())
+
+
+def test_trainer_steps_run_on_the_op(tmp_path, op_calls):
+    model = get_peft_model(_llama(), _lora(lora_dropout=0.1))
+    report = accelerate(model)
+    ids = _inputs(batch=8, seq=6)
+    data = [{"input_ids": row, "labels": row} for row in ids]
+    frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    args = transformers.TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=4,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to=[],
+        use_cpu=True,
+    )
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=data)
+    trainer.train()
+    losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
+    assert len(losses) == 4 and losses[-1] < losses[0]
+    # Every training forward went through the op (8 layers per step at least), none fell back.
+    assert len(op_calls) >= 4 * len(report.accelerated) and not report.fallbacks
+    params = dict(model.named_parameters())
+    assert all(torch.equal(params[n], v) for n, v in frozen.items())
+    assert all(not torch.equal(params[n], v) for n, v in lora.items() if "lora_B" in n)
+
+
 def test_save_pretrained_unchanged(tmp_path, op_calls):
     safetensors = pytest.importorskip("safetensors.torch")
     model = _two_adapters()
