@@ -97,6 +97,52 @@ def _backward(ctx, grad, grad_u, grad_base, grad_keep, grad_norm):
 _dora_linear.register_autograd(_backward, setup_context=_setup_context)
 
 
+class _DoraLinearFunction(torch.autograd.Function):
+    """The same backend functions as the registered op, for eager calls: the op's Python
+    autograd and dispatch cost host time on every call, as ``lora_linear`` found before
+    (measured 2026-11-30 on this 2-core CPU, fwd+bwd at 256 x 256 -> 512, r 8, medians of 300
+    interleaved calls: registered op 3.70 ms, this path 3.33 ms, peft's formula 3.48 ms).
+    torch.compile keeps seeing the registered op."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base, backend):
+        y, lora_u, base, keep, norm = run_forward(
+            OP,
+            backend,
+            x.device,
+            x,
+            weight,
+            lora_a,
+            lora_b,
+            magnitude,
+            bias,
+            weight_sq,
+            scale,
+            dropout_p,
+            seed,
+            save_base,
+        )
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm)
+        ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad):
+        x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm = ctx.saved_tensors
+        grads = run_backward(
+            OP, ctx.backend, x.device,
+            grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, ctx.scale, ctx.dropout_p,
+            list(ctx.needs_input_grad[:6]),
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None, None)
+
+
+#: ``eager`` (default): the Function above outside torch.compile; ``op``: always the registered
+#: op (what torch.compile sees), for tests that compare the two paths.
+EAGER_PATH = {"mode": "eager"}
+
+
 # -- the reference backend ----------------------------------------------------------------
 
 
@@ -187,6 +233,12 @@ def dora_linear(
     args = (x, weight, lora_a, lora_b, magnitude, bias, weight_sq_norm, scale, p, seed)
     backend = resolve_backend(OP, x.device, (*args, False))
     save_base = torch.is_grad_enabled() and magnitude.requires_grad
+    if EAGER_PATH["mode"] == "eager" and not torch.compiler.is_compiling():
+        if torch.is_grad_enabled() and any(
+            t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, magnitude, bias)
+        ):
+            return _DoraLinearFunction.apply(*args, save_base, backend)
+        return run_forward(OP, backend, x.device, *args, save_base)[0]  # nothing to save
     y, _, _, _, _ = _dora_linear(*args, save_base, backend)
     return y
 

@@ -4,6 +4,8 @@ base output, validation."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -269,3 +271,31 @@ def test_bad_input_is_rejected_with_a_named_argument(change, exc, match):
     x, w, a, b, m = (args.pop(k) for k in ("x", "weight", "lora_a", "lora_b", "magnitude"))
     with pytest.raises(exc, match=match):
         dora_linear(x, w, a, b, m, **args)
+
+
+@pytest.mark.parametrize("device,backend", backend_params(OP))
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_eager_path_is_bitwise_the_registered_op(monkeypatch, device, backend, dropout_p):
+    """Eager calls skip the registered op's autograd (host time) but run the same backend
+    functions: outputs and every gradient equal bit for bit, dropout masks included."""
+    # (the package attribute peftops.ops.dora_linear is the function; the module is imported by name)
+    dora_ops = importlib.import_module("peftops.ops.dora_linear")
+    results = {}
+    for mode in ("eager", "op"):
+        monkeypatch.setitem(dora_ops.EAGER_PATH, "mode", mode)
+        t = make_inputs(torch.float32, device, with_bias=True)
+        torch.manual_seed(5)
+        y = op_call(backend, 0.75, dropout_p)(**t)
+        g = torch.randn(y.shape, generator=torch.Generator().manual_seed(6)).to(device)
+        results[mode] = (y, *torch.autograd.grad(y, list(t.values()), g))
+    for eager, op in zip(results["eager"], results["op"], strict=True):
+        assert torch.equal(eager, op)
+    # Without autograd the eager path calls the backend directly, as the op does.
+    outs = {}
+    for mode in ("eager", "op"):
+        monkeypatch.setitem(dora_ops.EAGER_PATH, "mode", mode)
+        t = make_inputs(torch.float32, device, with_bias=True)
+        torch.manual_seed(5)
+        with torch.no_grad():
+            outs[mode] = op_call(backend, 0.75, dropout_p)(**t)
+    assert outs["eager"].grad_fn is None and torch.equal(outs["eager"], outs["op"])
