@@ -40,7 +40,6 @@ a plain prefix either way, as in peft's inference mode.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import numbers
 from collections.abc import Sequence
 from typing import Any
@@ -51,6 +50,7 @@ from torch import Tensor, nn
 from ..nn import PrefixKV
 from ..nn._base import positive_int
 from ..ops.prefix_attention import prefix_attention
+from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
 __all__ = [
@@ -156,28 +156,6 @@ def _adapter_dtype(model: nn.Module) -> torch.dtype:
     return torch.float64 if param is not None and param.dtype == torch.float64 else torch.float32
 
 
-def _cached_length(cache: object) -> int:
-    if cache is None:
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    if callable(get):
-        return int(get())
-    if isinstance(cache, (tuple, list)) and len(cache) > 0 and cache[0] is not None:
-        return int(cache[0][0].shape[-2])  # legacy tuple cache: (layers, 2, (B, H, S, D))
-    return 0
-
-
-def _as_kwargs(module: nn.Module, args: tuple, kwargs: dict) -> dict:
-    if not args:
-        return dict(kwargs)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in inspect.signature(module.forward).parameters.values() if p.kind in kinds]
-    out = dict(kwargs)
-    for name, value in zip(names, args, strict=False):
-        out[name] = value
-    return out
-
-
 def _stacked_bank(model: nn.Module) -> Tensor | None:
     bank = model.__dict__.get("_peftops_prefix_bank_tensor")
     if bank is not None:
@@ -193,7 +171,7 @@ def _decoder_pre_hook(owner_model: nn.Module):
         state = owner_model.__dict__.get(_STATE)
         if state is None:
             return None
-        kw = _as_kwargs(module, args, kwargs)
+        kw = call_kwargs(module, args, kwargs)
         state.shared = getattr(owner_model, ATTR).prefixes()
         state.bank = _stacked_bank(owner_model) if state.ids is not None else None
         cache = kw.get("cache", kw.get("past_key_values"))
@@ -209,7 +187,7 @@ def _decoder_pre_hook(owner_model: nn.Module):
                 tokens = kw.get("inputs_embeds")
             if tokens is None:
                 return None  # the model's own error says what is missing
-            past = _cached_length(cache)
+            past = cached_length(cache)
             position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
         # peft's prefix sits in the cache, in front of every real token. cache_position (where the
         # new tokens go in the cache) stays as it is: this cache holds the real tokens only.

@@ -32,7 +32,6 @@ otherwise get another one.
 from __future__ import annotations
 
 import dataclasses
-import inspect
 import math
 import numbers
 import warnings
@@ -43,6 +42,7 @@ from torch import Tensor, nn
 
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
+from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
 __all__ = [
@@ -248,39 +248,11 @@ def _heads(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_children() if n != ATTR and any(h in n for h in _HEAD_NAMES)]
 
 
-def _cached_length(cache: object) -> int:
-    if cache is None:
-        return 0
-    get = getattr(cache, "get_seq_length", None)
-    if callable(get):
-        return int(get())
-    if isinstance(cache, (tuple, list)) and len(cache) > 0 and cache[0] is not None:
-        return int(cache[0][0].shape[-2])  # legacy tuple cache: (layers, 2, (B, H, S, D))
-    return 0
-
-
-def _as_kwargs(model: nn.Module, args: tuple, kwargs: dict) -> dict:
-    if not args:
-        return dict(kwargs)
-    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
-    names = [p.name for p in inspect.signature(model.forward).parameters.values() if p.kind in kinds]
-    if len(args) > len(names):
-        raise TypeError(
-            f"{type(model).__name__}.forward: expected at most {len(names)} positional arguments, got {len(args)}"
-        )
-    out = dict(kwargs)
-    for name, value in zip(names[: len(args)], args, strict=True):
-        if name in out:
-            raise TypeError(f"{type(model).__name__}.forward: got multiple values for argument {name!r}")
-        out[name] = value
-    return out
-
-
 def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     state = model.__dict__.get(_STATE)
     if state is None:
         return None
-    kw = _as_kwargs(model, args, kwargs)
+    kw = call_kwargs(model, args, kwargs)
     # Whatever the caller passed: the model itself validates them.
     input_ids: Any = kw.get("input_ids")
     inputs_embeds: Any = kw.get("inputs_embeds")
@@ -290,7 +262,7 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     p, causal = state.num_virtual_tokens, state.task_type == "CAUSAL_LM"
     # transformers 5 renamed past_key_values to cache (the old name is still accepted).
     cache = kw.get("cache", kw.get("past_key_values"))
-    prompted = _cached_length(cache) == 0
+    prompted = cached_length(cache) == 0
 
     mask = kw.get("attention_mask")
     if mask is not None:
