@@ -15,41 +15,30 @@ transformers = pytest.importorskip("transformers", reason="the hf extra (transfo
 VOCAB = 128
 
 
-def llama(seed: int = 0, **config):
+def _decoder(config_cls, model_cls, seed: int, config: dict):
+    """A 2-layer decoder, hidden 64, 4 query heads over 2 key/value heads (Llama-style configs)."""
     torch.manual_seed(seed)
-    config = {"num_hidden_layers": 2, **config}
-    cfg = transformers.LlamaConfig(
-        vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **config
+    defaults = dict(
+        vocab_size=VOCAB,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
     )
-    return transformers.LlamaForCausalLM(cfg)
+    return model_cls(config_cls(**{**defaults, **config}))
+
+
+def llama(seed: int = 0, **config):
+    return _decoder(transformers.LlamaConfig, transformers.LlamaForCausalLM, seed, config)
 
 
 def qwen2(seed: int = 0, **config):
-    torch.manual_seed(seed)
-    cfg = transformers.Qwen2Config(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **config,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
+    return _decoder(transformers.Qwen2Config, transformers.Qwen2ForCausalLM, seed, config)
 
 
 def mistral(seed: int = 0, **config):
-    torch.manual_seed(seed)
-    cfg = transformers.MistralConfig(
-        vocab_size=VOCAB,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        **config,
-    )
-    return transformers.MistralForCausalLM(cfg)
+    return _decoder(transformers.MistralConfig, transformers.MistralForCausalLM, seed, config)
 
 
 def gpt2(seed: int = 0, **config):

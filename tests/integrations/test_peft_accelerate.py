@@ -28,64 +28,20 @@ from peftops.integrations.peft import (  # noqa: E402
     accelerate,
     restore,
 )
+from tests.integrations.hf_models import bert as _bert  # noqa: E402
+from tests.integrations.hf_models import gpt2 as _gpt2  # noqa: E402
+from tests.integrations.hf_models import llama as _llama  # noqa: E402
+from tests.integrations.hf_models import qwen2 as _qwen2  # noqa: E402
+from tests.integrations.hf_models import token_ids as _inputs  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-6)
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-
-
-def _llama(**config):
-    torch.manual_seed(0)
-    config = {"num_hidden_layers": 2, **config}
-    cfg = transformers.LlamaConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2, **config
-    )
-    return transformers.LlamaForCausalLM(cfg)
-
-
-def _qwen2():
-    torch.manual_seed(0)
-    cfg = transformers.Qwen2Config(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-    )
-    return transformers.Qwen2ForCausalLM(cfg)
-
-
-def _bert():
-    torch.manual_seed(0)
-    cfg = transformers.BertConfig(
-        vocab_size=128,
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        # the model's own dropout would make two forwards differ (built from a config, it is in training mode)
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return transformers.BertForMaskedLM(cfg)
-
-
-def _gpt2():
-    torch.manual_seed(0)
-    cfg = transformers.GPT2Config(
-        vocab_size=128, n_embd=64, n_layer=2, n_head=4, n_positions=32, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0
-    )
-    return transformers.GPT2LMHeadModel(cfg)
 
 
 def _lora(**kwargs):
     # init_lora_weights=False: B random, so the LoRA term is not zero and a wrong one shows.
     kwargs = {"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": False, **kwargs}
     return LoraConfig(**kwargs)
-
-
-def _inputs(batch=3, seq=7):
-    return torch.randint(0, 128, (batch, seq), generator=torch.Generator().manual_seed(1))
 
 
 def _lora_layers(model):
