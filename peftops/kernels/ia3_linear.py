@@ -46,7 +46,7 @@ from .. import reference
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, dtype_reason, empty, on_device
-from .lowrank import launch_meta, tn
+from .lowrank import launch_meta, tile_coords, tn
 
 OP = "ia3_linear"
 
@@ -84,11 +84,7 @@ def _fwd_kernel(
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * blocks_n)
-    first_m = group * GROUP_M
-    group_m = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_m
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_m
+    pid_m, pid_n = tile_coords(pid, GROUP_M * blocks_n, blocks_m, GROUP_M)
 
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]

@@ -65,6 +65,7 @@ from .lowrank import (
     fp16_scaled,
     launch_meta,
     pow2,
+    tile_coords,
     tn,
     tn_sums,
 )
@@ -118,11 +119,7 @@ def _gemm_kernel(
     pid = tl.program_id(0)
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
-    group = pid // (GROUP_M * blocks_n)
-    first_m = group * GROUP_M
-    group_m = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % (GROUP_M * blocks_n)) % group_m
-    pid_n = (pid % (GROUP_M * blocks_n)) // group_m
+    pid_m, pid_n = tile_coords(pid, GROUP_M * blocks_n, blocks_m, GROUP_M)
 
     rows = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]
     cols = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N))[None, :]

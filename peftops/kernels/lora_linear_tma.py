@@ -46,7 +46,7 @@ from torch import Tensor
 from . import block_config
 from .block_config import num_sms
 from .common import dot_precision, dtype_reason, empty, interpreting, on_device
-from .lowrank import MAX_RANK, pow2
+from .lowrank import MAX_RANK, pow2, tile_coords
 
 OP = "lora_linear"
 KERNEL = "gemm_tma"
@@ -74,17 +74,6 @@ CONFIG_KEYS = frozenset({"BLOCK_M", "BLOCK_N", "BLOCK_K", "BLOCK_R", "NUM_SMS", 
 
 #: TMA's alignment unit for the base address and every stride but the innermost.
 TMA_ALIGN = 16
-
-
-@triton.jit
-def _tile_coords(tile, tiles_in_group, blocks_m, GROUP_M: tl.constexpr):
-    """Row and column block of linear tile ``tile``, GROUP_M row blocks to a group so that
-    programs running at the same time share W tiles in L2."""
-    first_m = (tile // tiles_in_group) * GROUP_M
-    group_m = min(blocks_m - first_m, GROUP_M)
-    pid_m = first_m + (tile % tiles_in_group) % group_m
-    pid_n = (tile % tiles_in_group) // group_m
-    return pid_m, pid_n
 
 
 @triton.jit
@@ -141,7 +130,7 @@ def _gemm_tma_kernel(
     # tile's epilogue, so the two must not share the loop's tile index (as in Triton's tutorial).
     tile_c = tl.program_id(0) - TILE_STRIDE
     for tile in tl.range(tl.program_id(0), blocks_m * blocks_n, TILE_STRIDE, flatten=FLATTEN):
-        pid_m, pid_n = _tile_coords(tile, tiles_in_group, blocks_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile, tiles_in_group, blocks_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -154,7 +143,7 @@ def _gemm_tma_kernel(
             acc = tl.dot(x, w, acc, input_precision=PRECISION)
 
         tile_c += TILE_STRIDE
-        pid_m, pid_n = _tile_coords(tile_c, tiles_in_group, blocks_m, GROUP_M)
+        pid_m, pid_n = tile_coords(tile_c, tiles_in_group, blocks_m, GROUP_M)
         off_m = pid_m * BLOCK_M
         off_n = pid_n * BLOCK_N
         rows = (off_m + tl.arange(0, BLOCK_M)).to(tl.int64)[:, None]

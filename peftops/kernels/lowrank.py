@@ -55,6 +55,17 @@ FP16_SAFE = tl.constexpr(16384.0)
 
 
 @triton.jit
+def tile_coords(tile, tiles_in_group, blocks_m, GROUP_M: tl.constexpr):
+    """Row and column block of linear tile ``tile``, GROUP_M row blocks to a group so that
+    programs running at the same time share W tiles in L2."""
+    first_m = (tile // tiles_in_group) * GROUP_M
+    group_m = min(blocks_m - first_m, GROUP_M)
+    pid_m = first_m + (tile % tiles_in_group) % group_m
+    pid_n = (tile % tiles_in_group) // group_m
+    return pid_m, pid_n
+
+
+@triton.jit
 def keep_mask(seed, rows, cols, p):
     """Dropout keep-mask for tokens ``rows`` (int64, [BM, 1]) and features ``cols`` ([1, BK]),
     one Philox call per element (multi-LoRA's mask; LoRA's is the packed one below)."""
