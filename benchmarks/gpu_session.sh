@@ -89,7 +89,7 @@ fi
 if has methods13; then
     gpu_state start
     m_tests=()
-    for f in tests/ops/test_dora_linear.py tests/ops/test_ia3_linear.py tests/kernels/test_ia3_linear.py \
+    for f in tests/ops/test_dora_linear.py tests/kernels/test_dora_linear.py tests/ops/test_ia3_linear.py tests/kernels/test_ia3_linear.py \
         tests/kernels/test_lora_linear.py tests/kernels/test_bottleneck_adapter.py tests/nn/test_dora.py; do
         [[ -e $f ]] && m_tests+=("$f")
     done

@@ -10,9 +10,9 @@ Work for T tokens, K in, N out, rank r; W frozen; A, B and the magnitude m train
     fwd  flops 2TKN + 2Tr(K + N)  + 2NKr + 2Kr^2 + 2Nr^2   (the norm: W A^T, A A^T, B Gram B^T)
                + 2TN                                         (c * z + b)
          elems x TK + W NK (read twice: the GEMM and W A^T) + A rK + B Nr + m N (read)
-               + y TN + x_d W^T TN (written; kept for dm)
-    bwd  flops 2TNK + 4Tr(K + N) + 2TNr + 2TN   dx = (g c) W + s ((g c) B) A, dA, dB and dm
-                                                from the shared g^T u, dm's base half sum_T g z
+               + y TN + z TN (written: the unscaled output, kept for dm)
+    bwd  flops 2TNK + 4Tr(K + N) + 2TNr + 2TN   dx = (g c) W + s ((g c) B) A, dA, dB from
+                                                g^T u, dm = sum_T g z / n
          elems g TN + x TK + W NK + A rK + B Nr + z TN (read) + dx TK + dA rK + dB Nr + dm N
 
 Providers: ``hf-peft`` is peft's ``DoraLinearVariant.forward`` / ``DoraLinearLayer.forward``

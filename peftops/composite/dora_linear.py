@@ -7,7 +7,8 @@ scale ``s``, dropout keep-mask ``k``::
                                                   an r x r Gram; ||W_j||^2 cached by the caller
     c    = m / n                                  (N,), in x's dtype, as peft rounds it
     u    = x_d A^T                                narrow GEMM, (T, r)
-    z    = x_d W^T + s u B^T                      the big GEMM accumulating into the narrow one
+    z    = x_d W^T + s u B^T                      the big GEMM accumulating into the narrow one;
+                                                  saved as ``pre`` when the magnitude trains
     y    = c * z + b                              no dropout: the magnitude in one pass (addcmul)
     y    = x W^T + (c * z - x_d W^T + b)          dropout: peft's base term on the dropped x,
                                                   the undropped base GEMM accumulating into it
@@ -16,9 +17,8 @@ Backward, for ``g = dL/dy``, ``g_c = g * c``::
 
     P    = g^T u                                  (N, r), float32 accumulation
     dB   = s * c * P                              (N, r)
-    dm   = (sum_T g * x_d W^T + s * rowdot(P, B)) / n     the same P: no second pass over g for
-                                                  the low-rank half; the base half reads the
-                                                  saved x_d W^T (recomputed if not saved)
+    dm   = sum_T g * z / n                        z saved by the forward (the op's ``pre``;
+                                                  recomputed if not saved)
     v    = s g_c B                                (T, r)
     dx   = g_c W + v A                            no dropout: one big GEMM into the narrow one
     dx   = g W + ((g_c - g) W + v A) * k / (1-p)  dropout: two big GEMMs, as peft's autograd
@@ -57,7 +57,7 @@ def dora_weight_norm(weight: Tensor, lora_a: Tensor, lora_b: Tensor, scale: floa
     return sq.clamp_min_(0.0).sqrt_()
 
 
-def forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base):
+def forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre):
     lead, k = x.shape[:-1], x.shape[-1]
     n_out = weight.shape[0]
     x2 = x if x.dim() == 2 else x.reshape(-1, k)
@@ -71,34 +71,31 @@ def forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropou
     else:
         keep, xd = x.new_empty((0,), dtype=torch.bool), x2
     u = torch.mm(xd, lora_a.t())
-    base: Tensor | None
     if dropout:
-        base = torch.mm(xd, weight.t())
-        z = torch.addmm(base, u, lora_b.t(), alpha=scale)
-        t = torch.addcmul(-base, z, c)
+        base_d = torch.mm(xd, weight.t())
+        z = torch.addmm(base_d, u, lora_b.t(), alpha=scale)
+        t = torch.addcmul(base_d.neg_(), z, c)  # base_d is this call's own: negated in place
         if bias is not None:
             t.add_(bias)
         y = t.addmm_(x2, weight.t())
     else:
-        base = torch.mm(xd, weight.t()) if save_base else None
-        if base is not None:
-            z = torch.addmm(base, u, lora_b.t(), alpha=scale)
-        else:
-            z = torch.mm(u, lora_b.t()).addmm_(xd, weight.t(), beta=scale)
-        # z is this call's own (base, if saved, is another tensor): scale it in place.
-        y = torch.addcmul(bias, z, c) if bias is not None else z.mul_(c)
+        z = torch.mm(u, lora_b.t()).addmm_(xd, weight.t(), beta=scale)
+        if save_pre:
+            y = torch.addcmul(bias, z, c) if bias is not None else z * c
+        else:  # z is not kept: scale it in place
+            y = torch.addcmul(bias, z, c) if bias is not None else z.mul_(c)
     u_out = u.to(acc_dtype(x.dtype))
-    base_out = base.reshape(*lead, n_out) if save_base and base is not None else x.new_empty((0,))
+    pre = z.reshape(*lead, n_out) if save_pre else x.new_empty((0,))
     return (
         y.reshape(*lead, n_out),
         u_out.reshape(*lead, u.shape[-1]),
-        base_out,
+        pre,
         keep.reshape(x.shape) if dropout else keep,
         norm,
     )
 
 
-def backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, scale, dropout_p,
+def backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, scale, dropout_p,
              output_mask: Sequence[bool]):  # fmt: skip
     need_x, need_w, need_a, need_b, need_m, need_bias = output_mask
     n_out, k = weight.shape
@@ -112,14 +109,16 @@ def backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, nor
     u = lora_u.reshape(-1, lora_u.shape[-1])
 
     dx = dw = da = db_ = dm = dbias = None
-    if need_b or need_m:
-        p_gu = torch.mm(g.t(), u.to(g.dtype)).to(norm.dtype)  # the one reduction dB and dm share
-        if need_b:
-            db_ = (p_gu * (scale * c.to(norm.dtype))[:, None]).to(lora_b.dtype)
-        if need_m:
-            b2 = base.reshape(-1, n_out) if base.numel() else torch.mm(xd, weight.t())
-            base_part = (g.to(norm.dtype) * b2.to(norm.dtype)).sum(0)
-            dm = ((base_part + scale * (p_gu * lora_b.to(norm.dtype)).sum(1)) / norm).to(magnitude.dtype)
+    if need_b:
+        p_gu = torch.mm(g.t(), u.to(g.dtype)).to(norm.dtype)
+        db_ = (p_gu * (scale * c.to(norm.dtype))[:, None]).to(lora_b.dtype)
+    if need_m:
+        z = (
+            pre.reshape(-1, n_out)
+            if pre.numel()
+            else torch.mm(u.to(xd.dtype), lora_b.t()).addmm_(xd, weight.t(), beta=scale)
+        )
+        dm = ((g.to(norm.dtype) * z.to(norm.dtype)).sum(0) / norm).to(magnitude.dtype)
     if need_x or need_a:
         v = torch.mm(gc, lora_b).mul_(scale)
         if need_x:

@@ -4,7 +4,8 @@ implementation through :func:`peftops.backends.register_impl` when imported.
 Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora_linear`), ``bottleneck_adapter``
 (:mod:`peftops.kernels.bottleneck_adapter`), ``prefix_attention``
 (:mod:`peftops.kernels.prefix_attention`), ``multi_lora_linear``
-(:mod:`peftops.kernels.multi_lora_linear`, the segmented path); shared rank-r building blocks
+(:mod:`peftops.kernels.multi_lora_linear`, the segmented path), ``dora_linear``
+(:mod:`peftops.kernels.dora_linear`), ``ia3_linear`` (:mod:`peftops.kernels.ia3_linear`); shared rank-r building blocks
 in :mod:`peftops.kernels.lowrank`, launch configurations in :mod:`peftops.kernels.block_config`.
 
 Kernel modules read ``TRITON_INTERPRET`` when they are imported (``triton.jit`` decides at
@@ -35,6 +36,7 @@ register_backend("triton", _status)
 if _INSTALLED:
     from . import (  # noqa: F401  (each registers its op)
         bottleneck_adapter,
+        dora_linear,
         ia3_linear,
         lora_linear,
         multi_lora_linear,

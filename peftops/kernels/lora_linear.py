@@ -82,6 +82,8 @@ def _gemm_kernel(
     BIAS,
     OUT,
     MASK,
+    COL,
+    PRE,
     M,
     N,
     K,
@@ -97,9 +99,12 @@ def _gemm_kernel(
     stride_om,
     stride_on,
     stride_mm,
+    stride_pm,
     epi_scale,
     HAS_BIAS: tl.constexpr,
     EPI_DROPOUT: tl.constexpr,
+    COL_SCALE: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
     SCALE_U: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -112,7 +117,9 @@ def _gemm_kernel(
     from the packed ``MASK`` when ``EPI_DROPOUT`` (the dx of the backward), else 1 (the forward).
 
     ``X: (M, K)``, ``W: (K, N)``, ``U: (M, R)`` (float32, or X's dtype), ``B: (R, N)``, all by
-    strides; ``SCALE_U``: U's rows are scaled into fp16's range before rounding. The rank-R term
+    strides. ``COL_SCALE`` (DoRA's magnitude): ``OUT = COL * (X W + epi_scale * U B) + BIAS``
+    with ``COL: (N,)`` float32, and ``SAVE_PRE`` also writes the unscaled ``X W + epi_scale *
+    U B`` to ``PRE`` (row-major, row stride ``stride_pm``), what dm reduces against g; ``SCALE_U``: U's rows are scaled into fp16's range before rounding. The rank-R term
     is accumulated after the main K loop from the same output tile, so OUT is written once.
     Programs are ordered in groups of GROUP_M row blocks so that neighbours share W tiles in L2.
     """
@@ -164,6 +171,10 @@ def _gemm_kernel(
         x = tl.load(X + rows * stride_xm + ks[None, :] * stride_xk, mask=(rows < M) & (ks[None, :] < K), other=0.0)
         w = tl.load(W + ks[:, None] * stride_wk + cols * stride_wn, mask=(ks[:, None] < K) & (cols < N), other=0.0)
         acc = tl.dot(x, w, acc, input_precision=PRECISION)
+    if SAVE_PRE:
+        tl.store(PRE + rows * stride_pm + cols, acc.to(PRE.dtype.element_ty), mask=(rows < M) & (cols < N))
+    if COL_SCALE:
+        acc = acc * tl.load(COL + cols, mask=cols < N, other=0.0)
     if HAS_BIAS:
         acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)
     tl.store(OUT + rows * stride_om + cols * stride_on, acc.to(OUT.dtype.element_ty), mask=(rows < M) & (cols < N))
@@ -185,6 +196,33 @@ def gemm(
 ) -> Tensor:
     """``x @ w_kn + epi_scale * keep * (u @ b_rn) + bias``, ``keep`` from the packed ``mask``
     (``lowrank.empty_mask`` layout over the output's columns) when given. ``u`` may be float32."""
+    return _gemm(x, w_kn, u, b_rn, bias, epi_scale, mask, None, False, cfg)[0]
+
+
+def gemm_col_scaled(
+    x: Tensor,
+    w_kn: Tensor,
+    u: Tensor,
+    b_rn: Tensor,
+    bias: Tensor | None,
+    col_scale: Tensor,
+    *,
+    epi_scale: float = 1.0,
+    save_pre: bool = False,
+    cfg: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """``(col_scale * z + bias, z if save_pre)`` with ``z = x @ w_kn + epi_scale * (u @ b_rn)``,
+    ``col_scale: (N,)`` float32: DoRA's magnitude applied in the epilogue, and the unscaled
+    output its dm reduction reads written from the same accumulator (no pass of its own)."""
+    if col_scale.shape != (w_kn.shape[1],) or col_scale.dtype != torch.float32:
+        raise ValueError(
+            f"gemm_col_scaled: col_scale: expected ({w_kn.shape[1]},) float32, "
+            f"got {tuple(col_scale.shape)} {col_scale.dtype}"
+        )
+    return _gemm(x, w_kn, u, b_rn, bias, epi_scale, None, col_scale.contiguous(), save_pre, cfg)
+
+
+def _gemm(x, w_kn, u, b_rn, bias, epi_scale, mask, col_scale, save_pre, cfg) -> tuple[Tensor, Tensor | None]:
     m, k = x.shape
     n = w_kn.shape[1]
     r = u.shape[1]
@@ -194,10 +232,13 @@ def gemm(
         trans_w = w_kn.stride(1) != 1
         w = w_kn.T if trans_w else w_kn
         if lora_linear_tma.supports_tma(x, w, u, b_rn, bias, trans_w=trans_w) is None:
-            return lora_linear_tma.gemm_tma(x, w, u, b_rn, bias, epi_scale=epi_scale, trans_w=trans_w)
+            return lora_linear_tma.gemm_tma_pre(
+                x, w, u, b_rn, bias, epi_scale=epi_scale, trans_w=trans_w, col_scale=col_scale, save_pre=save_pre
+            )
     out = empty((m, n), dtype=x.dtype, device=x.device)
+    pre = empty((m, n), dtype=x.dtype, device=x.device) if save_pre else None
     if m == 0 or n == 0:
-        return out
+        return out, pre
     cfg, opts = launch_meta(dict(cfg) if cfg else block_config.config(OP, "gemm", x.device, m, n, k, r, x.dtype))
     block_config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
     grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -209,6 +250,8 @@ def gemm(
         bias.contiguous() if bias is not None else x,
         out,
         mask if mask is not None else out,
+        col_scale if col_scale is not None else out,
+        pre if pre is not None else out,
         m,
         n,
         k,
@@ -224,16 +267,19 @@ def gemm(
         out.stride(0),
         out.stride(1),
         mask.stride(0) if mask is not None else 0,
+        pre.stride(0) if pre is not None else 0,
         epi_scale,
         HAS_BIAS=bias is not None,
         EPI_DROPOUT=mask is not None,
+        COL_SCALE=col_scale is not None,
+        SAVE_PRE=pre is not None,
         SCALE_U=fp16_scaled(u, b_rn),
         PRECISION=dot_precision(x.dtype),
         BLOCK_R=min(pow2(r), 64),
         **cfg,
         **opts,
     )
-    return out
+    return out, pre
 
 
 # -- the backend ------------------------------------------------------------------------------

@@ -84,6 +84,8 @@ def _gemm_tma_kernel(
     B,
     BIAS,
     OUT,
+    COL,
+    PRE,
     M,
     N,
     K,
@@ -99,6 +101,8 @@ def _gemm_tma_kernel(
     TRANS_W: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     EPI_SCALED: tl.constexpr,
+    COL_SCALE: tl.constexpr,
+    SAVE_PRE: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -112,7 +116,9 @@ def _gemm_tma_kernel(
 ):
     """``OUT = X W' + epi_scale * (U B') + BIAS``, ``X: (M, K)``, ``W' : (K, N)`` stored as
     ``W: (N, K)`` when ``TRANS_W`` else ``(K, N)``, both with unit inner stride; ``U: (M, R)``
-    and ``B': (R, N)`` by strides, ``R <= RANK_STEPS * BLOCK_R``; ``OUT: (M, N)`` contiguous."""
+    and ``B': (R, N)`` by strides, ``R <= RANK_STEPS * BLOCK_R``; ``OUT: (M, N)`` contiguous.
+    ``COL_SCALE`` (DoRA): ``OUT = COL * (X W' + epi_scale * U B') + BIAS``, ``COL: (N,)``
+    float32; ``SAVE_PRE`` also stores the unscaled sum to ``PRE`` (``OUT``'s layout)."""
     dtype = OUT.dtype.element_ty
     x_desc = tl.make_tensor_descriptor(X, shape=[M, K], strides=[stride_xm, 1], block_shape=[BLOCK_M, BLOCK_K])
     if TRANS_W:
@@ -121,6 +127,8 @@ def _gemm_tma_kernel(
         w_desc = tl.make_tensor_descriptor(W, shape=[K, N], strides=[stride_w, 1], block_shape=[BLOCK_K, BLOCK_N])
     STORE_N: tl.constexpr = BLOCK_N // 2 if EPI_SUBTILE else BLOCK_N
     o_desc = tl.make_tensor_descriptor(OUT, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, STORE_N])
+    if SAVE_PRE:
+        p_desc = tl.make_tensor_descriptor(PRE, shape=[M, N], strides=[N, 1], block_shape=[BLOCK_M, STORE_N])
 
     blocks_m = tl.cdiv(M, BLOCK_M)
     blocks_n = tl.cdiv(N, BLOCK_N)
@@ -165,15 +173,26 @@ def _gemm_tma_kernel(
             acc = tl.dot(u, b, acc, input_precision=PRECISION)
         if EPI_SCALED:
             acc = acc * epi_scale
+        if SAVE_PRE:
+            _store_tile(p_desc, acc.to(dtype), off_m, off_n, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+        if COL_SCALE:
+            acc = acc * tl.load(COL + cols, mask=cols < N, other=0.0)
         if HAS_BIAS:
             acc += tl.load(BIAS + cols, mask=cols < N, other=0.0).to(tl.float32)
-        if EPI_SUBTILE:
-            halves = tl.permute(tl.reshape(acc, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
-            left, right = tl.split(halves)
-            o_desc.store([off_m, off_n], left.to(dtype))
-            o_desc.store([off_m, off_n + BLOCK_N // 2], right.to(dtype))
-        else:
-            o_desc.store([off_m, off_n], acc.to(dtype))
+        _store_tile(o_desc, acc.to(dtype), off_m, off_n, BLOCK_M, BLOCK_N, EPI_SUBTILE)
+
+
+@triton.jit
+def _store_tile(desc, tile, off_m, off_n, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, EPI_SUBTILE: tl.constexpr):
+    """Store a (BLOCK_M, BLOCK_N) tile through ``desc``, in two halves along N when
+    ``EPI_SUBTILE`` (half the shared-memory staging buffer)."""
+    if EPI_SUBTILE:
+        halves = tl.permute(tl.reshape(tile, (BLOCK_M, 2, BLOCK_N // 2)), (0, 2, 1))
+        left, right = tl.split(halves)
+        desc.store([off_m, off_n], left)
+        desc.store([off_m, off_n + BLOCK_N // 2], right)
+    else:
+        desc.store([off_m, off_n], tile)
 
 
 # -- launch support ---------------------------------------------------------------------------
@@ -381,6 +400,24 @@ def gemm_tma(
     :func:`supports_tma` first; this launcher does not repeat it, so that the interpreter can
     run the kernel on CPU, in float32 too.
     """
+    return gemm_tma_pre(x, w, u, b, bias, epi_scale=epi_scale, trans_w=trans_w, cfg=cfg)[0]
+
+
+def gemm_tma_pre(
+    x: Tensor,
+    w: Tensor,
+    u: Tensor,
+    b: Tensor,
+    bias: Tensor | None,
+    *,
+    epi_scale: float = 1.0,
+    trans_w: bool,
+    col_scale: Tensor | None = None,
+    save_pre: bool = False,
+    cfg: dict | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """:func:`gemm_tma` with DoRA's epilogue: the output scaled per column by ``col_scale``
+    (``(N,)`` float32) before the bias, and with ``save_pre`` the unscaled output returned too."""
     m, k = x.shape
     n = w.shape[0] if trans_w else w.shape[1]
     r = u.shape[1]
@@ -389,8 +426,9 @@ def gemm_tma(
     ):
         raise ValueError(f"gemm_tma: epi_scale: expected 0 or a magnitude in [2**-64, 2**64], got {epi_scale}")
     out = empty((m, n), dtype=x.dtype, device=x.device)
+    pre = empty((m, n), dtype=x.dtype, device=x.device) if save_pre else None
     if m == 0 or n == 0:
-        return out
+        return out, pre
     cfg = check_config(dict(cfg) if cfg else config(m, n, k, r, x.dtype, x.device), r)
     opts = {key: cfg.pop(key) for key in ("num_warps", "num_stages")}
     block_config.fit_stages(opts, (cfg["BLOCK_M"] + cfg["BLOCK_N"]) * cfg["BLOCK_K"] * x.element_size(), x.device)
@@ -408,6 +446,8 @@ def gemm_tma(
             b,
             bias.contiguous() if bias is not None else x,
             out,
+            col_scale if col_scale is not None else out,
+            pre if pre is not None else out,
             m,
             n,
             k,
@@ -423,10 +463,12 @@ def gemm_tma(
             TRANS_W=trans_w,
             HAS_BIAS=bias is not None,
             EPI_SCALED=rank_steps > 0 and epi_scale != 1.0,
+            COL_SCALE=col_scale is not None,
+            SAVE_PRE=pre is not None,
             PRECISION=dot_precision(x.dtype),
             RANK_STEPS=rank_steps,
             TILE_STRIDE=stride,
             **cfg,
             **opts,
         )
-    return out
+    return out, pre

@@ -215,6 +215,8 @@ def _tn_kernel(
     OUT,
     MASK,
     SUMS,
+    Z,
+    DSUMS,
     M,
     P,
     Q,
@@ -228,9 +230,11 @@ def _tn_kernel(
     stride_oq,
     stride_mm,
     stride_ss,
+    stride_zm,
     scale,
     HAS_DROPOUT: tl.constexpr,
     COL_SUMS: tl.constexpr,
+    DOT_SUMS: tl.constexpr,
     SCALE_L: tl.constexpr,
     SCALE_R: tl.constexpr,
     PRECISION: tl.constexpr,
@@ -251,6 +255,10 @@ def _tn_kernel(
     column of ones appended to RT would give (before ``scale``), from the L tiles the product loads anyway (a bias
     gradient beside its weight's). Only the first Q block stores them: each (P block, split)
     has one writer, so no atomics.
+
+    ``DOT_SUMS``: also ``DSUMS[s, p] = sum_{m in split s} L[m, p] Z[m, p]`` (float32), ``Z`` of
+    L's shape (row stride ``stride_zm``, unit column stride): DoRA's dm, ``sum_T g * z``, from
+    the g tiles dB's product loads, at the cost of reading z once.
     """
     # int64: L and RT may be column-major views whose feature strides are the token count.
     ps = (tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
@@ -261,6 +269,8 @@ def _tn_kernel(
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
     if COL_SUMS:
         col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
+    if DOT_SUMS:
+        dot_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m0 in range(m_start, m_end, BLOCK_M):
         ms = (m0 + tl.arange(0, BLOCK_M))[:, None]
         in_rows = ms < m_end
@@ -268,6 +278,9 @@ def _tn_kernel(
         rt = tl.load(RT + ms * stride_rm + qs * stride_rq, mask=in_rows & (qs < Q), other=0.0)
         if COL_SUMS:
             col_sum += tl.sum(lt.to(tl.float32), axis=0)
+        if DOT_SUMS:
+            zt = tl.load(Z + ms * stride_zm + ps, mask=in_rows & (ps < P), other=0.0)
+            dot_sum += tl.sum(lt.to(tl.float32) * zt.to(tl.float32), axis=0)
         if HAS_DROPOUT:
             rt = tl.where(load_keep(MASK, ms, qs, stride_mm, in_rows & (qs < Q)), rt, 0.0)
         if SCALE_L:
@@ -290,6 +303,10 @@ def _tn_kernel(
         if tl.program_id(1) == 0:
             sum_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
             tl.store(SUMS + split.to(tl.int64) * stride_ss + sum_p, col_sum, mask=sum_p < P)
+    if DOT_SUMS:
+        if tl.program_id(1) == 0:
+            sum_p = tl.program_id(0) * BLOCK_P + tl.arange(0, BLOCK_P)
+            tl.store(DSUMS + split.to(tl.int64) * stride_ss + sum_p, dot_sum, mask=sum_p < P)
 
 
 # -- launchers ------------------------------------------------------------------------------
@@ -461,9 +478,33 @@ def tn_sums(
     """:func:`tn` and the column sums of ``left`` over the tokens, ``sum_m left[m, :]`` (float32,
     not scaled, no mask), from the same launch and the same loaded tiles: a weight's gradient
     and its bias's in one pass over the output gradient."""
-    out, sums = _tn(left, right, scale, mask, out_dtype, cfg, op, True)
+    out, sums, _ = _tn(left, right, scale, mask, out_dtype, cfg, op, True)
     assert sums is not None
     return out, sums
+
+
+def tn_dot_sums(
+    left: Tensor,
+    right: Tensor,
+    weight: Tensor,
+    *,
+    col_sums: bool,
+    out_dtype: torch.dtype,
+    cfg: dict | None = None,
+    op: str = "lora_linear",
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """:func:`tn` (no mask, unscaled), with ``sum_m left[m, :] * weight[m, :]`` (float32) and,
+    with ``col_sums``, ``sum_m left[m, :]``, from the same launch: DoRA's ``g^T u`` (dB), its
+    ``sum_T g * z`` (dm) and its bias gradient in one pass over g. ``weight``: left's shape,
+    unit column stride."""
+    if weight.shape != left.shape or (weight.numel() and weight.stride(1) != 1):
+        raise ValueError(
+            f"tn_dot_sums: weight: expected shape {tuple(left.shape)} with unit column stride, "
+            f"got {tuple(weight.shape)} strides {weight.stride()}"
+        )
+    out, sums, dots = _tn(left, right, 1.0, None, out_dtype, cfg, op, col_sums, weight)
+    assert dots is not None
+    return out, sums, dots
 
 
 def _tn(
@@ -475,17 +516,16 @@ def _tn(
     cfg: dict | None,
     op: str,
     col_sums: bool,
-) -> tuple[Tensor, Tensor | None]:
+    weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
     m, p_dim = left.shape
     q_dim = right.shape[1]
     if m == 0 or p_dim == 0 or q_dim == 0:  # an empty sum, or nothing to sum into
         out = torch.zeros((p_dim, q_dim), dtype=out_dtype, device=left.device)
-        if not col_sums:
-            return out, None
-        if m == 0 or p_dim == 0:
-            return out, torch.zeros(p_dim, dtype=torch.float32, device=left.device)
         # q = 0 (rank 0): no product to share the pass with.
-        return out, left.sum(0, dtype=torch.float32)
+        sums = left.sum(0, dtype=torch.float32) if col_sums else None
+        dots = (left.float() * weight.float()).sum(0) if weight is not None else None
+        return out, sums, dots
     narrow = left if left.element_size() <= right.element_size() else right
     cfg, opts = launch_meta(
         dict(cfg)
@@ -506,6 +546,7 @@ def _tn(
     splits = triton.cdiv(m, rows_per_split)
     partial = empty((splits, p_dim, q_dim), dtype=torch.float32, device=left.device)
     sums = empty((splits, p_dim), dtype=torch.float32, device=left.device) if col_sums else None
+    dots = empty((splits, p_dim), dtype=torch.float32, device=left.device) if weight is not None else None
     grid = (triton.cdiv(p_dim, cfg["BLOCK_P"]), triton.cdiv(q_dim, cfg["BLOCK_Q"]), splits)
     _tn_kernel[grid](
         left,
@@ -513,6 +554,8 @@ def _tn(
         partial,
         mask if mask is not None else partial,
         sums if sums is not None else partial,
+        weight if weight is not None else partial,
+        dots if dots is not None else partial,
         m,
         p_dim,
         q_dim,
@@ -525,14 +568,20 @@ def _tn(
         partial.stride(1),
         partial.stride(2),
         mask.stride(0) if mask is not None else 0,
-        sums.stride(0) if sums is not None else 0,
+        sums.stride(0) if sums is not None else (dots.stride(0) if dots is not None else 0),
+        weight.stride(0) if weight is not None else 0,
         scale,
         HAS_DROPOUT=mask is not None,
         COL_SUMS=col_sums,
+        DOT_SUMS=weight is not None,
         SCALE_L=fp16_scaled(left, right),
         SCALE_R=fp16_scaled(right, left),
         PRECISION=dot_precision(narrow.dtype),
         **cfg,
         **opts,
     )
-    return partial.sum(0).to(out_dtype), sums.sum(0) if sums is not None else None
+    return (
+        partial.sum(0).to(out_dtype),
+        sums.sum(0) if sums is not None else None,
+        dots.sum(0) if dots is not None else None,
+    )

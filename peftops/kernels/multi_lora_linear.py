@@ -41,7 +41,7 @@ from torch import Tensor
 from ..backends import OpImpl, register_impl
 from . import block_config
 from .common import dot_precision, dtype_reason, empty, on_device
-from .lowrank import keep_mask, pow2, tn
+from .lowrank import keep_mask, pow2, tn, tn_sums
 
 OP = "multi_lora_linear"
 #: The largest r_max this family takes: its kernels hold a token's whole rank-r activation in
@@ -247,6 +247,8 @@ def _seg_tn_kernel(
     SEG_START,
     SEG_COUNT,
     PERM,
+    SUMS,
+    N_ADAPTERS,
     P,
     Q,
     stride_lm,
@@ -256,17 +258,25 @@ def _seg_tn_kernel(
     stride_oa,
     stride_op,
     stride_oq,
+    stride_sa,
     scale,
     p,
     HAS_DROPOUT: tl.constexpr,
+    COL_SUMS: tl.constexpr,
     PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr,
     BLOCK_Q: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """``OUT[a, p, q] = scale * sum_{t of adapter a} L[t, p] keep(t, q) RT[t, q]``, the tokens in
-    sorted order, one program per (adapter, P block, Q block): deterministic, no atomics."""
+    sorted order, one program per (adapter, P block, Q block): deterministic, no atomics.
+
+    ``COL_SUMS``: also ``SUMS[a, p] = sum_{t of group a} L[t, p]`` (float32, unscaled) from the
+    same L tiles, written by the first Q block, for every group including the base-only tokens
+    (group ``N_ADAPTERS``, launched as one more program row that only sums): dB's pass over g
+    carries the bias gradient."""
     a = tl.program_id(0).to(tl.int64)
+    is_adapter = a < N_ADAPTERS
     ps = (tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)[None, :]
     qs = (tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)).to(tl.int64)[None, :]
     first = tl.load(SEG_START + a)
@@ -274,21 +284,32 @@ def _seg_tn_kernel(
     if HAS_DROPOUT:
         seed = tl.load(SEED)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    if COL_SUMS:
+        col_sum = tl.zeros((BLOCK_P,), dtype=tl.float32)
     for m0 in range(first, end, BLOCK_M):
         pos = m0 + tl.arange(0, BLOCK_M)
         rows = (pos < end)[:, None]
         tok = tl.load(PERM + pos, mask=pos < end, other=0).to(tl.int64)[:, None]
         lt = tl.load(L + tok * stride_lm + ps * stride_lp, mask=rows & (ps < P), other=0.0)
-        rt = tl.load(RT + tok * stride_rm + qs * stride_rq, mask=rows & (qs < Q), other=0.0)
-        if HAS_DROPOUT:
-            rt = tl.where(keep_mask(seed, tok, qs, p), rt, 0.0)
-        acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
-    out_p = tl.trans(ps)
-    tl.store(
-        OUT + a * stride_oa + out_p * stride_op + qs * stride_oq,
-        (acc * scale).to(OUT.dtype.element_ty),
-        mask=(out_p < P) & (qs < Q),
-    )
+        if COL_SUMS:
+            col_sum += tl.sum(lt.to(tl.float32), axis=0)
+        # (Without COL_SUMS every program is an adapter's; with it, the base-only row only sums.)
+        if is_adapter:
+            rt = tl.load(RT + tok * stride_rm + qs * stride_rq, mask=rows & (qs < Q), other=0.0)
+            if HAS_DROPOUT:
+                rt = tl.where(keep_mask(seed, tok, qs, p), rt, 0.0)
+            acc = tl.dot(tl.trans(lt), rt, acc, input_precision=PRECISION)
+    if is_adapter:
+        out_p = tl.trans(ps)
+        tl.store(
+            OUT + a * stride_oa + out_p * stride_op + qs * stride_oq,
+            (acc * scale).to(OUT.dtype.element_ty),
+            mask=(out_p < P) & (qs < Q),
+        )
+    if COL_SUMS:
+        if tl.program_id(2) == 0:
+            sum_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+            tl.store(SUMS + a * stride_sa + sum_p, col_sum, mask=sum_p < P)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -379,13 +400,17 @@ def _gemm(x, w_kn, u, e, e_strides, bias, seed, dropout_p, epi_scale, tiles, n_o
     return out
 
 
-def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, cfg):
+def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, cfg, col_sums=False):
+    """Per-adapter ``scale * left^T keep(right)``, ``(n_adapters, P, Q)``; with ``col_sums`` also
+    ``sum_t left[t, :]`` over every token (adapters' and base-only), float32, from the same pass."""
     perm, start, count, *_ = tiles
     t, p_dim = left.shape
     q_dim = right.shape[1]
     block_p, block_q = min(64, pow2(p_dim)), min(64, pow2(q_dim))
     out = empty((n_adapters, p_dim, q_dim), dtype=out_dtype, device=left.device)
-    _seg_tn_kernel[(n_adapters, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q))](
+    groups = n_adapters + 1 if col_sums else n_adapters
+    sums = empty((groups, p_dim), dtype=torch.float32, device=left.device) if col_sums else None
+    _seg_tn_kernel[(groups, triton.cdiv(p_dim, block_p), triton.cdiv(q_dim, block_q))](
         left,
         right,
         out,
@@ -393,6 +418,8 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
         start,
         count,
         perm,
+        sums if sums is not None else out,
+        n_adapters,
         p_dim,
         q_dim,
         left.stride(0),
@@ -402,9 +429,11 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
         out.stride(0),
         out.stride(1),
         out.stride(2),
+        sums.stride(0) if sums is not None else 0,
         scale,
         dropout_p,
         HAS_DROPOUT=dropout_p > 0,
+        COL_SUMS=col_sums,
         PRECISION=dot_precision(left.dtype),
         BLOCK_P=block_p,
         BLOCK_Q=block_q,
@@ -412,7 +441,9 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
         num_warps=cfg["num_warps"],
         num_stages=cfg["num_stages"],
     )
-    return out
+    if sums is None:
+        return out
+    return out, sums.sum(0)
 
 
 def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed, *, cfg: dict | None = None):
@@ -517,12 +548,21 @@ def backward(
             )
         if need_a:
             da = _seg_tn(v, x, n, seed, dropout_p, keep_scale, tiles, lora_a.dtype, cfg)
+        # The bias gradient rides on dB's pass over g (every group's column sums), else dW's;
+        # only when neither trains is it a pass of its own.
+        sums = None
         if need_b:
-            db = _seg_tn(grad, lora_u, n, None, 0.0, 1.0, tiles, lora_b.dtype, cfg)
+            if need_bias:
+                db, sums = _seg_tn(grad, lora_u, n, None, 0.0, 1.0, tiles, lora_b.dtype, cfg, col_sums=True)
+            else:
+                db = _seg_tn(grad, lora_u, n, None, 0.0, 1.0, tiles, lora_b.dtype, cfg)
         if need_w:
-            dw = tn(grad, x, out_dtype=weight.dtype)
+            if need_bias and sums is None:
+                dw, sums = tn_sums(grad, x, out_dtype=weight.dtype)
+            else:
+                dw = tn(grad, x, out_dtype=weight.dtype)
         if need_bias:
-            dbias = grad.sum(0, dtype=torch.float32).to(grad.dtype)
+            dbias = (sums if sums is not None else grad.sum(0, dtype=torch.float32)).to(grad.dtype)
     return dx, dw, da, db, dbias
 
 

@@ -14,12 +14,12 @@ from .dispatch import run_backward, run_forward
 OP = "dora_linear"
 
 
-# Returns ``(y, u, base, keep, norm)``, every backend alike:
-# - ``u = x_d A^T`` (..., r), unscaled, float32 (float64 for float64 x): dB = s (g c)^T u, and
-#   the low-rank half of dm comes from the same reduction;
-# - ``base = x_d W^T`` (..., out) in x's dtype, the other half of dm (sum_T g * base); saved
-#   only when the magnitude will get a gradient (``save_base``), else empty, since recomputing
-#   it costs a GEMM as large as the forward's;
+# Returns ``(y, u, pre, keep, norm)``, every backend alike:
+# - ``u = x_d A^T`` (..., r), unscaled, float32 (float64 for float64 x): dB = s (g c)^T u;
+# - ``pre = x_d W^T + s u B^T`` (..., out) in x's dtype, the output before the magnitude: dm
+#   is ``sum_T g * pre / norm``; saved only when the magnitude will get a gradient
+#   (``save_pre``), else empty, since recomputing it costs a GEMM as large as the forward's.
+#   A fused backend writes it from the accumulator it scales for y;
 # - ``keep``: the dropout keep-mask (x's shape, bool) when dropout_p > 0, else empty;
 # - ``norm = ||W + s B A||_row`` (out,), float32: the constant the backward divides by.
 @torch.library.custom_op("peftops::dora_linear", mutates_args=())
@@ -34,21 +34,21 @@ def _dora_linear(
     scale: float,
     dropout_p: float,
     seed: Tensor | None,
-    save_base: bool,
+    save_pre: bool,
     backend: str,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     return run_forward(
-        OP, backend, x.device, x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base
+        OP, backend, x.device, x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre
     )
 
 
 @_dora_linear.register_fake
-def _(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base, backend):
+def _(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre, backend):
     lead, out_f, acc = x.shape[:-1], weight.shape[0], acc_dtype(x.dtype)
     return (
         x.new_empty((*lead, out_f)),
         x.new_empty((*lead, lora_a.shape[0]), dtype=acc),
-        x.new_empty((*lead, out_f) if save_base else (0,)),
+        x.new_empty((*lead, out_f) if save_pre else (0,)),
         x.new_empty(x.shape if dropout_p > 0.0 else (0,), dtype=torch.bool),
         x.new_empty((out_f,), dtype=acc),
     )
@@ -58,36 +58,36 @@ def _(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, s
     "peftops::dora_linear_backward",
     mutates_args=(),
     schema="(Tensor grad, Tensor x, Tensor weight, Tensor lora_a, Tensor lora_b, Tensor magnitude, Tensor lora_u, "
-    "Tensor base, Tensor keep, Tensor norm, float scale, float dropout_p, bool[] output_mask, str backend) "
+    "Tensor pre, Tensor keep, Tensor norm, float scale, float dropout_p, bool[] output_mask, str backend) "
     "-> (Tensor?, Tensor?, Tensor?, Tensor?, Tensor?, Tensor?)",
 )
 def _dora_linear_backward(
-    grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, scale, dropout_p, output_mask, backend
+    grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, scale, dropout_p, output_mask, backend
 ):
     return run_backward(
         OP, backend, x.device,
-        grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, scale, dropout_p, output_mask,
+        grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, scale, dropout_p, output_mask,
     )  # fmt: skip
 
 
 @_dora_linear_backward.register_fake
-def _(grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, scale, dropout_p, output_mask, backend):
+def _(grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, scale, dropout_p, output_mask, backend):
     like = (x, weight, lora_a, lora_b, magnitude, grad.new_empty(grad.shape[-1]))
     return tuple(t.new_empty(t.shape) if need else None for t, need in zip(like, output_mask, strict=True))
 
 
 def _setup_context(ctx, inputs, output):
-    x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base, backend = inputs
-    _, lora_u, base, keep, norm = output
-    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm)
+    x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre, backend = inputs
+    _, lora_u, pre, keep, norm = output
+    ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm)
     ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
-    ctx.mark_non_differentiable(lora_u, base, keep, norm)
+    ctx.mark_non_differentiable(lora_u, pre, keep, norm)
 
 
 def _backward(ctx, grad, grad_u, grad_base, grad_keep, grad_norm):
-    x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm = ctx.saved_tensors
+    x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm = ctx.saved_tensors
     grads = _dora_linear_backward(
-        grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, ctx.scale, ctx.dropout_p,
+        grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, ctx.scale, ctx.dropout_p,
         list(ctx.needs_input_grad[:6]), ctx.backend,
     )  # fmt: skip
     # weight_sq is a cache of the frozen weight: no gradient, as the norm it feeds has none.
@@ -105,8 +105,8 @@ class _DoraLinearFunction(torch.autograd.Function):
     torch.compile keeps seeing the registered op."""
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base, backend):
-        y, lora_u, base, keep, norm = run_forward(
+    def forward(ctx, x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre, backend):
+        y, lora_u, pre, keep, norm = run_forward(
             OP,
             backend,
             x.device,
@@ -120,19 +120,19 @@ class _DoraLinearFunction(torch.autograd.Function):
             scale,
             dropout_p,
             seed,
-            save_base,
+            save_pre,
         )
-        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm)
+        ctx.save_for_backward(x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm)
         ctx.scale, ctx.dropout_p, ctx.backend = scale, dropout_p, backend
         return y
 
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad):
-        x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm = ctx.saved_tensors
+        x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm = ctx.saved_tensors
         grads = run_backward(
             OP, ctx.backend, x.device,
-            grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, ctx.scale, ctx.dropout_p,
+            grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, ctx.scale, ctx.dropout_p,
             list(ctx.needs_input_grad[:6]),
         )  # fmt: skip
         return (*grads, None, None, None, None, None, None)
@@ -150,7 +150,7 @@ def _no_mask(x: Tensor) -> Tensor:
     return x.new_empty((0,), dtype=torch.bool)
 
 
-def reference_forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_base):
+def reference_forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, scale, dropout_p, seed, save_pre):
     keep = None
     if dropout_p > 0.0:
         if seed is None:  # (the public op always draws one; a direct torch.ops call might not)
@@ -163,13 +163,13 @@ def reference_forward(x, weight, lora_a, lora_b, magnitude, bias, weight_sq, sca
     acc = acc_dtype(x.dtype)
     xd = x.to(acc) if keep is None else x.to(acc) * keep / (1.0 - dropout_p)
     u = xd @ lora_a.to(acc).T
-    base = (xd @ weight.to(acc).T).to(x.dtype) if save_base else x.new_empty((0,))
+    pre = (xd @ weight.to(acc).T + scale * u @ lora_b.to(acc).T).to(x.dtype) if save_pre else x.new_empty((0,))
     norm = reference.dora_weight_norm_direct(weight, lora_a, lora_b, scale)
-    return y, u, base, _no_mask(x) if keep is None else keep, norm
+    return y, u, pre, _no_mask(x) if keep is None else keep, norm
 
 
-def reference_backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, base, keep, norm, scale, dropout_p, mask):
-    # The spec recomputes u, the base output and the norm in float32 rather than read them.
+def reference_backward(grad, x, weight, lora_a, lora_b, magnitude, lora_u, pre, keep, norm, scale, dropout_p, mask):
+    # The spec recomputes u, the unscaled output and the norm in float32 rather than read them.
     kept = keep if dropout_p > 0.0 else None
     return reference.dora_linear_backward(grad, x, weight, lora_a, lora_b, magnitude, scale, kept, dropout_p, mask)
 
@@ -204,9 +204,11 @@ def dora_linear(
     s^2 B_j A A^T B_j^T``); ``weight_sq_norm`` passes a cached ``||W_j||^2``
     (:func:`peftops.reference.weight_sq_norm`), which the frozen base makes reusable.
 
-    Backends: ``reference`` and ``torch`` (framework GEMMs, the magnitude applied in one
-    pass, dm from the same ``g^T u`` reduction as dB). No Triton backend: fusing the magnitude
-    into the LoRA GEMM's epilogue pays only on a GPU, and is not written yet.
+    Backends: ``reference``; ``torch`` (framework GEMMs, the magnitude applied in one pass);
+    ``triton`` (:mod:`peftops.kernels.dora_linear`: the magnitude in the LoRA GEMM's epilogue,
+    the unscaled output saved from the same accumulator, and dm, dB and the bias gradient from
+    one token reduction over g). ``auto`` picks ``torch`` until the Triton path is measured
+    faster on a GPU.
 
     Args:
         x: ``(..., in)`` activations.
@@ -232,14 +234,14 @@ def dora_linear(
     seed = torch.randint(0, 2**62, (), device=x.device, dtype=torch.int64) if p > 0.0 else None
     args = (x, weight, lora_a, lora_b, magnitude, bias, weight_sq_norm, scale, p, seed)
     backend = resolve_backend(OP, x.device, (*args, False))
-    save_base = torch.is_grad_enabled() and magnitude.requires_grad
+    save_pre = torch.is_grad_enabled() and magnitude.requires_grad
     if EAGER_PATH["mode"] == "eager" and not torch.compiler.is_compiling():
         if torch.is_grad_enabled() and any(
             t is not None and t.requires_grad for t in (x, weight, lora_a, lora_b, magnitude, bias)
         ):
-            return _DoraLinearFunction.apply(*args, save_base, backend)
-        return run_forward(OP, backend, x.device, *args, save_base)[0]  # nothing to save
-    y, _, _, _, _ = _dora_linear(*args, save_base, backend)
+            return _DoraLinearFunction.apply(*args, save_pre, backend)
+        return run_forward(OP, backend, x.device, *args, save_pre)[0]  # nothing to save
+    y, _, _, _, _ = _dora_linear(*args, save_pre, backend)
     return y
 
 

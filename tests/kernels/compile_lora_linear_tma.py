@@ -29,7 +29,7 @@ from peftops.kernels import lora_linear_tma as T  # noqa: E402
 
 #: H100 SXM and H200 have 132 SMs: the persistent stride the kernel is compiled with there.
 SMS = 132
-_POINTERS = ("X", "W", "U", "B", "BIAS", "OUT")
+_POINTERS = ("X", "W", "U", "B", "BIAS", "OUT", "COL", "PRE")
 _INTS = ("M", "N", "K", "R", "stride_xm", "stride_w", "stride_um", "stride_ur", "stride_br", "stride_bn")
 #: What Triton's launcher would specialize on real layers: 16-byte aligned pointers, and
 #: N, K and the descriptor row strides multiples of 16.
@@ -47,7 +47,8 @@ def _tool(name: str) -> str:
     return getattr(triton.knobs.nvidia, name).path
 
 
-def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str = "bf16") -> dict:
+def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str = "bf16", dora: bool = False) -> dict:
+    """``dora``: DoRA's epilogue (the column scale and the saved unscaled output), forward only."""
     t0 = time.time()
     full = T.check_config(dict(cfg), r)
     opts = {k: full.pop(k) for k in ("num_warps", "num_stages")}
@@ -56,6 +57,8 @@ def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str 
         TRANS_W=trans_w,
         HAS_BIAS=bias,
         EPI_SCALED=False,
+        COL_SCALE=dora,
+        SAVE_PRE=dora,
         PRECISION="ieee",
         RANK_STEPS=triton.cdiv(r, full["BLOCK_R"]),
         TILE_STRIDE=SMS,
@@ -65,6 +68,7 @@ def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str 
     sig = {p: f"*{dtype}" for p in _POINTERS}
     if dtype == "bf16":
         sig["U"] = "*fp32"  # what lora_linear passes: u is saved in float32 (rounded to bf16 in registers)
+    sig["COL"] = "*fp32"  # DoRA's magnitude over the norm, float32
     sig.update({i: "i32" for i in _INTS})
     sig.update(epi_scale="fp32", inv_epi_scale="fp32")
     sig.update({c: "constexpr" for c in const})
@@ -95,6 +99,7 @@ def compile_variant(cfg: dict, *, trans_w: bool, r: int, bias: bool, dtype: str 
         trans_w=trans_w,
         r=r,
         bias=bias,
+        dora=dora,
         target=re.search(r"\.target\s+(\S+)", ptx).group(1),
         registers=int(re.search(r"Used (\d+) registers", info).group(1)),
         spill_stores=int(spills.group(1)),
@@ -123,6 +128,8 @@ def main() -> None:
             # The forward carries the bias, the dx GEMM never does.
             for trans_w, bias in ((True, True), (False, False)):
                 print(json.dumps(compile_variant(cfg, trans_w=trans_w, r=r, bias=bias)), flush=True)
+            # DoRA's forward: the magnitude in the epilogue, the unscaled output stored beside y.
+            print(json.dumps(compile_variant(cfg, trans_w=True, r=r, bias=True, dora=True)), flush=True)
 
 
 if __name__ == "__main__":

@@ -112,6 +112,8 @@ def _launches():
             mask = lowrank.empty_mask(m, k, x.device)
             lora.gemm(g, w, u, a, None, epi_scale=2.0, cfg=cfg)  # dx without dropout
             lora.gemm(g, w, u, a, None, epi_scale=2.0, mask=mask, cfg=cfg)  # dx with dropout
+            col = torch.rand(n, dtype=torch.float32)
+            lora.gemm_col_scaled(x, w.T, u, b.T, bias, col, epi_scale=2.0, save_pre=True, cfg=cfg)  # DoRA
         for cfg, n, k, r in configs("lora_linear", "down", 16):
             x, w = torch.randn(m, k, dtype=dtype), torch.randn(r, k, dtype=dtype)
             lowrank.down(x, w.T, 0.5, 0.0, None, cfg=cfg, out_dtype=torch.float32)
@@ -132,6 +134,8 @@ def _launches():
             lowrank.tn(g, x, out_dtype=dtype, cfg=cfg)  # dW
             lowrank.tn_sums(g, u, out_dtype=dtype, cfg=cfg)  # dB and the bias gradient
             lowrank.tn_sums(g, x, out_dtype=dtype, cfg=cfg)  # dW and the bias gradient
+            # DoRA: dB, dm (sum_T g * z) and the bias gradient from one pass over g.
+            lowrank.tn_dot_sums(g, u, torch.randn(m, n, dtype=dtype), col_sums=True, out_dtype=dtype, cfg=cfg)
         for cfg, n, _k, r in configs("bottleneck_adapter", "rows", 64):
             d = n
             x, wd, wu = torch.randn(m, d, dtype=dtype), torch.randn(r, d, dtype=dtype), torch.randn(d, r, dtype=dtype)

@@ -235,8 +235,9 @@ SM90_SHARED_LIMIT = 232448
 
 @pytest.mark.slow
 def test_compiles_for_sm90a_with_wgmma_tma_and_no_spills():
-    """The default config, bf16, forward (with bias) and dx, r = 16: wgmma (HGMMA in SASS, no
-    HMMA fallback), TMA loads and stores, no spills, no stack frame, shared memory in bounds."""
+    """The default config, bf16, forward (with bias), dx and DoRA's forward (column scale, the
+    unscaled output stored too), r = 16: wgmma (HGMMA in SASS, no HMMA fallback), TMA loads and
+    stores, no spills, no stack frame, shared memory in bounds."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     done = subprocess.run(
@@ -244,7 +245,11 @@ def test_compiles_for_sm90a_with_wgmma_tma_and_no_spills():
     )
     assert done.returncode == 0, done.stderr[-4000:]
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    assert [(row["trans_w"], row["bias"]) for row in rows] == [(True, True), (False, False)]
+    assert [(row["trans_w"], row["bias"], row["dora"]) for row in rows] == [
+        (True, True, False),
+        (False, False, False),
+        (True, True, True),
+    ]
     for row in rows:
         assert row["target"] == "sm_90a", row
         assert row["spill_stores"] == 0 and row["spill_loads"] == 0 and row["stack_frame"] == 0, row
@@ -328,7 +333,7 @@ def test_lora_gemm_routes_to_the_tma_kernel_where_it_applies(monkeypatch):
     weight's stored orientation: the forward (weight.T) as trans_w=True, dx (weight) as False."""
     seen = []
     monkeypatch.setattr(T, "supports_tma", lambda *a, **k: None)
-    monkeypatch.setattr(T, "gemm_tma", lambda x, w, u, b, bias, **k: seen.append((w, k)) or "tma")
+    monkeypatch.setattr(T, "gemm_tma_pre", lambda x, w, u, b, bias, **k: (seen.append((w, k)) or "tma", None))
     weight = torch.randn(24, 32)
     x, u, a, lora_b = torch.randn(5, 32), torch.randn(5, 4), torch.randn(4, 32), torch.randn(24, 4)
     assert pointer.gemm(x, weight.T, u, lora_b.T, None) == "tma"
@@ -336,6 +341,10 @@ def test_lora_gemm_routes_to_the_tma_kernel_where_it_applies(monkeypatch):
     g = torch.randn(5, 24)
     assert pointer.gemm(g, weight, u, a, None, epi_scale=2.0) == "tma"
     assert not seen[-1][1]["trans_w"] and seen[-1][1]["epi_scale"] == 2.0
+    # DoRA's epilogue goes the same way, its column scale and saved output passed along.
+    col = torch.rand(24)
+    assert pointer.gemm_col_scaled(x, weight.T, u, lora_b.T, None, col, save_pre=True)[0] == "tma"
+    assert seen[-1][1]["col_scale"] is not None and seen[-1][1]["save_pre"]
     # A packed dropout mask (or a forced config) keeps the pointer kernel.
     out = pointer.gemm(x, weight.T, u, lora_b.T, None, cfg=dict(pointer.block_config.INTERPRETER["gemm"]))
-    assert isinstance(out, torch.Tensor) and len(seen) == 2
+    assert isinstance(out, torch.Tensor) and len(seen) == 3

@@ -146,3 +146,45 @@ def test_token_offsets_past_two_to_the_31_elements():
     assert_close(y, want, dtype=torch.float16, name="y")
     assert_close(dx, want_dx, dtype=torch.float16, kind="bwd", name="dx")
     assert_close(da, want_da, dtype=torch.float16, kind="bwd", name="dA")
+
+
+@pytest.mark.parametrize(
+    "mask",
+    [
+        [False, False, False, True, True],
+        [False, True, False, False, True],
+        [False, False, False, False, True],
+        [True, True, True, True, True],
+    ],  # fmt: skip
+    ids=["dB+db", "dW+db", "db alone", "all"],
+)
+@pytest.mark.parametrize("pattern", ["mixed", "base_only", "few"])
+def test_bias_gradient_rides_on_the_reductions_over_g(monkeypatch, mask, pattern):
+    """db is the column sum of g over every token, base-only ones included, whichever pass
+    carries it (dB's per-group reduction, dW's, or its own when neither trains: the only case
+    with a ``g.sum`` of its own)."""
+    case = case_of(37, 5, pattern, seed=11)
+    t = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in case.inputs(torch.float32, "cpu").items()}
+    x, w, a, b, ids = t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"]
+    scales, ranks, bias = t["scales"], t["ranks"], t["bias"]
+    y, u = kernels.forward(x, w, a, b, ids, scales, bias, ranks, 0.0, None)
+    g = torch.randn_like(y)
+    sums_of_g = []
+    real_sum = torch.Tensor.sum
+
+    def spy(self, *args, **kwargs):
+        if self.data_ptr() == g.data_ptr():
+            sums_of_g.append(args)
+        return real_sum(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.Tensor, "sum", spy)
+    got = kernels.backward(g, x, w, a, b, ids, scales, ranks, u, 0.0, None, mask)
+    monkeypatch.undo()
+    assert len(sums_of_g) == (0 if mask[1] or mask[3] else 1), sums_of_g
+    want = kernels.backward(g, x, w, a, b, ids, scales, ranks, u, 0.0, None, [True] * 5)
+    assert_close(got[4], g.double().sum(0), kind="bwd", name="db")
+    for name, need, got_t, want_t in zip(["dx", "dW", "dA", "dB"], mask, got, want, strict=False):
+        if need:
+            assert torch.equal(got_t, want_t), name  # the sums ride along without changing the rest
+        else:
+            assert got_t is None, name

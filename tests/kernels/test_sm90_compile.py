@@ -47,5 +47,8 @@ def test_every_shipped_config_compiles_for_sm90a_without_spills(tmp_path):
     # The bias gradient's column sums ride in the dB/dW and g B reductions: those variants too.
     for kernel in ("_down_kernel", "_tn_kernel"):
         assert any(r["constexprs"].get("COL_SUMS") for r in results if r["kernel"] == kernel), kernel
+    # DoRA's epilogue (magnitude, saved unscaled output) and its dm reduction.
+    assert any(r["constexprs"].get("COL_SCALE") and r["constexprs"].get("SAVE_PRE") for r in results)
+    assert any(r["constexprs"].get("DOT_SUMS") for r in results if r["kernel"] == "_tn_kernel")
     spilling = [r for r in results if r["spill_stores"] or r["spill_loads"]]
     assert not spilling, "register spills on sm_90a:\n" + "\n".join(json.dumps(r) for r in spilling)

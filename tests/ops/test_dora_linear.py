@@ -1,6 +1,6 @@
 """peftops.dora_linear: every backend against peft's formulation (forward and every gradient,
 with and without dropout), gradcheck, opcheck, torch.compile, the cached ||W||^2, the saved
-base output, validation."""
+saved unscaled output, validation."""
 
 from __future__ import annotations
 
@@ -71,9 +71,9 @@ def test_matches_peft_formulation_forward_and_gradients(device, backend, dtype, 
     assert_matches(op_call(backend, 0.75), truth(0.75), inputs, dtype, what=f"{backend} {layout}")
 
 
-def _call_op(backend, t, p, seed, save_base=True, weight_sq=None, scale=0.75):
+def _call_op(backend, t, p, seed, save_pre=True, weight_sq=None, scale=0.75):
     args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["magnitude"], t["bias"], weight_sq, scale, p, seed)
-    return torch.ops.peftops.dora_linear(*args, save_base, backend)
+    return torch.ops.peftops.dora_linear(*args, save_pre, backend)
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
@@ -133,30 +133,30 @@ def test_gradcheck_float64_reference_with_dropout():
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
-@pytest.mark.parametrize("dropout_p,save_base,with_bias", [(0.0, True, True), (0.0, False, False), (0.25, True, False)])
-def test_opcheck(device, backend, dropout_p, save_base, with_bias):
+@pytest.mark.parametrize("dropout_p,save_pre,with_bias", [(0.0, True, True), (0.0, False, False), (0.25, True, False)])
+def test_opcheck(device, backend, dropout_p, save_pre, with_bias):
     t = make_inputs(torch.float32, device, with_bias, lead=(5,), in_f=9, out_f=6, r=3, layout="sliced")
     seed = torch.tensor(77, device=device) if dropout_p else None
     w_sq = reference.weight_sq_norm(t["weight"])
     args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["magnitude"], t["bias"], w_sq, 0.5, dropout_p, seed,
-            save_base, backend)  # fmt: skip
+            save_pre, backend)  # fmt: skip
     opcheck(torch.ops.peftops.dora_linear.default, args)
     with torch.no_grad():
-        _, u, base, keep, norm = torch.ops.peftops.dora_linear(*args)
-    assert base.shape == ((5, 6) if save_base else (0,))
+        _, u, pre, keep, norm = torch.ops.peftops.dora_linear(*args)
+    assert pre.shape == ((5, 6) if save_pre else (0,))
     g = torch.randn(5, 6, device=device)
     detached = [t[k].detach() for k in ("x", "weight", "lora_a", "lora_b", "magnitude")]
     opcheck(
         torch.ops.peftops.dora_linear_backward.default,
-        (g, *detached, u, base, keep, norm, 0.5, dropout_p, [True, False, True, True, True, with_bias], backend),
+        (g, *detached, u, pre, keep, norm, 0.5, dropout_p, [True, False, True, True, True, with_bias], backend),
     )
 
 
 @pytest.mark.parametrize("device,backend", backend_params(OP))
-def test_magnitude_gradient_without_the_saved_base_output(device, backend):
-    # A caller that did not save x W^T still gets dm: the backward recomputes it.
+def test_magnitude_gradient_without_the_saved_unscaled_output(device, backend):
+    # A caller that did not save the unscaled output still gets dm: the backward recomputes it.
     t = make_inputs(torch.float32, device, lead=(6,), in_f=9, out_f=6, r=3)
-    out = [_call_op(backend, t, 0.0, None, save_base=s) for s in (True, False)]
+    out = [_call_op(backend, t, 0.0, None, save_pre=s) for s in (True, False)]
     g = torch.randn(6, 6, device=device)
     grads = [torch.autograd.grad(o[0], [t["magnitude"], t["lora_b"]], g) for o in out]
     assert out[1][2].numel() == 0
@@ -164,7 +164,7 @@ def test_magnitude_gradient_without_the_saved_base_output(device, backend):
         assert_close(a, e, kind="bwd")
 
 
-def test_base_output_saved_only_when_the_magnitude_trains():
+def test_unscaled_output_saved_only_when_the_magnitude_trains():
     t = make_inputs(torch.float32, "cpu", lead=(4,), in_f=8, out_f=5, r=2)
     saved = []
 
