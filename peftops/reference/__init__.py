@@ -20,10 +20,30 @@ from .dora_linear import dora_linear, dora_linear_backward, dora_weight_norm, do
 from .ia3_linear import ia3_base_output, ia3_linear, ia3_linear_backward
 from .lora_linear import lora_activation, lora_linear, lora_linear_backward
 from .multi_lora_linear import multi_lora_linear, multi_lora_linear_backward
+from .nf4 import (
+    FP4_CODE,
+    NF4_CODE,
+    QuantState4bit,
+    dequantize_4bit,
+    dequantize_absmax,
+    dequantize_fp4,
+    dequantize_nf4,
+    dynamic_map,
+    quantize_4bit,
+    quantize_fp4,
+    quantize_nf4,
+    state_from_bnb,
+    state_from_dict,
+    state_to_bnb,
+    state_to_dict,
+)
 from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
 
 __all__ = [
     "ACTIVATIONS",
+    "FP4_CODE",
+    "NF4_CODE",
+    "QuantState4bit",
     "activation",
     "activation_grad",
     "adapter_hidden",
@@ -37,6 +57,11 @@ __all__ = [
     "dora_linear_backward",
     "dora_weight_norm",
     "dora_weight_norm_direct",
+    "dequantize_4bit",
+    "dequantize_absmax",
+    "dequantize_fp4",
+    "dequantize_nf4",
+    "dynamic_map",
     "weight_sq_norm",
     "ia3_base_output",
     "ia3_linear",
@@ -49,5 +74,12 @@ __all__ = [
     "phm_matrix",
     "prefix_attention",
     "prefix_attention_backward",
+    "quantize_4bit",
+    "quantize_fp4",
+    "quantize_nf4",
+    "state_from_bnb",
+    "state_from_dict",
+    "state_to_bnb",
+    "state_to_dict",
     "visible_mask",
 ]
