@@ -272,7 +272,8 @@ def quantize_4bit(
         raise ValueError(f"{fn}: weight must not be empty, got shape {tuple(weight.shape)}")
     _check_blocksize(fn, blocksize)
     _check_quant_type(fn, quant_type)
-    code = CODES[quant_type].to(weight.device)
+    # A copy per state, as bnb makes: the module's tables must not be reachable for in-place edits.
+    code = CODES[quant_type].to(weight.device, copy=True)
     idx, absmax = _blockwise_codes(weight.reshape(-1).float(), blocksize, code)
     if idx.numel() % 2:
         # The pad nibble is the code of 0.0, as bnb pads the scaled values with a zero.
@@ -283,7 +284,7 @@ def quantize_4bit(
     if not compress_statistics:
         return packed, QuantState4bit(absmax, shape, weight.dtype, blocksize, quant_type, code)
     offset = absmax.mean()
-    dyn = _DYNAMIC_MAP.to(weight.device)
+    dyn = _DYNAMIC_MAP.to(weight.device, copy=True)
     q2, absmax2 = _blockwise_codes(absmax - offset, NESTED_BLOCKSIZE, dyn)
     state = QuantState4bit(
         q2.to(torch.uint8), shape, weight.dtype, blocksize, quant_type, code, offset, absmax2, dyn, NESTED_BLOCKSIZE
@@ -401,7 +402,9 @@ def state_to_dict(state: QuantState4bit, prefix: str = "") -> dict[str, Tensor]:
         "dtype": _DTYPE_NAMES[state.dtype],
         "shape": list(state.shape),
     }
-    out = {"absmax": state.absmax, "quant_map": state.code}
+    # Tables cloned, as bnb does: safetensors refuses a file in which two layers' entries share
+    # memory, and states may share one table.
+    out = {"absmax": state.absmax, "quant_map": state.code.clone()}
     if state.nested:
         assert state.offset is not None and state.state2_code is not None and state.state2_absmax is not None
         out.update(nested_absmax=state.state2_absmax, nested_quant_map=state.state2_code.clone())

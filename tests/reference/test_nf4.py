@@ -242,6 +242,18 @@ def test_bnb_loads_the_specs_state_dict(compress_statistics):
     assert torch.equal(nf4.dequantize_absmax(nf4.state_from_dict(sd, "layer.")), nf4.dequantize_absmax(state))
 
 
+def test_states_own_their_tables(tmp_path):
+    """Each state gets its own copy of the tables (as in bnb): an in-place edit of one state
+    cannot reach the module's tables, and two layers' entries can go in one safetensors file."""
+    _, a = nf4.quantize_4bit(torch.randn(4, 64))
+    _, b = nf4.quantize_4bit(torch.randn(4, 64))
+    assert a.code.data_ptr() not in (nf4.NF4_CODE.data_ptr(), b.code.data_ptr())
+    assert a.state2_code.data_ptr() != b.state2_code.data_ptr()
+    s, t = (nf4.QuantState4bit(torch.ones(4), (4, 64), torch.float32) for _ in range(2))  # the default table
+    entries = {**nf4.state_to_dict(a, "a."), **nf4.state_to_dict(s, "s."), **nf4.state_to_dict(t, "t.")}
+    save_file(entries, str(tmp_path / "layers.safetensors"))
+
+
 def test_bits_per_parameter():
     """QLoRA's 4.127 bits per parameter with double quantisation (4.5 without), from the
     tensors actually stored for a 4096 x 4096 weight, 16-entry and 256-entry tables included."""
@@ -319,3 +331,42 @@ def test_bad_state_dict():
     wrong["q.weight.absmax"] = sd["q.weight.absmax"][:-1]
     with pytest.raises(ValueError, match="QuantState4bit: absmax must have 38 elements, got 37"):
         nf4.state_from_dict(wrong, "q.")
+
+
+def test_transformers_qlora_checkpoint(tmp_path):
+    """A tiny Llama quantised by transformers with QLoRA's BitsAndBytesConfig on CPU and saved:
+    the spec reads every 4-bit layer of the checkpoint; and a checkpoint whose 4-bit layers the
+    spec wrote loads back into transformers to the same weights."""
+    transformers = pytest.importorskip("transformers")
+    from tests.integrations import hf_models
+
+    dense = hf_models.llama()
+    dense.save_pretrained(tmp_path / "dense")
+    config = transformers.BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type="nf4",
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=torch.bfloat16,
+    )
+    load = transformers.AutoModelForCausalLM.from_pretrained
+    quantised = load(tmp_path / "dense", quantization_config=config, device_map="cpu", dtype=torch.bfloat16)
+    quantised.save_pretrained(tmp_path / "qlora")
+    (file,) = (tmp_path / "qlora").glob("*.safetensors")
+    sd = load_file(str(file))
+    layers = {n: m for n, m in quantised.named_modules() if isinstance(m, bnb.nn.Linear4bit)}
+    assert len(layers) == 14  # 2 layers x (q, k, v, o, gate, up, down)
+    ours_sd = dict(sd)
+    for name, layer in layers.items():
+        state = nf4.state_from_dict(sd, name + ".")
+        assert state.quant_type == "nf4" and state.nested and state.dtype == torch.bfloat16
+        theirs = bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state)
+        _assert_same_bits(nf4.dequantize_4bit(sd[name + ".weight"], state), theirs)
+        # The spec's own quantisation of the dense weight, written in the checkpoint's place.
+        packed, ours = nf4.quantize_nf4(dense.get_submodule(name).weight.detach().to(torch.bfloat16))
+        ours_sd.update({name + ".weight": packed, **nf4.state_to_dict(ours, name + ".")})
+    save_file(ours_sd, str(file), metadata={"format": "pt"})
+    reloaded = load(tmp_path / "qlora", device_map="cpu", dtype=torch.bfloat16)
+    for name in layers:
+        layer = reloaded.get_submodule(name)
+        expected = nf4.dequantize_4bit(ours_sd[name + ".weight"], nf4.state_from_dict(ours_sd, name + "."))
+        _assert_same_bits(bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state), expected)
