@@ -1,7 +1,8 @@
 """peftops: fused kernels for parameter-efficient fine-tuning.
 
 Functional ops: :func:`lora_linear`, :func:`dora_linear`, :func:`ia3_linear`,
-:func:`multi_lora_linear`, :func:`bottleneck_adapter`, :func:`prefix_attention`.
+:func:`lora_linear_nf4` (QLoRA), :func:`multi_lora_linear`, :func:`bottleneck_adapter`,
+:func:`prefix_attention`.
 Hugging Face workflow: :func:`accelerate`, :func:`save_adapter` / :func:`load_adapter`,
 :func:`merge_and_unload`, :func:`apply_prefix_tuning`, :func:`apply_prompt_tuning`,
 :func:`apply_adapters`, :func:`generate`.
@@ -17,6 +18,7 @@ from .ops import (  # the reference backend
     dora_linear,
     ia3_linear,
     lora_linear,
+    lora_linear_nf4,
     multi_lora_linear,
     prefix_attention,
 )
@@ -60,6 +62,7 @@ __all__ = [
     "ia3_linear",
     "load_adapter",
     "lora_linear",
+    "lora_linear_nf4",
     "mark_only_adapters_trainable",
     "merge_adapters",
     "merge_and_unload",

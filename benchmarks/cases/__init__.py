@@ -3,9 +3,25 @@
 from __future__ import annotations
 
 from ..registry import Registry
-from . import bottleneck_adapter, dora_linear, ia3_linear, lora_linear, multi_lora_linear, prefix_attention
+from . import (
+    bottleneck_adapter,
+    dora_linear,
+    ia3_linear,
+    lora_linear,
+    lora_linear_nf4,
+    multi_lora_linear,
+    prefix_attention,
+)
 
-MODULES = (lora_linear, bottleneck_adapter, prefix_attention, multi_lora_linear, ia3_linear, dora_linear)
+MODULES = (
+    lora_linear,
+    bottleneck_adapter,
+    prefix_attention,
+    multi_lora_linear,
+    ia3_linear,
+    dora_linear,
+    lora_linear_nf4,
+)
 
 
 def default_registry() -> Registry:

@@ -8,11 +8,12 @@ the ``addmm`` composition users write by hand, which is why ``auto`` falls back 
 GPU or shape has no measurement (``kernels/configs/auto.json``).
 
 Implemented: ``lora_linear`` (:mod:`peftops.composite.lora_linear`), ``dora_linear``
-(:mod:`peftops.composite.dora_linear`), ``ia3_linear`` (:mod:`peftops.composite.ia3_linear`).
+(:mod:`peftops.composite.dora_linear`), ``ia3_linear`` (:mod:`peftops.composite.ia3_linear`), ``lora_linear_nf4``
+(:mod:`peftops.composite.lora_linear_nf4`).
 """
 
 from ..backends import register_backend
 
 register_backend("torch", lambda device_type: None)
 
-from . import dora_linear, ia3_linear, lora_linear  # noqa: E402, F401  (each registers its op; the backend must exist first)
+from . import dora_linear, ia3_linear, lora_linear, lora_linear_nf4  # noqa: E402, F401  (each registers its op; the backend must exist first)

@@ -8,6 +8,7 @@ from .ia3 import IA3Linear, apply_ia3, ia3_layers
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALinear
 from .multi_lora_linear import MultiLoRALinear
+from .nf4 import LinearNF4, LoRALinearNF4, bits_per_parameter, quantize_model
 from .prefix import PrefixKV, PromptEmbedding
 from .prefix_attention import PrefixSelfAttention
 from .surgery import (
@@ -34,7 +35,9 @@ __all__ = [
     "IA3Linear",
     "LoRAConv1D",
     "LoRAEmbedding",
+    "LinearNF4",
     "LoRALinear",
+    "LoRALinearNF4",
     "MultiLoRALinear",
     "PHMRule",
     "ParamCount",
@@ -46,12 +49,14 @@ __all__ = [
     "apply_ia3",
     "apply_lora",
     "bias_parameters",
+    "bits_per_parameter",
     "count_trainable",
     "ia3_layers",
     "lora_bias",
     "mark_only_adapters_trainable",
     "merge_adapters",
     "modules_to_save",
+    "quantize_model",
     "remove_adapter",
     "set_batch_adapters",
     "unmerge_adapters",

@@ -187,7 +187,14 @@ class LoRALinear(LoRALayerBase):
         *,
         use_dora: bool = False,
     ) -> LoRALinear:
-        """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy."""
+        """Wrap ``linear``: the new layer holds the same ``weight``/``bias`` Parameters, no copy.
+
+        A 4-bit linear (:class:`~peftops.nn.LinearNF4` or bitsandbytes' ``Linear4bit``) gives a
+        :class:`~peftops.nn.LoRALinearNF4` (QLoRA) over its packed weight."""
+        from .nf4 import LoRALinearNF4, is_4bit_linear
+
+        if is_4bit_linear(linear):
+            return LoRALinearNF4.from_quantized(linear, r, alpha, dropout, use_rslora, use_dora=use_dora)
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"LoRALinear.from_linear: linear: expected an nn.Linear, got {type(linear).__name__}")
         nonempty_linear(f"{cls.__name__}.from_linear", linear)

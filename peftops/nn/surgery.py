@@ -14,6 +14,7 @@ from ._base import AdapterModule, finite, positive_int, strict_bool
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALayerBase, LoRALinear, conv1d_type
 from .multi_lora_linear import MultiLoRALinear
+from .nf4 import LoRALinearNF4, is_4bit_linear
 
 
 class ParamCount(NamedTuple):
@@ -64,13 +65,17 @@ def lora_bias(model: nn.Module) -> str:
 
 
 def _supported_types() -> str:
-    return "nn.Linear, nn.Embedding or transformers' Conv1D"
+    return "nn.Linear, nn.Embedding, transformers' Conv1D or a 4-bit linear (LinearNF4, bitsandbytes' Linear4bit)"
 
 
 def _wrap(
     name: str, module: nn.Module, r: int, alpha: float, dropout: float, use_rslora: bool, use_dora: bool = False
 ) -> LoRALayerBase:
     conv1d = conv1d_type()
+    if is_4bit_linear(module):  # (bitsandbytes' Linear4bit subclasses nn.Linear: test it first)
+        return LoRALinearNF4.from_quantized(
+            module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
+        )
     if type(module) is nn.Linear:
         return LoRALinear.from_linear(
             module, r=r, alpha=alpha, dropout=dropout, use_rslora=use_rslora, use_dora=use_dora
@@ -134,7 +139,7 @@ def _all_linear(model: nn.Module) -> list[str]:
     its ``score`` / ``classifier``), and nothing inside an adapter module."""
     conv1d = conv1d_type()
     linear_types = (nn.Linear,) if conv1d is None else (nn.Linear, conv1d)
-    names = {name for name, m in model.named_modules() if isinstance(m, linear_types)}
+    names = {name for name, m in model.named_modules() if isinstance(m, linear_types) or is_4bit_linear(m)}
     excluded: set[str] = set()
     modeling = sys.modules.get("transformers.modeling_utils")
     if modeling is not None and isinstance(model, modeling.PreTrainedModel):

@@ -83,12 +83,14 @@ def _launches():
     from peftops.kernels import block_config, lowrank
     from peftops.kernels import bottleneck_adapter as adapter
     from peftops.kernels import lora_linear as lora
+    from peftops.kernels import lora_linear_nf4 as qlora
 
     launches: list = []
     for module, name in ((lora, "_gemm_kernel"), (lowrank, "_down_kernel"), (lowrank, "_tn_kernel")):
         _record(module, name, launches)
     for name in ("_forward_kernel", "_expand_kernel"):
         _record(adapter, name, launches)
+    _record(qlora, "_nf4_gemm_kernel", launches)
 
     def configs(op, kernel, rank_for_defaults):
         """(cfg, n, k, r) for the family-9 default and each tuned entry of ``kernel``."""
@@ -114,6 +116,16 @@ def _launches():
             lora.gemm(g, w, u, a, None, epi_scale=2.0, mask=mask, cfg=cfg)  # dx with dropout
             col = torch.rand(n, dtype=torch.float32)
             lora.gemm_col_scaled(x, w.T, u, b.T, bias, col, epi_scale=2.0, save_pre=True, cfg=cfg)  # DoRA
+        for cfg, n, k, r in configs("lora_linear_nf4", "gemm", 16):
+            # QLoRA: the 4-bit weight dequantised in the load path, forward and dx (with and
+            # without the dropout mask), rounded through the activations' dtype.
+            x, g = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
+            u, b, a = torch.randn(m, r), torch.randn(n, r, dtype=dtype), torch.randn(r, k, dtype=dtype)
+            bias, mask = torch.randn(n, dtype=dtype), lowrank.empty_mask(m, k, x.device)
+            packed, absmax, code = torch.zeros(n * k // 2, dtype=torch.uint8), torch.rand(n * k // 64), torch.rand(16)
+            for transposed, xx, bb, mm in ((True, x, b.T, None), (False, g, a, None), (False, g, a, mask)):
+                qlora.nf4_gemm(xx, packed, absmax, code, 64, (n, k), weight_dtype=dtype, transposed=transposed,
+                               u=u, b_rn=bb, bias=bias if transposed else None, mask=mm, cfg=cfg)  # fmt: skip
         for cfg, n, k, r in configs("lora_linear", "down", 16):
             x, w = torch.randn(m, k, dtype=dtype), torch.randn(r, k, dtype=dtype)
             lowrank.down(x, w.T, 0.5, 0.0, None, cfg=cfg, out_dtype=torch.float32)

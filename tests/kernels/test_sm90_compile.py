@@ -37,7 +37,14 @@ def test_every_shipped_config_compiles_for_sm90a_without_spills(tmp_path):
     results = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     # Every kernel compiled, in both 16-bit dtypes, and the dropout variants among them.
     kernels = {r["kernel"] for r in results}
-    assert kernels == {"_gemm_kernel", "_down_kernel", "_tn_kernel", "_forward_kernel", "_expand_kernel"}, kernels
+    assert kernels == {
+        "_gemm_kernel",
+        "_down_kernel",
+        "_tn_kernel",
+        "_forward_kernel",
+        "_expand_kernel",
+        "_nf4_gemm_kernel",
+    }, kernels
     for dtype in ("*bf16", "*fp16"):
         assert {r["kernel"] for r in results if dtype in r["types"]} == kernels, dtype
     assert any(r["constexprs"].get("EPI_DROPOUT") for r in results)
