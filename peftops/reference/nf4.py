@@ -18,8 +18,10 @@ the weight upcast to float32). Each element is normalised, ``x * (1 / absmax[b])
 float32 reciprocal, then a product; the short last block divides, ``x / absmax[b]``) and
 clamped to ``[-1, 1]``, then replaced by the index (0..15) of the nearest entry of the
 16-entry table ``NF4_CODE`` (or ``FP4_CODE``): the first ``i`` with ``x <= mid_i``, with
-``mid_i`` the float32 midpoints of the sorted table (a tie goes to the smaller value). A block
-of zeros keeps ``absmax = 0`` and codes of 0.0; the short last block stores
+``mid_i`` the float32 midpoints of the sorted table (a tie goes to the smaller value). FP4's
+table is in bit-pattern order and holds 0 twice (patterns ``0b0000`` and ``0b1000``): values
+in ``(-0.0026, 0]`` get ``0b0000`` and those in ``(0, 0.0026]`` get ``0b1000``. A block of
+zeros keeps ``absmax = 0`` and codes of 0.0; the short last block stores
 ``max(absmax, 1e-38)``.
 
 **Packing.** Two codes per byte, the *first* element in the *high* nibble:
@@ -51,12 +53,18 @@ field (the nested ``state2`` flattened into ``state2_*`` fields); in a state dic
 ``__fp4``): the UTF-8 bytes of a JSON object with ``quant_type``, ``blocksize``, ``dtype``,
 ``shape`` and, when nested, ``nested_blocksize``, ``nested_dtype``, ``nested_offset``.
 
+The packed weight is uint8 here; bnb can store the same bytes in another dtype
+(``quant_storage``, ``bnb_4bit_quant_storage``), which ``packed.view(torch.uint8)`` undoes.
+
 bitsandbytes' backends do not all quantise alike: its CPU library picks the 8-bit codes of
-double quantisation from a 65536-entry lookup table (an approximation of the nearest entry),
-and its CUDA kernels compare against midpoints written as decimal constants and give FP4
-values in ``(-0.0026, 0)`` the code of -0.0 (here, as bnb's PyTorch backend: +0.0). This spec
-follows bnb's PyTorch backend, which picks the nearest entry exactly. Dequantisation, which
-is what loading a checkpoint needs, is the same on every backend.
+double quantisation from a 65536-entry lookup table (an approximation of the nearest entry:
+about 0.3% of the codes one step off) and stores a scale of 0, not 1e-38, for a nested block
+whose values are all equal; its CUDA kernels compare against midpoints written as decimal
+constants and give FP4 values in ``(-0.0026, 0)`` the pattern ``0b1000`` and those in
+``[0, 0.0026]`` ``0b0000`` (here, as bnb's PyTorch backend, the other way round above 0). This spec follows bnb's PyTorch backend, which picks the nearest entry
+exactly. Dequantisation, which is what loading a checkpoint needs, gives the same values on
+every backend; only the sign of a zero differs (FP4 nibble ``0b1000`` is -0.0 in bnb's CPU
+library and CUDA kernels, +0.0 in its table and here).
 """
 
 from __future__ import annotations

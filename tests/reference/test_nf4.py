@@ -337,7 +337,8 @@ def test_transformers_qlora_checkpoint(tmp_path):
     """A tiny Llama quantised by transformers with QLoRA's BitsAndBytesConfig on CPU and saved:
     the spec reads every 4-bit layer of the checkpoint; and a checkpoint whose 4-bit layers the
     spec wrote loads back into transformers to the same weights."""
-    transformers = pytest.importorskip("transformers")
+    import transformers
+
     from tests.integrations import hf_models
 
     dense = hf_models.llama()
@@ -370,3 +371,12 @@ def test_transformers_qlora_checkpoint(tmp_path):
         layer = reloaded.get_submodule(name)
         expected = nf4.dequantize_4bit(ours_sd[name + ".weight"], nf4.state_from_dict(ours_sd, name + "."))
         _assert_same_bits(bnbF.dequantize_4bit(layer.weight.data, layer.weight.quant_state), expected)
+
+
+def test_fp4_small_values_codes():
+    """FP4 holds 0 at patterns 0b0000 and 0b1000: small negatives (and 0) get the first, small
+    positives the second, as in bnb's PyTorch backend."""
+    w = torch.tensor([[1.0, -1e-3, 0.0, 1e-3]])
+    packed, _ = nf4.quantize_fp4(w, compress_statistics=False)
+    theirs, _ = bnbF.quantize_4bit(w, quant_type="fp4", compress_statistics=False)
+    assert packed.reshape(-1).tolist() == [0x30, 0x08] == theirs.reshape(-1).tolist()
