@@ -14,6 +14,16 @@
 #              dora_linear case (peftops backends, peft's DoRA, peftops LoRA for the 1.15x target)
 #              and every ia3_linear case (peftops backends, peft's IA3) under CUDA graphs.
 #              Writes gpu_tests_methods.log, dora_linear.json, ia3_linear.json.
+#   qlora14    issue 14 in about 5 minutes: the gpu tests of the 4-bit format, the QLoRA op,
+#              kernels and modules; every lora_linear_nf4 case (training T8192 and decode T64 at
+#              4096x4096 and 4096x14336, r16) under CUDA graphs with peftops[triton],
+#              peftops[torch], dequant-cublas, bnb-peft (only if bitsandbytes is installed there)
+#              and the 16-bit linear; the peak memory of one training step per provider.
+#              Writes gpu_tests_qlora.log, lora_linear_nf4.json, qlora_memory.json.
+#   multi15    issue 15's multi-LoRA decode path in about 4 minutes: the multi-LoRA gpu tests;
+#              every multi_lora_linear case under CUDA graphs with the Triton backend's forward
+#              paths forced (segmented, gathered) beside auto, lora-single, peft-loop and linear.
+#              Writes gpu_tests_multi.log, multi_lora_linear.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA adapter kernel
 #   lora adapter attention
@@ -98,6 +108,27 @@ if has methods13; then
         2>&1 | tee "$OUT/gpu_tests_methods.log" | tail -30 || status=1
     run 100 python3 -m benchmarks --ops dora_linear --cuda-graph on --json "$OUT/dora_linear.json"
     run 60 python3 -m benchmarks --ops ia3_linear --cuda-graph on --json "$OUT/ia3_linear.json"
+    gpu_state end
+fi
+if has qlora14; then
+    gpu_state start
+    q_tests=()
+    for f in tests/ops/test_lora_linear_nf4.py tests/kernels/test_lora_linear_nf4.py tests/nn/test_nf4.py; do
+        [[ -e $f ]] && q_tests+=("$f")
+    done
+    echo "== pytest -m gpu ${q_tests[*]}" | tee -a "$LOG"
+    timeout 120 python3 -m pytest -m gpu "${q_tests[@]}" -q -rfE -p no:cacheprovider $par \
+        2>&1 | tee "$OUT/gpu_tests_qlora.log" | tail -30 || status=1
+    run 120 python3 -m benchmarks --ops lora_linear_nf4 --cuda-graph on --json "$OUT/lora_linear_nf4.json"
+    run 60 python3 benchmarks/qlora_memory.py --json "$OUT/qlora_memory.json"
+    gpu_state end
+fi
+if has multi15; then
+    gpu_state start
+    echo "== pytest -m gpu multi-LoRA" | tee -a "$LOG"
+    timeout 100 python3 -m pytest -m gpu tests/ops/test_multi_lora_linear.py tests/kernels/test_multi_lora_linear.py \
+        -q -rfE -p no:cacheprovider $par 2>&1 | tee "$OUT/gpu_tests_multi.log" | tail -30 || status=1
+    run 120 python3 -m benchmarks --ops multi_lora_linear --cuda-graph on --json "$OUT/multi_lora_linear.json"
     gpu_state end
 fi
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \

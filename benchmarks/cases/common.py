@@ -61,6 +61,7 @@ def register_op(
     baselines: Sequence[Provider],
     auto_rivals: Sequence[str] = (),
     auto_pick: Callable[[Inputs], str | None] | None = None,
+    device_providers: Callable[[torch.device], Sequence[Provider]] | None = None,
 ) -> None:
     """Register op ``name`` with its standard providers, then ``baselines``.
 
@@ -74,7 +75,8 @@ def register_op(
       as a model with fixed shapes would get).
 
     ``reference`` is also the float32 spec every checked provider is compared against.
-    ``auto_rivals`` and ``auto_pick`` are :class:`Op`'s.
+    ``auto_rivals`` and ``auto_pick`` are :class:`Op`'s. ``device_providers(device)`` adds
+    providers that depend on the device (a backend's internal paths forced one by one).
     """
 
     def providers(device: torch.device) -> list[Provider]:
@@ -84,6 +86,7 @@ def register_op(
             Provider("reference", reference),
             Provider("compile(reference)", _compiled(reference)),
             *baselines,
+            *(device_providers(device) if device_providers is not None else ()),
         ]
 
     registry.add_op(Op(name, reference, providers, tuple(auto_rivals), auto_pick))

@@ -110,6 +110,29 @@ def _linear_work(c: Case, direction: str) -> Work:
     return work(p["tokens"], p["in"], p["out"], 0, 0, p["r_max"], direction)
 
 
+def _forward_paths(device: torch.device) -> list[Provider]:
+    """The Triton backend with each forward path forced (``auto`` picks by token count, a rule
+    these two providers measure): ``peftops[triton:segmented]``, ``peftops[triton:gathered]``."""
+    if "triton" not in peftops.available_backends(OP, device):
+        return []
+    from peftops.kernels import multi_lora_linear as kernels
+
+    def forced(path: str):
+        def fn(t: dict) -> torch.Tensor:
+            before = kernels.FORWARD_PATH["forward"]
+            kernels.FORWARD_PATH["forward"] = path
+            try:
+                with peftops.use_backend("triton"):
+                    return public(t)
+            finally:
+                kernels.FORWARD_PATH["forward"] = before
+
+        return fn
+
+    untimed = "Triton interpreter (TRITON_INTERPRET=1)" if device.type == "cpu" else None
+    return [Provider(f"peftops[triton:{p}]", forced(p), untimed=untimed) for p in ("segmented", "gathered")]
+
+
 def register(registry: Registry) -> None:
     register_op(
         registry,
@@ -121,6 +144,7 @@ def register(registry: Registry) -> None:
             Provider("peft-loop", peft_loop),
             Provider("linear", linear, checked=False, work=_linear_work),
         ],
+        device_providers=_forward_paths,
     )
     registry.add_case(case("T4096-4096x4096-r16-N32", 4096, 4096, 4096, 32, 16, frozenset({FULL, QUICK})))
     registry.add_case(

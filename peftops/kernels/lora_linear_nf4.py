@@ -47,6 +47,11 @@ from .lowrank import MAX_RANK, down, down_sums, empty_mask, expand_bits, launch_
 
 OP = "lora_linear_nf4"
 _ROUND = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+#: Decode (a few tokens): the family's 128 x 128 tiles would give a 4096-wide layer 32 programs
+#: for 132 SMs, each dequantising its whole column strip alone. Narrow column blocks give one
+#: program per SM or so; 16 rows is tl.dot's minimum. Unmeasured (the qlora14 stage times it).
+DECODE_MAX_TOKENS = 64
+DECODE_CONFIG = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=128, GROUP_M=1, num_warps=4, num_stages=3)
 
 
 @triton.jit
@@ -172,6 +177,8 @@ def nf4_gemm(
     if m == 0:
         return out
     r = u.shape[1]
+    if cfg is None and m <= DECODE_MAX_TOKENS and x.device.type == "cuda":
+        cfg = dict(DECODE_CONFIG)
     cfg, opts = launch_meta(
         # Its own configs (the GEMM family defaults until tuned): LoRA's tuned 128 x 256 tiles
         # spill here, where a dequantised W tile sits in registers beside the accumulator.

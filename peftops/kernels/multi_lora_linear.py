@@ -24,9 +24,27 @@ backward::
     dW = g^T x (the dense reduction of :mod:`.lowrank`), db = sum_t g
 
 Dropout is the counter-based mask of :mod:`.lowrank`, keyed by the token's own index, so
-forward and backward regenerate the same mask. This is the segmented path (prefill and
-training: long runs of one adapter); a decode batch of one token per adapter runs it with
-one-token tiles, correct but re-reading W per tile (the gathered decode path is to come).
+forward and backward regenerate the same mask.
+
+That is the segmented path (prefill and training: long runs of one adapter). A decode batch,
+a few tokens per adapter, would run it with near-empty tiles, each re-reading all of W. The
+*gathered* forward reads W once and each token's adapter once instead::
+
+    y          = x W^T + b                                  the framework's GEMM (cuBLAS)
+    _gather_down_kernel  u_t = s_a * (x_d,t A_a[:r_a]^T)    one program per token, A_a's
+                                                            first r_a rows only (masked
+                                                            loads past the slot's rank move
+                                                            no memory): a rank-8 adapter in
+                                                            a rank-64 slot costs rank 8
+    _gather_up_kernel    y_t += u_t B_a[:, :r_a]^T          one program per (token, column
+                                                            block), adding into y
+
+Both run on CUDA cores (one token is a matrix-vector product), bound by the adapters' bytes.
+Its u is the segmented path's, bit for bit up to summation order, so the backward (always
+the segmented kernels) does not care which forward ran. :data:`FORWARD_PATH` picks the path:
+``auto`` takes the gathered one up to :data:`GATHER_MAX_TOKENS` tokens (a shape rule, no
+host sync; provisional until measured on a GPU: ``STAGES=multi15`` in
+``benchmarks/gpu_session.sh`` times both).
 """
 
 from __future__ import annotations
@@ -47,6 +65,12 @@ OP = "multi_lora_linear"
 #: The largest r_max this family takes: its kernels hold a token's whole rank-r activation in
 #: one register tile (BLOCK_R = pow2(r_max)).
 MAX_RANK = 128
+#: ``forward``: ``auto``, ``segmented`` or ``gathered`` (tests and benchmarks force one).
+FORWARD_PATH = {"forward": "auto"}
+#: ``auto`` runs the gathered forward up to this many tokens. Unmeasured: by bytes, a token's
+#: adapter costs r (K + N) elements gathered against K N / BLOCK_M of W per segmented tile row,
+#: so the gathered path reads less at decode sizes; 256 keeps it to decode and short batches.
+GATHER_MAX_TOKENS = 256
 
 
 def launch_config(x: Tensor, weight: Tensor, lora_a: Tensor, cfg: dict | None) -> dict:
@@ -312,6 +336,102 @@ def _seg_tn_kernel(
             tl.store(SUMS + a * stride_sa + sum_p, col_sum, mask=sum_p < P)
 
 
+@triton.jit
+def _gather_down_kernel(
+    X,
+    A,
+    SCALES,
+    RANKS,
+    IDS,
+    SEED,
+    U,
+    K,
+    R,
+    N_ADAPTERS,
+    stride_xm,
+    stride_xk,
+    stride_aa,
+    stride_ar,
+    stride_ak,
+    stride_um,
+    p,
+    HAS_RANKS: tl.constexpr,
+    HAS_DROPOUT: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``U[t, :] = s_a * (keep(t) * X[t]) A_a[:r_a]^T`` for token ``t`` of adapter ``a = IDS[t]``
+    (zeros past ``r_a`` and for ids outside ``[0, N_ADAPTERS)``), float32 accumulation."""
+    t = tl.program_id(0).to(tl.int64)
+    a = tl.load(IDS + t).to(tl.int64)
+    valid = (a >= 0) & (a < N_ADAPTERS)
+    a = tl.where(valid, a, 0)
+    rank = R
+    if HAS_RANKS:
+        rank = tl.load(RANKS + a, mask=valid, other=0).to(tl.int32)
+    rank = tl.where(valid, rank, 0)  # an invalid id loads no row of A
+    rs = tl.arange(0, BLOCK_R)
+    acc = tl.zeros((BLOCK_R,), dtype=tl.float32)
+    if HAS_DROPOUT:
+        seed = tl.load(SEED)
+        row = t + tl.zeros((1, 1), dtype=tl.int64)
+    for k0 in range(0, K, BLOCK_K):
+        ks = (k0 + tl.arange(0, BLOCK_K)).to(tl.int64)[None, :]
+        x = tl.load(X + t * stride_xm + ks * stride_xk, mask=ks < K, other=0.0).to(tl.float32)
+        if HAS_DROPOUT:
+            # The segmented path's mask, keyed by (seed, token, feature): the backward's.
+            x = tl.where(keep_mask(seed, row, ks, p), x, 0.0)
+        w = tl.load(
+            A + a * stride_aa + rs[:, None] * stride_ar + ks * stride_ak,
+            mask=(rs[:, None] < rank) & (ks < K),
+            other=0.0,
+        ).to(tl.float32)
+        acc += tl.sum(w * x, axis=1)
+    acc = acc * tl.load(SCALES + a, mask=valid, other=0.0).to(tl.float32)
+    tl.store(U + t * stride_um + rs, acc.to(U.dtype.element_ty), mask=rs < R)
+
+
+@triton.jit
+def _gather_up_kernel(
+    U,
+    B,
+    RANKS,
+    IDS,
+    Y,
+    N,
+    R,
+    N_ADAPTERS,
+    stride_um,
+    stride_ba,
+    stride_bn,
+    stride_br,
+    stride_ym,
+    HAS_RANKS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """``Y[t, cols] += U[t, :r_a] B_a[cols, :r_a]^T`` for token ``t`` of adapter ``a = IDS[t]``;
+    rows with an id outside ``[0, N_ADAPTERS)`` are left as they are."""
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    a = tl.load(IDS + t).to(tl.int64)
+    if (a >= 0) & (a < N_ADAPTERS):
+        rank = R
+        if HAS_RANKS:
+            rank = tl.load(RANKS + a).to(tl.int32)
+        rs = tl.arange(0, BLOCK_R)
+        u = tl.load(U + t * stride_um + rs, mask=rs < rank, other=0.0).to(tl.float32)
+        b = tl.load(
+            B + a * stride_ba + cols[:, None].to(tl.int64) * stride_bn + rs[None, :] * stride_br,
+            mask=(cols[:, None] < N) & (rs[None, :] < rank),
+            other=0.0,
+        ).to(tl.float32)
+        low = tl.sum(b * u[None, :], axis=1)
+        y_ptr = Y + t * stride_ym + cols
+        y = tl.load(y_ptr, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(y_ptr, (y + low).to(Y.dtype.element_ty), mask=cols < N)
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers
 # ---------------------------------------------------------------------------------------------
@@ -446,11 +566,43 @@ def _seg_tn(left, right, n_adapters, seed, dropout_p, scale, tiles, out_dtype, c
     return out, sums.sum(0)
 
 
+def _gathered_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
+    t, k = x.shape
+    n, r_max, _ = lora_a.shape
+    out_f = weight.shape[0]
+    keep_scale = 1.0 / (1.0 - dropout_p) if dropout_p > 0 else 1.0
+    # The base GEMM on the framework's BLAS: one read of W whatever the number of adapters.
+    y = torch.nn.functional.linear(x, weight, bias).contiguous()
+    u = empty((t, r_max), dtype=x.dtype, device=x.device)
+    block_r = pow2(r_max)
+    s32 = scales.float() * keep_scale
+    ids = adapter_ids.contiguous()
+    with on_device(x.device):
+        _gather_down_kernel[(t,)](
+            x, lora_a, s32, ranks if ranks is not None else s32, ids, seed if seed is not None else s32, u,
+            k, r_max, n, x.stride(0), x.stride(1), lora_a.stride(0), lora_a.stride(1), lora_a.stride(2),
+            u.stride(0), dropout_p,
+            HAS_RANKS=ranks is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_K=min(128, pow2(k)), BLOCK_R=block_r,
+        )  # fmt: skip
+        block_n = 64 if x.device.type != "cuda" else 128
+        _gather_up_kernel[(t, triton.cdiv(out_f, block_n))](
+            u, lora_b, ranks if ranks is not None else s32, ids, y, out_f, r_max, n,
+            u.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0),
+            HAS_RANKS=ranks is not None, BLOCK_N=block_n, BLOCK_R=block_r,
+        )  # fmt: skip
+    return y, u
+
+
 def forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed, *, cfg: dict | None = None):
     """``(y, u)``; ``cfg`` forces the segmented kernels' block configuration."""
     t, out_f, (n, r_max, _) = x.shape[0], weight.shape[0], lora_a.shape
     if t == 0:
         return empty((0, out_f), dtype=x.dtype, device=x.device), empty((0, r_max), dtype=x.dtype, device=x.device)
+    path = FORWARD_PATH["forward"]
+    if path not in ("auto", "segmented", "gathered"):
+        raise ValueError(f"{OP}: FORWARD_PATH: expected 'auto', 'segmented' or 'gathered', got {path!r}")
+    if path == "gathered" or (path == "auto" and cfg is None and t <= GATHER_MAX_TOKENS):
+        return _gathered_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed)
     cfg = launch_config(x, weight, lora_a, cfg)
     with on_device(x.device):
         tiles = _tiles(adapter_ids, n, cfg["BLOCK_M"])

@@ -84,6 +84,7 @@ def _launches():
     from peftops.kernels import bottleneck_adapter as adapter
     from peftops.kernels import lora_linear as lora
     from peftops.kernels import lora_linear_nf4 as qlora
+    from peftops.kernels import multi_lora_linear as multi
 
     launches: list = []
     for module, name in ((lora, "_gemm_kernel"), (lowrank, "_down_kernel"), (lowrank, "_tn_kernel")):
@@ -91,6 +92,8 @@ def _launches():
     for name in ("_forward_kernel", "_expand_kernel"):
         _record(adapter, name, launches)
     _record(qlora, "_nf4_gemm_kernel", launches)
+    for name in ("_gather_down_kernel", "_gather_up_kernel"):
+        _record(multi, name, launches)
 
     def configs(op, kernel, rank_for_defaults):
         """(cfg, n, k, r) for the family-9 default and each tuned entry of ``kernel``."""
@@ -116,7 +119,7 @@ def _launches():
             lora.gemm(g, w, u, a, None, epi_scale=2.0, mask=mask, cfg=cfg)  # dx with dropout
             col = torch.rand(n, dtype=torch.float32)
             lora.gemm_col_scaled(x, w.T, u, b.T, bias, col, epi_scale=2.0, save_pre=True, cfg=cfg)  # DoRA
-        for cfg, n, k, r in configs("lora_linear_nf4", "gemm", 16):
+        for cfg, n, k, r in [*configs("lora_linear_nf4", "gemm", 16), (dict(qlora.DECODE_CONFIG), 512, 512, 16)]:
             # QLoRA: the 4-bit weight dequantised in the load path, forward and dx (with and
             # without the dropout mask), rounded through the activations' dtype.
             x, g = torch.randn(m, k, dtype=dtype), torch.randn(m, n, dtype=dtype)
@@ -126,6 +129,16 @@ def _launches():
             for transposed, xx, bb, mm in ((True, x, b.T, None), (False, g, a, None), (False, g, a, mask)):
                 qlora.nf4_gemm(xx, packed, absmax, code, 64, (n, k), weight_dtype=dtype, transposed=transposed,
                                u=u, b_rn=bb, bias=bias if transposed else None, mask=mm, cfg=cfg)  # fmt: skip
+        # Multi-LoRA's gathered decode forward: 64 tokens over 64 adapters, rank-16 and rank-64 slots.
+        for r_max in (16, 64):
+            x, w = torch.randn(64, 4096, dtype=dtype), torch.randn(4096, 4096, dtype=dtype)
+            a, b = torch.randn(64, r_max, 4096, dtype=dtype), torch.randn(64, 4096, r_max, dtype=dtype)
+            ranks = torch.full((64,), r_max, dtype=torch.int32)
+            ids = torch.arange(64)
+            multi.FORWARD_PATH["forward"] = "gathered"
+            for p, s in ((0.0, None), (0.1, seed)):
+                multi.forward(x, w, a, b, ids, torch.rand(64), None, ranks, p, s)
+            multi.FORWARD_PATH["forward"] = "auto"
         for cfg, n, k, r in configs("lora_linear", "down", 16):
             x, w = torch.randn(m, k, dtype=dtype), torch.randn(r, k, dtype=dtype)
             lowrank.down(x, w.T, 0.5, 0.0, None, cfg=cfg, out_dtype=torch.float32)

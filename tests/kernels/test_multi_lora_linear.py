@@ -62,12 +62,47 @@ EDGES = {
 }
 
 
+@pytest.mark.parametrize("path", ["segmented", "gathered"])
 @pytest.mark.parametrize("name", list(EDGES))
-def test_tile_table_edges_forward_and_gradients(name):
+def test_tile_table_edges_forward_and_gradients(monkeypatch, name, path):
     """Every token's output, dx, dW, db and every slot's dA and dB (zeros for absent
-    adapters) against the spec in float64."""
+    adapters) against the spec in float64, with either forward (the backward is segmented)."""
+    monkeypatch.setitem(kernels.FORWARD_PATH, "forward", path)
     case = EDGES[name]
     assert_matches(triton_call(), spec, case.inputs(torch.float32, "cpu"), torch.float32, what=f"{name}: {case}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_gathered_forward_is_the_segmented_one(monkeypatch, dtype, dropout_p):
+    """Same y and u (up to summation order), the same dropout mask, heterogeneous ranks in
+    larger slots, ids in any order with base-only rows."""
+    case = case_of(29, 6, "mixed", r_max=16, seed=12)
+    t = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in case.inputs(dtype, "cpu").items()}
+    args = (t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"], t["ranks"])
+    seed = torch.tensor(9) if dropout_p else None
+    out = {}
+    for path in ("segmented", "gathered"):
+        monkeypatch.setitem(kernels.FORWARD_PATH, "forward", path)
+        out[path] = kernels.forward(*args, dropout_p, seed)
+    for got, want, name in zip(out["gathered"], out["segmented"], ["y", "u"], strict=True):
+        assert_close(got, want.double(), dtype=dtype, name=name)
+
+
+def test_auto_forward_path_is_gathered_for_decode_sizes_only(monkeypatch):
+    calls = []
+    real = kernels._gathered_forward
+    monkeypatch.setattr(kernels, "_gathered_forward", lambda *a: calls.append(a[0].shape[0]) or real(*a))
+    for tokens in (5, kernels.GATHER_MAX_TOKENS + 1):
+        case = case_of(tokens, 3, "mixed", seed=13)
+        t = {k: v.detach() if isinstance(v, torch.Tensor) else v for k, v in case.inputs(torch.float32, "cpu").items()}
+        kernels.forward(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"],
+                        t["ranks"], 0.0, None)  # fmt: skip
+    assert calls == [5]
+    monkeypatch.setitem(kernels.FORWARD_PATH, "forward", "fastest")
+    with pytest.raises(ValueError, match="FORWARD_PATH: expected 'auto', 'segmented' or 'gathered'"):
+        kernels.forward(t["x"], t["weight"], t["lora_a"], t["lora_b"], t["adapter_ids"], t["scales"], t["bias"],
+                        t["ranks"], 0.0, None)  # fmt: skip
 
 
 @pytest.mark.parametrize(
