@@ -156,3 +156,153 @@ def bottleneck_adapter_backward(
         if need_bd:
             dbd = dh.sum(0).to(grad.dtype)
     return dx, dwd, dbd, dwu, dbu
+
+
+# -- per-row adapter banks ----------------------------------------------------------------
+#
+# ``N`` adapters stacked in fixed-capacity slots, ``Wd: (N, r_max, d)``, ``bd: (N, r_max)``,
+# ``Wu: (N, d, r_max)``, ``bu: (N, d)``, per-slot ranks ``r: (N,)`` (adapter ``a`` uses its first
+# ``r_a`` rank slots; the rest is padding that neither computes nor receives gradient), one
+# shared activation and scale, and one adapter id per token ``id_t`` (``-1``: no adapter)::
+#
+#     M_a  = [j < r_a]                                   (r_max,) rank mask of adapter a
+#     h_t  = (x_t Wd_a^T + bd_a) * M_a                   0 when id_t = -1
+#     y_t  = res_t + s * (act(h_t) Wu_a^T + bu_a)        y_t = res_t when id_t = -1
+#
+# Backward, for ``g_t = dL/dy_t`` and the tokens of adapter a::
+#
+#     dz_t  = s g_t
+#     dWu_a = sum_t dz_t^T act(h_t),    dbu_a = sum_t dz_t
+#     dh_t  = (dz_t Wu_a) * act'(h_t) * M_a
+#     dWd_a = sum_t dh_t^T x_t,         dbd_a = sum_t dh_t
+#     dx_t  = dh_t Wd_a  (+ g_t for the serial form; only that for id_t = -1)
+#
+# so each adapter's gradient is the one the single-adapter op gives it on its own tokens with
+# its weights cut to rank r_a, and a slot no token names gets zeros. act(0) = 0 for every
+# activation here, so the masked h is also what the padding would give, but the mask is a
+# selection: an inf or NaN in a slot's padding, in a slot no token names, or in the input of a
+# token without an adapter (for the adapter's gradients) reaches nothing. An id outside
+# ``[-1, N)`` (the op refuses those in eager mode only) means no adapter, as -1 does.
+
+
+def bank_rank_mask(ranks: Tensor | None, num_adapters: int, r_max: int, device) -> Tensor:
+    """``(N, r_max)`` bool, True where a rank slot is in use; a rank above ``r_max`` uses every
+    slot and one below 1 none (what unchecked ranks mean under ``torch.compile``)."""
+    if ranks is None:
+        return torch.ones(num_adapters, r_max, dtype=torch.bool, device=device)
+    return torch.arange(r_max, device=device)[None, :] < ranks.to(device=device, dtype=torch.int64)[:, None]
+
+
+def bank_groups(adapter_ids: Tensor, num_adapters: int) -> tuple[Tensor, Tensor]:
+    """``(has_adapter, group)`` per token: whether its id names a slot, and that slot (``N`` for
+    the tokens without an adapter, out-of-range ids included)."""
+    ids = adapter_ids.to(torch.int64)  # compared with N in int64: an int8 id must not wrap
+    has = (ids >= 0) & (ids < num_adapters)
+    return has, torch.where(has, ids, num_adapters)
+
+
+def _gather(t: Tensor | None, group: Tensor, shape: tuple[int, ...], acc: torch.dtype) -> Tensor:
+    """``t[group]`` with an all-zero slot ``N`` appended, so that the tokens without an adapter
+    gather zeros (``t=None``, an absent bias, gathers zeros everywhere)."""
+    if t is None:
+        return torch.zeros((group.shape[0], *shape), dtype=acc, device=group.device)
+    return torch.cat([t.to(acc), t.new_zeros((1, *shape), dtype=acc)])[group]
+
+
+def _bank_parts(x, down_weight, down_bias, up_weight, up_bias, adapter_ids, ranks, acc):
+    """Per token: its own adapter's ``(Wd, bd, Wu, bu)`` with the rank padding zeroed by
+    selection, its rank mask, ``has`` and ``group``."""
+    n, r_max, d = down_weight.shape
+    mask = bank_rank_mask(ranks, n, r_max, x.device)
+    has, group = bank_groups(adapter_ids, n)
+    m_t = torch.cat([mask, mask.new_zeros((1, r_max))])[group] & has[:, None]  # (T, r_max)
+    wd = _gather(torch.where(mask[:, :, None], down_weight.to(acc), 0.0), group, (r_max, d), acc)
+    wu = _gather(torch.where(mask[:, None, :], up_weight.to(acc), 0.0), group, (d, r_max), acc)
+    bd = _gather(None if down_bias is None else torch.where(mask, down_bias.to(acc), 0.0), group, (r_max,), acc)
+    bu = _gather(up_bias, group, (d,), acc)
+    return wd, bd, wu, bu, m_t, has, group
+
+
+def _bank_hidden(xf, wd, bd, m_t, has):
+    # The input of a token without an adapter is not read (its inf must not become NaN here).
+    xa = torch.where(has[:, None], xf, 0.0)
+    return torch.where(m_t, torch.einsum("td,trd->tr", xa, wd) + bd, 0.0)
+
+
+def multi_bottleneck_adapter(
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    up_bias: Tensor | None,
+    adapter_ids: Tensor,
+    ranks: Tensor | None = None,
+    activation: str = "gelu",
+    scale: float = 1.0,
+    residual: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(y, h)`` for ``x: (T, d)`` and ``adapter_ids: (T,)``; ``h: (T, r_max)`` the masked
+    pre-activation in the accumulation dtype (zero for tokens without an adapter), float32
+    accumulation and one rounding of y.
+
+    Readable, not fast: every token gathers its own adapter (``T x r_max x d`` floats).
+    Differentiable with plain autograd (the explicit backward below is checked against it)."""
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    wd, bd, wu, bu, m_t, has, _ = _bank_parts(x, down_weight, down_bias, up_weight, up_bias, adapter_ids, ranks, acc)
+    h = _bank_hidden(xf, wd, bd, m_t, has)
+    z = torch.einsum("tr,tdr->td", torch.where(m_t, _apply(h, activation), 0.0), wu) + bu
+    res = xf if residual is None else residual.to(acc)
+    y = torch.where(has[:, None], res + scale * z, res)
+    return y.to(x.dtype).contiguous(), h.contiguous()
+
+
+def _sum_per_slot(per_token: Tensor, group: Tensor, num_adapters: int) -> Tensor:
+    """``out[a] = sum over the tokens of adapter a`` (``index_add``, a fixed order); the group
+    ``N`` of tokens without an adapter is summed apart and dropped."""
+    out = per_token.new_zeros((num_adapters + 1, *per_token.shape[1:]))
+    return out.index_add_(0, group, per_token)[:num_adapters]
+
+
+def multi_bottleneck_adapter_backward(
+    grad: Tensor,
+    x: Tensor,
+    down_weight: Tensor,
+    down_bias: Tensor | None,
+    up_weight: Tensor,
+    adapter_ids: Tensor,
+    ranks: Tensor | None,
+    activation: str,
+    scale: float,
+    serial: bool,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """Gradients ``(dx, dWd, dbd, dWu, dbu)`` of the bank comment above, entry i ``None``
+    unless ``output_mask[i]``. The pre-activation is recomputed from x."""
+    need_x, need_wd, need_bd, need_wu, need_bu = output_mask
+    acc = acc_dtype(x.dtype)
+    n = down_weight.shape[0]
+    xf = x.to(acc)
+    wd, bd, wu, _, m_t, has, group = _bank_parts(x, down_weight, down_bias, up_weight, None, adapter_ids, ranks, acc)
+    h = _bank_hidden(xf, wd, bd, m_t, has)
+    g = grad.to(acc)
+    dz = torch.where(has[:, None], scale * g, 0.0)  # a token without an adapter reaches none
+    dx = dwd = dbd = dwu = dbu = None
+    if need_wu:
+        a = torch.where(m_t, _apply(h, activation), 0.0)
+        dwu = _sum_per_slot(dz[:, :, None] * a[:, None, :], group, n).to(up_weight.dtype)
+    if need_bu:
+        dbu = _sum_per_slot(dz, group, n).to(grad.dtype)
+    if need_x or need_wd or need_bd:
+        dh = torch.where(m_t, torch.einsum("td,tdr->tr", dz, wu) * activation_grad(h, activation), 0.0)
+        if need_x:
+            dx = torch.einsum("tr,trd->td", dh, wd)
+            if serial:
+                dx = dx + g
+            dx = dx.to(x.dtype)
+        if need_wd:
+            xa = torch.where(has[:, None], xf, 0.0)
+            dwd = _sum_per_slot(dh[:, :, None] * xa[:, None, :], group, n).to(down_weight.dtype)
+        if need_bd:
+            dbd = _sum_per_slot(dh, group, n).to(grad.dtype)
+    return dx, dwd, dbd, dwu, dbu
