@@ -21,9 +21,20 @@ What runs on the op, per call (everything else runs peft's own forward, see belo
 * mixed batches (peft's ``adapter_names=``): rows grouped by adapter, each group through the op,
   ``"__base__"`` rows and adapters this layer lacks through the base layer.
 
+QLoRA: peft's 4-bit layer (``peft.tuners.lora.bnb.Linear4bit``, over bitsandbytes'
+``Linear4bit``: NF4 or FP4, double-quantised scales or not) runs :func:`~peftops.lora_linear_nf4`
+on the base's packed weight (``weight.data``, viewed as uint8 whatever its ``quant_storage``) and
+``weight.quant_state``, read at each call, so a merge that requantises the base is seen. peft's
+4-bit forward computes the base in bitsandbytes' compute dtype and the LoRA term in the adapter's
+dtype, casting x to each; the op computes everything in x's dtype, so a call runs on it only when
+x, the compute dtype and the adapter weights share one dtype (QLoRA with float32 adapters over
+bfloat16 activations, peft's default, runs peft's forward), outside autocast, and while the
+weight is in bitsandbytes' layout (not the AVX512-BF16 repacking its CPU inference makes).
+
 A layer the op cannot compute as peft does (DoRA or another LoRA variant, ``lora_bias``, a base
-layer that is neither ``nn.Linear`` nor GPT-2's ``Conv1D``, such as a quantised layer, embeddings
-and convolutions, ``fan_in_fan_out`` on an ``nn.Linear``, hooks on the base layer, ...) is left alone and named in the
+layer that is neither ``nn.Linear``, GPT-2's ``Conv1D`` nor (under peft's 4-bit LoRA layer)
+bitsandbytes' ``Linear4bit``, such as an 8-bit layer, embeddings and convolutions,
+``fan_in_fan_out`` on an ``nn.Linear``, hooks on the base layer, ...) is left alone and named in the
 report with the reason. A call that an accelerated layer cannot take (an extra argument, a
 dtype mismatch, an adapter added later with a variant, ...) runs peft's forward, is counted in
 ``report.fallbacks`` and warned about once per reason (:class:`PeftopsFallbackWarning`).
@@ -42,6 +53,7 @@ import torch
 from torch import Tensor, nn
 
 from ..ops.lora_linear import lora_linear
+from ..ops.lora_linear_nf4 import lora_linear_nf4
 
 __all__ = ["AccelerateReport", "PeftopsFallbackWarning", "accelerate", "restore"]
 
@@ -54,22 +66,30 @@ class PeftopsFallbackWarning(UserWarning):
 class AccelerateReport:
     """What :func:`accelerate` did to a model.
 
-    ``accelerated``: module names whose LoRA layers run peftops' op. ``skipped``: module name ->
-    why the layer keeps peft's forward. ``fallbacks``: ``(module name, reason) -> calls`` that an
-    accelerated layer handed to peft's forward at call time (see the module docstring).
+    ``accelerated``: module names whose LoRA layers run peftops' op. ``quantized``: those of them
+    over a 4-bit base, which run :func:`~peftops.lora_linear_nf4` (the others run
+    :func:`~peftops.lora_linear`). ``skipped``: module name -> why the layer keeps peft's forward.
+    ``fallbacks``: ``(module name, reason) -> calls`` that an accelerated layer handed to peft's
+    forward at call time (see the module docstring).
     """
 
     accelerated: list[str] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
     fallbacks: Counter = field(default_factory=Counter)
+    quantized: list[str] = field(default_factory=list)
     _warned: set = field(default_factory=set, repr=False, compare=False)
 
     def __str__(self) -> str:
+        ops = "lora_linear" + (", lora_linear_nf4 for 4-bit bases" if self.quantized else "")
         lines = [
-            f"peftops.accelerate: {len(self.accelerated)} LoRA layer(s) on peftops' lora_linear, "
+            f"peftops.accelerate: {len(self.accelerated)} LoRA layer(s) on peftops' {ops}, "
             f"{len(self.skipped)} left on peft's forward"
         ]
-        lines += [f"  accelerated  {name}" for name in self.accelerated]
+        four_bit = set(self.quantized)
+        lines += [
+            f"  accelerated  {name}" + (" (4-bit base: lora_linear_nf4)" if name in four_bit else "")
+            for name in self.accelerated
+        ]
         lines += [f"  skipped      {name}: {reason}" for name, reason in self.skipped.items()]
         if self.fallbacks:
             lines.append(f"  calls run on peft's forward: {sum(self.fallbacks.values())}")
@@ -112,6 +132,37 @@ def _is_conv1d(base: nn.Module) -> bool:
     ``sys.modules``: a model holding one has imported transformers already."""
     module = sys.modules.get("transformers.pytorch_utils")
     return module is not None and type(base) is getattr(module, "Conv1D", None)
+
+
+def _bnb_linear4bit() -> type | None:
+    """bitsandbytes' ``Linear4bit``, looked up in ``sys.modules`` (a model holding one has imported
+    bitsandbytes; importing it here would load its native library for nothing)."""
+    module = sys.modules.get("bitsandbytes.nn.modules")
+    return getattr(module, "Linear4bit", None)
+
+
+def _peft_linear4bit() -> type | None:
+    """peft's 4-bit LoRA layer class, once peft has imported it (only with bitsandbytes present)."""
+    module = sys.modules.get("peft.tuners.lora.bnb")
+    return getattr(module, "Linear4bit", None)
+
+
+def _is_4bit_layer(layer: Any) -> bool:
+    cls = _peft_linear4bit()
+    return cls is not None and isinstance(layer, cls)
+
+
+def _base_reason_4bit(layer: Any) -> str | None:
+    base = layer.base_layer
+    cls = _bnb_linear4bit()
+    if cls is None or not isinstance(base, cls) or type(base).forward is not cls.forward:
+        kind = f"{type(base).__module__}.{type(base).__qualname__}"
+        return f"base layer of peft's 4-bit LoRA layer is {kind}, not bitsandbytes' Linear4bit"
+    if getattr(base.weight, "quant_state", None) is None:
+        return "the 4-bit base layer has no quant_state (not quantised yet: bitsandbytes quantises on .to(device))"
+    if _has_hooks(base):
+        return "the base layer has hooks or a replaced forward (offloading, quantisation, ...)"
+    return None
 
 
 def _base_reason(layer: Any) -> str | None:
@@ -162,6 +213,43 @@ def _dropout_args(layer: Any, name: str) -> tuple[float, bool]:
     return float(dropout.p), dropout.training
 
 
+def _compute_dtype(base: Any, x: Tensor) -> torch.dtype | None:
+    """The dtype bitsandbytes' ``Linear4bit.forward`` would compute in for x: its first call
+    adopts x's dtype when that is float32 or bfloat16 (``set_compute_type``), later calls keep it."""
+    if not base.compute_type_is_set and x.dtype in (torch.float32, torch.bfloat16):
+        return x.dtype
+    return base.compute_dtype
+
+
+def _call_reason_4bit(layer: Any, x: Tensor, adapters) -> str | None:
+    base = layer.base_layer
+    state = getattr(base.weight, "quant_state", None)
+    if state is None:
+        return "the 4-bit base layer has no quant_state"
+    if getattr(state, "packing_format_for_cpu", False):
+        return "the 4-bit weight is in bitsandbytes' AVX512-BF16 CPU layout (repacked by an inference call)"
+    if base.weight.device != x.device:
+        return "x and the 4-bit base weight are on different devices"
+    if torch.is_autocast_enabled(x.device.type):
+        # peft then skips its casts and bitsandbytes casts x to its compute dtype itself: two
+        # dtypes in one layer, which the op (one dtype throughout) does not reproduce.
+        return "autocast is on over a 4-bit base (bitsandbytes computes in its own compute dtype)"
+    compute = _compute_dtype(base, x)
+    if compute is not None and compute != x.dtype:
+        return f"x is {x.dtype} but the 4-bit base computes in {compute} (bnb_4bit_compute_dtype)"
+    if base.bias is not None and base.bias.device != x.device:
+        return "x and the base bias differ in device"
+    for name in adapters:
+        reason = _adapter_reason(layer, name)
+        if reason is not None:
+            return reason
+        a, b = layer.lora_A[name].weight, layer.lora_B[name].weight
+        if a.dtype != x.dtype or b.dtype != x.dtype or a.device != x.device or b.device != x.device:
+            # peft would cast x to the adapter's dtype and the LoRA term back to x's.
+            return f"adapter {name!r}: x and the LoRA weights differ in dtype or device"
+    return None
+
+
 def _call_reason(layer: Any, x: Tensor, adapters) -> str | None:
     """Why this call cannot run on the op; ``adapters``: the LoRA adapters it would run."""
     if _has_hooks(layer.base_layer):
@@ -169,6 +257,8 @@ def _call_reason(layer: Any, x: Tensor, adapters) -> str | None:
     base = layer.base_layer
     if not isinstance(x, Tensor) or not x.dtype.is_floating_point or x.dim() == 0:
         return "x is not a floating-point tensor with a feature dimension"
+    if _is_4bit_layer(layer):
+        return _call_reason_4bit(layer, x, adapters)
     device = x.device
     # Under autocast the op casts every float argument to the autocast dtype as F.linear does
     # (peft's nn.Linear calls are cast the same way), so only then may the dtypes differ.
@@ -212,6 +302,27 @@ def _fallback(layer: Any, reason: str, x, args, kwargs) -> Tensor:
 def _with_adapter(layer: Any, x: Tensor, name: str) -> Tensor:
     base = layer.base_layer
     p, training = _dropout_args(layer, name)
+    if _is_4bit_layer(layer):
+        if not base.compute_type_is_set:
+            # What bitsandbytes' first forward would have recorded, so that later calls (peft's
+            # forward included) see the same compute dtype whichever path ran first.
+            base.set_compute_type(x)
+            base.compute_type_is_set = True
+        weight = base.weight
+        packed = weight.data if weight.data.dtype == torch.uint8 else weight.data.view(torch.uint8)
+        bias = base.bias
+        return lora_linear_nf4(
+            x,
+            packed,
+            weight.quant_state,
+            layer.lora_A[name].weight,
+            layer.lora_B[name].weight,
+            scale=float(layer.scaling[name]),
+            # bitsandbytes casts its bias to x's dtype (in place); a cast here leaves the Parameter be.
+            bias=bias.to(x.dtype) if bias is not None else None,
+            dropout_p=p,
+            training=training,
+        )
     return lora_linear(
         x,
         base.weight.t() if _is_conv1d(base) else base.weight,
@@ -293,7 +404,8 @@ def _is_accelerated(module: nn.Module) -> bool:
 
 
 def accelerate(model: nn.Module) -> AccelerateReport:
-    """Make ``model``'s peft LoRA ``Linear`` layers run :func:`peftops.lora_linear`, in place.
+    """Make ``model``'s peft LoRA ``Linear`` layers run :func:`peftops.lora_linear` (and peft's
+    4-bit ``Linear4bit`` layers :func:`peftops.lora_linear_nf4`), in place.
 
     ``model``: a ``peft.PeftModel`` or any module with peft LoRA layers injected (for example a
     transformers model after ``inject_adapter_in_model`` or ``add_adapter``). Returns an
@@ -333,12 +445,17 @@ def accelerate(model: nn.Module) -> AccelerateReport:
         module.__dict__[_STATE] = _LayerState(name, report)
         module.forward = types.MethodType(_accelerated_forward, module)
         report.accelerated.append(name)
+        if _is_4bit_layer(module):
+            report.quantized.append(name)
     if not report.accelerated:
         warnings.warn(f"peftops.accelerate: no LoRA layer accelerated\n{report}", PeftopsFallbackWarning, stacklevel=2)
     return report
 
 
 def _layer_reason(module: Any, lora_layer) -> str | None:
+    qlora = _peft_linear4bit()
+    if qlora is not None and isinstance(module, qlora):
+        return _layer_reason_4bit(module, qlora)
     if not isinstance(module, lora_layer.Linear):
         base = module.get_base_layer()
         return (
@@ -350,6 +467,21 @@ def _layer_reason(module: Any, lora_layer) -> str | None:
     if "forward" in module.__dict__:
         return "the layer's forward was already replaced on the instance (another patch)"
     reason = _base_reason(module)
+    if reason is not None:
+        return reason
+    for name in module.lora_A:
+        reason = _adapter_reason(module, name)
+        if reason is not None:
+            return reason
+    return None
+
+
+def _layer_reason_4bit(module: Any, qlora: type) -> str | None:
+    if type(module).forward is not qlora.forward:
+        return f"{type(module).__qualname__} overrides peft's 4-bit Linear4bit.forward"
+    if "forward" in module.__dict__:
+        return "the layer's forward was already replaced on the instance (another patch)"
+    reason = _base_reason_4bit(module)
     if reason is not None:
         return reason
     for name in module.lora_A:
