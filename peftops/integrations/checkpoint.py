@@ -20,6 +20,13 @@ peftops model                 peft checkpoint
 ``<s>.<k>`` (modules_to_save) ``base_model.model.<s>.<k>``
 ============================  ==================================================
 
+Quantised models (QLoRA) work the same way: a model whose linear layers are 4-bit, as
+:func:`peftops.nn.quantize_model` makes them (``LinearNF4``) or as transformers + bitsandbytes
+loads them (``BitsAndBytesConfig(load_in_4bit=True)``: bitsandbytes' ``Linear4bit``), gets
+``LoRALinearNF4`` layers over the packed weights from ``load_adapter`` (nothing dequantised or
+copied), and its LoRA keys are those of a float model, so peft's QLoRA adapters load here and
+adapters saved here load with peft onto the bitsandbytes model.
+
 Every config field is either honoured or, when it asks for something peftops does not do
 (DoRA, ``layers_to_transform``, LoftQ/PiSSA initialisation, ...), refused with a
 ``ValueError`` naming it: a checkpoint is never loaded with part of its meaning dropped.
@@ -362,7 +369,8 @@ def load_adapter(model: nn.Module, path: str | os.PathLike, adapter_name: str = 
     ``LORA`` checkpoint the config's ``target_modules``, ``exclude_modules``, ``r``,
     ``lora_alpha``, ``use_rslora``, ``rank_pattern``, ``alpha_pattern``, ``lora_dropout``,
     ``bias`` and ``modules_to_save`` are applied with :func:`peftops.apply_lora`, then the
-    weights loaded. A model holding ``MultiLoRALinear`` banks (``apply_lora(..., capacity=N)``)
+    weights loaded; 4-bit linear layers (``LinearNF4``, bitsandbytes' ``Linear4bit``) become
+    ``LoRALinearNF4`` over their packed weights. A model holding ``MultiLoRALinear`` banks (``apply_lora(..., capacity=N)``)
     gets the checkpoint as the bank adapter ``adapter_name`` instead, per-layer ranks included.
     ``PREFIX_TUNING``, ``PROMPT_TUNING`` and ``P_TUNING`` checkpoints go to the prefix and prompt
     tuning integrations.
@@ -584,6 +592,14 @@ def merge_and_unload(model: nn.Module) -> nn.Module:
     (``nn.Linear``, transformers' ``Conv1D``, ``nn.Embedding``, holding the same Parameters), so
     ``model.save_pretrained`` writes the merged weights and ``from_pretrained`` of the stock
     class loads them. Returns ``model``.
+
+    4-bit layers (``LoRALinearNF4``, QLoRA) are dequantised, merged and quantised again with the
+    same format (NF4/FP4, block size, double quantisation), with a ``UserWarning`` as peft gives:
+    the rounding changes the outputs, by about as much as quantising the float model did once.
+    They become :class:`peftops.nn.LinearNF4`, also when the base was bitsandbytes'
+    ``Linear4bit``: ``LinearNF4`` holds bitsandbytes' state-dict keys, so ``save_pretrained`` of a
+    transformers model quantised by bitsandbytes writes the checkpoint ``from_pretrained`` loads
+    back as ``Linear4bit``, and the merged model needs no bitsandbytes to run.
 
     Refuses, changing nothing, models whose adapters cannot be folded into weights (prefix or
     prompt tuning, bottleneck adapters, several adapters in ``MultiLoRALinear`` banks) and LoRA

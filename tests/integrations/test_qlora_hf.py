@@ -227,9 +227,9 @@ def test_merge_and_unload_requantises_with_warning(dense_dir, tmp_path):
         merged = peftops.merge_and_unload(model)
     assert sum("4-bit" in str(w.message) for w in record) == N_LAYERS
     for name, (target, requantised, absmax) in expected.items():
-        layer = merged.get_submodule(name)
-        assert type(layer) is LinearNF4
-        w = layer.dequantize()
+        unwrapped = merged.get_submodule(name)
+        assert isinstance(unwrapped, LinearNF4) and not isinstance(unwrapped, LoRALinearNF4)
+        w = unwrapped.dequantize()
         assert torch.equal(w, requantised), name
         # Rounding bound: half NF4's widest code gap times the block's absmax, plus the error of the
         # double-quantised absmax itself.
