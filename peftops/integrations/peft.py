@@ -134,14 +134,14 @@ def _is_conv1d(base: nn.Module) -> bool:
     return module is not None and type(base) is getattr(module, "Conv1D", None)
 
 
-def _bnb_linear4bit() -> type | None:
+def _bnb_linear4bit() -> Any:
     """bitsandbytes' ``Linear4bit``, looked up in ``sys.modules`` (a model holding one has imported
     bitsandbytes; importing it here would load its native library for nothing)."""
     module = sys.modules.get("bitsandbytes.nn.modules")
     return getattr(module, "Linear4bit", None)
 
 
-def _peft_linear4bit() -> type | None:
+def _peft_linear4bit() -> Any:
     """peft's 4-bit LoRA layer class, once peft has imported it (only with bitsandbytes present)."""
     module = sys.modules.get("peft.tuners.lora.bnb")
     return getattr(module, "Linear4bit", None)
@@ -476,7 +476,7 @@ def _layer_reason(module: Any, lora_layer) -> str | None:
     return None
 
 
-def _layer_reason_4bit(module: Any, qlora: type) -> str | None:
+def _layer_reason_4bit(module: Any, qlora: Any) -> str | None:
     if type(module).forward is not qlora.forward:
         return f"{type(module).__qualname__} overrides peft's 4-bit Linear4bit.forward"
     if "forward" in module.__dict__:
