@@ -352,7 +352,10 @@ class _Tiles:
         n_tiles = tokens // bm + groups
         _, group = bank_groups(adapter_ids, num)
         order = torch.argsort(group, stable=True)  # the tokens without an adapter (group N) last
-        counts = torch.bincount(group, minlength=num + 1)[:num]
+        # scatter_add into a fixed size, not bincount: bincount sizes its output from max(group),
+        # a read-back that would break CUDA graph capture.
+        counts = torch.zeros(num + 1, dtype=torch.int64, device=device).scatter_add_(0, group, torch.ones_like(group))
+        counts = counts[:num]
         starts = torch.cumsum(counts, 0) - counts
         per = (counts + bm - 1) // bm
         ends = torch.cumsum(per, 0)
@@ -617,9 +620,10 @@ def bottleneck_adapter(
     slots (every id -1).
 
     Banks: each slot gets exactly the gradient its own tokens give it and a slot no token
-    names gets zeros, its weights unread. Backends: ``reference``, and ``torch`` (tokens
-    grouped by adapter without a host synchronisation, so CUDA graphs can capture it; every
-    tile computes at ``r_max``). In eager mode ids and ranks are checked on the host (one
+    names gets zeros, its weights unread. Backends: ``reference``; ``torch`` (tokens grouped
+    by adapter without a host synchronisation, so CUDA graphs can capture it; every tile
+    computes at ``r_max``); ``triton`` (:mod:`peftops.kernels.multi_bottleneck_adapter`, the
+    multi-LoRA tile table, loads masked at each slot's rank). In eager mode ids and ranks are checked on the host (one
     synchronisation; ``ValueError`` naming the argument). While ``torch.compile`` traces and
     during CUDA graph capture nothing can be read back, so nothing is checked, and every
     backend gives unchecked values one meaning, never an error or an out-of-bounds access: an

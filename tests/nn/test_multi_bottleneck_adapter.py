@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import peftops
+import peftops.kernels.multi_bottleneck_adapter  # noqa: F401  (registers the triton backend; peftops.kernels does not import it yet)
 from peftops.nn import BottleneckAdapter
 from peftops.nn.multi_bottleneck_adapter import MultiBottleneckAdapter
 from peftops.testing import assert_close
@@ -35,7 +36,7 @@ def as_single(m: MultiBottleneckAdapter, name: str) -> BottleneckAdapter:
     return single
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_rows_use_their_own_adapters(backend):
     m = bank()
     x = torch.randn(4, 3, 12)
@@ -72,7 +73,7 @@ def test_a_fresh_adapter_changes_nothing_and_ranks_are_per_slot():
     assert torch.count_nonzero(m.down_weight[0, 3:]) == 0 and torch.count_nonzero(m.down_weight[0, :3]) == 18
 
 
-@pytest.mark.parametrize("backend", ["reference", "torch"])
+@pytest.mark.parametrize("backend", ["reference", "torch", "triton"])
 def test_mixed_batch_gradients_equal_per_adapter_runs_and_absent_adapters_get_zero(backend):
     m = bank(2)
     x = torch.randn(6, 12)
