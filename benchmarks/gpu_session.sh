@@ -20,12 +20,14 @@
 #              peftops[torch], dequant-cublas, bnb-peft (only if bitsandbytes is installed there)
 #              and the 16-bit linear; the peak memory of one training step per provider.
 #              Writes gpu_tests_qlora.log, lora_linear_nf4.json, qlora_memory.json.
-#   multi15    issue 15's multi-LoRA decode path in about 4 minutes: the multi-LoRA gpu tests;
-#              every multi_lora_linear case under CUDA graphs with the Triton backend's forward
-#              paths forced (segmented, gathered) beside auto, lora-single, peft-loop and linear.
+#   multi15    issue 15's multi-LoRA decode path in about 5 minutes: the multi-LoRA gpu tests (the
+#              CUDA C++ decode kernels built just in time by the first), a compute-sanitizer
+#              memcheck of those kernels; every multi_lora_linear case under CUDA graphs with
+#              peftops[cuda], the Triton backend's forward paths forced (segmented, gathered),
+#              auto, lora-single, peft-loop and linear.
 #              Writes gpu_tests_multi.log, multi_lora_linear.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
-#   memcheck   compute-sanitizer memcheck of the CUDA adapter kernel
+#   memcheck   compute-sanitizer memcheck of the CUDA C++ multi-LoRA decode kernels
 #   lora adapter attention
 #              the benchmarks of each op at its issue's shapes, with same-run baselines
 #   profile    per-kernel times of one training step per op (benchmarks/profile_ops.py)
@@ -126,13 +128,16 @@ fi
 if has multi15; then
     gpu_state start
     echo "== pytest -m gpu multi-LoRA" | tee -a "$LOG"
-    timeout 100 python3 -m pytest -m gpu tests/ops/test_multi_lora_linear.py tests/kernels/test_multi_lora_linear.py \
-        -q -rfE -p no:cacheprovider $par 2>&1 | tee "$OUT/gpu_tests_multi.log" | tail -30 || status=1
+    timeout 150 python3 -m pytest -m gpu tests/ops/test_multi_lora_linear.py tests/kernels/test_multi_lora_linear.py \
+        tests/kernels/test_cuda_multi_lora.py -q -rfE -p no:cacheprovider $par 2>&1 | tee "$OUT/gpu_tests_multi.log" \
+        | tail -30 || status=1
+    run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
+        python3 -m pytest tests/kernels/test_cuda_multi_lora.py -q -p no:cacheprovider -k "memcheck"
     run 120 python3 -m benchmarks --ops multi_lora_linear --cuda-graph on --json "$OUT/multi_lora_linear.json"
     gpu_state end
 fi
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
-    python3 -m pytest tests/kernels/test_cuda_adapter.py -q -p no:cacheprovider -k "smoke and gelu and 64-4096"
+    python3 -m pytest tests/kernels/test_cuda_multi_lora.py -q -p no:cacheprovider -k "memcheck"
 if has tune_adapter; then
     run 120 python3 benchmarks/tune.py --op bottleneck_adapter --quick --out "$OUT/configs"
     mkdir -p peftops/kernels/configs/bottleneck_adapter

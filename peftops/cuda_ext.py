@@ -9,8 +9,14 @@ Two ways to get it, neither needed on CPU-only installs:
   ``~/.cache/peftops``, one folder per torch/CUDA version), and later processes reuse it.
 
 The sources register their ops with ``TORCH_LIBRARY`` under the ``peftops`` namespace
-(``torch.ops.peftops.bottleneck_adapter_fwd_cuda``); this module wraps them as the ``cuda``
-backend of the public ops.
+(``torch.ops.peftops.multi_lora_gather_down_cuda``, ``..._up_cuda``); this module wraps them as
+the ``cuda`` backend of the public ops: today ``multi_lora_linear``'s gathered decode forward.
+
+There was a CUDA-core forward of ``bottleneck_adapter`` here. It ran 117x slower than the
+Triton kernel on the H100 (19.2 ms against 0.16 ms at 16384 x 4096, r64: weights re-read from
+L2 per 8-row block, no tensor cores) and was removed rather than kept as a backend nobody
+should pick; a tensor-core rebuild would need a GPU to verify it, which the sessions that
+could have written it did not have.
 """
 
 from __future__ import annotations
@@ -24,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .backends import OpImpl, backend_status, implementation, register_backend, register_impl
-from .kernels.common import ACT_CODES, dtype_reason
+from .kernels.common import dtype_reason
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 
@@ -74,52 +80,65 @@ def load() -> None:
             is_python_module=False,
             verbose=False,
         )
-    torch.library.register_fake("peftops::bottleneck_adapter_fwd_cuda")(_adapter_fwd_fake)
+    torch.library.register_fake("peftops::multi_lora_gather_down_cuda")(_gather_down_fake)
+    torch.library.register_fake("peftops::multi_lora_gather_up_cuda")(_gather_up_fake)
 
 
-def _adapter_fwd_fake(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale, stream):
-    return x.new_empty(x.shape), x.new_empty((x.shape[0], down_weight.shape[0]), dtype=torch.float32)
+def _gather_down_fake(x, lora_a, scales, ranks, ids, stream):
+    return x.new_empty((x.shape[0], lora_a.shape[1]))
 
 
-# -- the cuda backend of bottleneck_adapter ---------------------------------------------------
+def _gather_up_fake(y, u, lora_b, ranks, ids, stream):
+    return None
 
 
-def _adapter_forward(x, down_weight, down_bias, up_weight, up_bias, residual, activation, scale):
+# -- the cuda backend of multi_lora_linear: the gathered decode forward -------------------------
+
+
+def _multi_lora_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed):
     load()
-    lead, d = x.shape[:-1], x.shape[-1]
-    x2 = x.reshape(-1, d).contiguous()
-    res2 = residual.reshape(-1, d).contiguous() if residual is not None else None
-    contig = [None if t is None else t.contiguous() for t in (down_weight, down_bias, up_weight, up_bias)]
+    # The base GEMM once, on cuBLAS; the C++ kernels add each token's own adapter.
+    y = torch.nn.functional.linear(x, weight, bias).contiguous()
+    ranks32 = ranks.to(torch.int32).contiguous() if ranks is not None else None
+    ids = adapter_ids.contiguous()
     with torch.cuda.device(x.device):
         stream = torch.cuda.current_stream().cuda_stream
-        y, h = torch.ops.peftops.bottleneck_adapter_fwd_cuda(
-            x2, contig[0], contig[1], contig[2], contig[3], res2, ACT_CODES[activation], scale, stream
+        u = torch.ops.peftops.multi_lora_gather_down_cuda(
+            x.contiguous(), lora_a.contiguous(), scales.float().contiguous(), ranks32, ids, stream
         )
-    return y.reshape(*lead, d), h.reshape(*lead, down_weight.shape[0])
+        torch.ops.peftops.multi_lora_gather_up_cuda(y, u, lora_b.contiguous(), ranks32, ids, stream)
+    return y, u
 
 
-def _adapter_backward(*args):
-    # The backward stays in Triton (tensor-core GEMMs and token reductions); the C++ side has
-    # the forward only, as the issue allows unless a C++ backward measures faster.
-    return implementation("bottleneck_adapter", "triton").backward(*args)
+def _multi_lora_backward(*args):
+    # u is the Triton forward's (same values), so the Triton segmented backward takes it as is.
+    return implementation("multi_lora_linear", "triton").backward(*args)
 
 
-def _adapter_supports(x, down_weight, *rest) -> str | None:
-    reason = dtype_reason(x.dtype, "the CUDA kernel takes")
+def _multi_lora_supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed) -> str | None:
+    reason = dtype_reason(x.dtype, "the CUDA kernels take")
     if reason is not None:
         return reason
+    if dropout_p > 0:
+        return f"the CUDA decode kernels have no dropout (serving), got dropout_p={dropout_p}"
+    vec = 16 // x.element_size()
+    if x.shape[-1] % vec or lora_a.shape[1] % vec:
+        return (
+            f"the CUDA kernels read 16-byte vectors: in_features and r_max must be multiples of {vec}, "
+            f"got {x.shape[-1]} and {lora_a.shape[1]}"
+        )
     # The backward runs the Triton kernels, so a call is supported only where they run too.
     reason = backend_status("triton", x.device)
     if reason is not None:
         return f"the cuda backend's backward runs the Triton kernels, which cannot: {reason}"
     try:
-        triton_impl = implementation("bottleneck_adapter", "triton")
+        triton_impl = implementation("multi_lora_linear", "triton")
     except RuntimeError as exc:
         return f"the cuda backend's backward runs the Triton kernels: {exc}"
-    reason = triton_impl.supports(x, down_weight, *rest)
+    reason = triton_impl.supports(x, weight, lora_a, lora_b, adapter_ids, scales, bias, ranks, dropout_p, seed)
     if reason is not None:
         return f"the cuda backend's backward runs the Triton kernels, which do not support this call: {reason}"
-    return None  # whether the extension can be built is the backend's (cached) status
+    return None
 
 
 def _status(device_type: str) -> str | None:
@@ -130,7 +149,7 @@ def _status(device_type: str) -> str | None:
 
 register_backend("cuda", _status)
 register_impl(
-    "bottleneck_adapter",
+    "multi_lora_linear",
     "cuda",
-    OpImpl(forward=_adapter_forward, backward=_adapter_backward, supports=_adapter_supports),
+    OpImpl(forward=_multi_lora_forward, backward=_multi_lora_backward, supports=_multi_lora_supports),
 )

@@ -27,9 +27,9 @@ on the base's packed weight (``weight.data``, viewed as uint8 whatever its ``qua
 ``weight.quant_state``, read at each call, so a merge that requantises the base is seen. peft's
 4-bit forward computes the base in bitsandbytes' compute dtype and the LoRA term in the adapter's
 dtype, casting x to each; the op computes everything in x's dtype, so a call runs on it only when
-x, the compute dtype, the adapter weights and the weight's ``quant_state.dtype`` (through which
-the op rounds W, as bitsandbytes 0.50 on CPU does not) share one dtype (QLoRA with float32 adapters over
-bfloat16 activations, peft's default, runs peft's forward), outside autocast, and while the
+x, the compute dtype and the adapter weights share one dtype (W is dequantised straight to it,
+as bitsandbytes 0.50 does, whatever dtype it was quantised from; QLoRA with float32 adapters
+over bfloat16 activations, peft's default, runs peft's forward), outside autocast, and while the
 weight is in bitsandbytes' layout (not the AVX512-BF16 repacking its CPU inference makes).
 
 A layer the op cannot compute as peft does (DoRA or another LoRA variant, ``lora_bias``, a base
@@ -238,10 +238,6 @@ def _call_reason_4bit(layer: Any, x: Tensor, adapters) -> str | None:
     compute = _compute_dtype(base, x)
     if compute is not None and compute != x.dtype:
         return f"x is {x.dtype} but the 4-bit base computes in {compute} (bnb_4bit_compute_dtype)"
-    if state.dtype != x.dtype:
-        # bitsandbytes 0.50 dequantises straight into x's dtype; the op (and older bitsandbytes)
-        # round W through the state's dtype first, so the two agree only when the dtypes do.
-        return f"x is {x.dtype} but the 4-bit weight was quantised from {state.dtype} (quant_state.dtype)"
     if base.bias is not None and base.bias.device != x.device:
         return "x and the base bias differ in device"
     for name in adapters:

@@ -17,12 +17,11 @@ from ..reference import ACTIVATIONS
 POISON_ENV = "PEFTOPS_POISON_OUTPUTS"
 
 
-#: What the Triton kernels (and the CUDA C++ forward) take; float64 is the reference's alone.
+#: What the Triton kernels (and the CUDA C++ kernels) take; float64 is the reference's alone.
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-#: The bottleneck adapter's activation as its kernels switch on it (Triton's ``_act``, the CUDA
-#: C++ ``activate`` in ``csrc/bottleneck_adapter.cu``): its position in the spec's list, so a
-#: new activation is appended there, never inserted.
+#: The bottleneck adapter's activation as its kernels switch on it (Triton's ``_act``): its
+#: position in the spec's list, so a new activation is appended there, never inserted.
 ACT_CODES = {name: code for code, name in enumerate(ACTIVATIONS)}
 
 

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..ops.lora_linear_nf4 import as_state, lora_linear_nf4
+from ..ops.lora_linear_nf4 import as_state, dequantize_blocks, lora_linear_nf4
 from ..reference import nf4
 from ._base import AdapterModule, positive_int, strict_bool
 from .lora_linear import LoRALinear
@@ -67,6 +67,13 @@ class _Quantized4bit:
         """The ``(out, in)`` weight in the state's dtype, as bitsandbytes dequantises it."""
         return nf4.dequantize_4bit(self.weight, self.quant_state)
 
+    def _weight_for(self, x: Tensor) -> Tensor:
+        """W in x's dtype, rounded once from the float32 product, as bitsandbytes 0.50's
+        ``matmul_4bit`` dequantises for its GEMM (not through the state's dtype)."""
+        absmax = nf4.dequantize_absmax(self.quant_state)
+        shape = (self.out_features, self.in_features)
+        return dequantize_blocks(self.weight, absmax, self.code.float(), shape, self.blocksize, x.dtype)
+
     def _quant_extra_repr(self) -> str:
         nested = ", double-quantised" if self.state2_absmax is not None else ""
         return f"{self.quant_type}, blocksize={self.blocksize}{nested}, dtype={str(self.state_dtype)[6:]}"
@@ -103,8 +110,8 @@ def _load_quant_state(module, state_dict, prefix, local_metadata, strict, missin
 
 class LinearNF4(_Quantized4bit, nn.Module):
     """A frozen ``nn.Linear`` whose weight is stored in 4 bits (NF4 or FP4, bitsandbytes'
-    layout). Forward: ``x W^T + b`` with ``W`` dequantised as bitsandbytes does (in the state's
-    dtype, then cast to x's). Build one with :meth:`from_linear` (quantises) or
+    layout). Forward: ``x W^T + b`` with ``W`` dequantised as bitsandbytes' 4-bit matmul does
+    (straight to x's dtype). Build one with :meth:`from_linear` (quantises) or
     :meth:`from_bnb` (adopts a bitsandbytes ``Linear4bit``'s tensors, no copy)."""
 
     def __init__(self, packed: Tensor, quant_state: Any, bias: Tensor | None = None) -> None:
@@ -151,7 +158,7 @@ class LinearNF4(_Quantized4bit, nn.Module):
         return cls(weight.data, quant_state, getattr(linear4bit, "bias", None))
 
     def forward(self, input: Tensor) -> Tensor:
-        return F.linear(input, self.dequantize().to(input.dtype), self.bias)
+        return F.linear(input, self._weight_for(input), self.bias)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, " + (
@@ -241,7 +248,7 @@ class LoRALinearNF4(_Quantized4bit, LoRALinear):
     def forward(self, input: Tensor) -> Tensor:
         if self.merged:
             self._check_merged_forward()
-            return F.linear(input, self.dequantize().to(input.dtype), self.bias)
+            return F.linear(input, self._weight_for(input), self.bias)
         return lora_linear_nf4(
             input,
             self.weight,

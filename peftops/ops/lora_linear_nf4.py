@@ -6,7 +6,8 @@ the first element of each pair in the high nibble, the ``(out, in)`` weight flat
 ``absmax`` (float32, one scale per ``blocksize`` consecutive elements of that flat order, the
 double quantisation already undone) and ``code`` (the 16 float32 values a 4-bit code stands
 for). Element ``f`` of the flat weight is ``code[nibble(f)] * absmax[f // blocksize]``, computed
-in float32 and rounded to x's dtype, which is bitsandbytes' ``dequantize_4bit`` bit for bit.
+in float32 and rounded once to x's dtype, as bitsandbytes 0.50's ``matmul_4bit`` (its
+``gemm_4bit``) dequantises it, whatever dtype the weight was quantised from.
 
 Backends: ``reference`` and ``torch`` dequantise into a temporary weight, then run
 ``lora_linear``'s backend of the same name (the backward dequantises again rather than keep
@@ -256,8 +257,8 @@ def lora_linear_nf4(
             ``ceil(out * in / 2)`` bytes in any shape.
         quant_state: the weight's quantisation state: a bitsandbytes ``QuantState`` or peftops'
             :class:`~peftops.reference.nf4.QuantState4bit` (NF4 or FP4, with or without double
-            quantisation; ``shape`` is ``(out, in)``). W is rounded to the state's ``dtype``,
-            then cast to x's, as bitsandbytes' 4-bit matmul does.
+            quantisation; ``shape`` is ``(out, in)``). W is rounded once, to x's dtype, as
+            bitsandbytes' 4-bit matmul does (not through the state's ``dtype``).
         lora_a: ``(r, in)``; lora_b: ``(out, r)``; bias: ``(out,)`` or None.
         scale, dropout_p, training: as :func:`peftops.lora_linear`.
 
@@ -270,8 +271,7 @@ def lora_linear_nf4(
     out_features, in_features = state.shape
     return lora_linear_nf4_raw(
         x, qweight, absmax, state.code.to(device=absmax.device, dtype=torch.float32), out_features, state.blocksize,
-        lora_a, lora_b, scale=scale, bias=bias, dropout_p=dropout_p, training=training, weight_dtype=state.dtype,
-        in_features=in_features,
+        lora_a, lora_b, scale=scale, bias=bias, dropout_p=dropout_p, training=training, in_features=in_features,
     )  # fmt: skip
 
 
@@ -313,7 +313,8 @@ def lora_linear_nf4_raw(
 ) -> Tensor:
     """:func:`lora_linear_nf4` on the storage tensors the kernels read: ``absmax`` float32 per
     block (double quantisation undone), ``code`` the 16 float32 code values, ``weight_dtype``
-    the dtype W is rounded to before the cast to x's (default: x's)."""
+    a dtype W is rounded to before the cast to x's (default: x's, one rounding, bitsandbytes
+    0.50's; another one reproduces libraries that dequantise to the stored dtype first)."""
     if isinstance(x, Tensor):
         x, lora_a, lora_b, bias = check.autocast(x.device.type, x, lora_a, lora_b, bias)
     scale, dropout_p = _validate(

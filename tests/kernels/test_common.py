@@ -53,13 +53,15 @@ def test_every_triton_op_refuses_float64_in_the_same_words(op):
 
 
 def test_cuda_backend_refuses_float64_in_the_same_words():
-    x, wd = torch.randn(3, 8, dtype=torch.float64), torch.randn(2, 8, dtype=torch.float64)
-    assert implementation("bottleneck_adapter", "cuda").supports(x, wd) == f"the CUDA kernel takes {F64}"
+    x, w = torch.randn(3, 8, dtype=torch.float64), torch.randn(4, 8, dtype=torch.float64)
+    a, b = torch.randn(2, 4, 8, dtype=torch.float64), torch.randn(2, 4, 4, dtype=torch.float64)
+    got = implementation("multi_lora_linear", "cuda").supports(x, w, a, b, None, None, None, None, 0.0, None)
+    assert got == f"the CUDA kernels take {F64}"
 
 
 def test_activation_codes_are_the_numbering_the_kernels_switch_on():
-    # csrc/bottleneck_adapter.cu's activate() and the Triton _act switch on these numbers:
-    # a reordered activation list would silently swap activations in the CUDA C++ forward.
+    # The Triton _act switches on these numbers: a reordered activation list would silently
+    # swap activations in the kernels.
     assert common.ACT_CODES == {"relu": 0, "gelu": 1, "gelu_tanh": 2, "silu": 3}
     assert tuple(common.ACT_CODES) == reference.ACTIVATIONS
 

@@ -1,6 +1,6 @@
 """csrc/ compiles wherever nvcc exists, GPU or not (CI has nvcc and no GPU), so a syntax or
 type error in the CUDA sources cannot land. GPU runs of the kernels are in
-tests/kernels/test_cuda_adapter.py."""
+tests/kernels/test_cuda_multi_lora.py."""
 
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ def _flags() -> list[str]:
 
 
 def test_there_are_sources_to_check():
-    assert [p.name for p in cuda_ext.sources()] == ["bottleneck_adapter.cu"]
+    assert [p.name for p in cuda_ext.sources()] == ["multi_lora_gather.cu"]
 
 
 @pytest.mark.slow
