@@ -37,7 +37,7 @@ import triton.language as tl
 
 from .. import reference
 from ..backends import OpImpl, register_impl
-from ..reference.bottleneck_adapter import bank_groups, bank_rank_mask
+from ..reference.multi_lora_linear import rank_mask, token_groups
 from .bottleneck_adapter import _act, _blocks, _expand
 from .common import ACT_CODES, dot_precision, dtype_reason, empty, on_device
 from .lowrank import fp16_scaled, pow2
@@ -271,8 +271,8 @@ def _bias_rows(down_bias, adapter_ids, ranks, r_max):
     """Each token's ``bd_a`` cut to its rank by selection (an inf in the padding stays out);
     zeros for the tokens without an adapter. T x r_max, float32."""
     num = down_bias.shape[0]
-    mask = bank_rank_mask(ranks, num, r_max, down_bias.device)
-    has, group = bank_groups(adapter_ids, num)
+    mask = rank_mask(ranks, num, r_max, down_bias.device)
+    has, group = token_groups(adapter_ids, num)
     bd = torch.where(mask, down_bias.float(), 0.0)
     return torch.cat([bd, bd.new_zeros((1, r_max))])[group]
 

@@ -8,12 +8,11 @@ from torch import Tensor
 from .. import reference
 from ..backends import OpImpl, register_impl, resolve_backend
 from ..reference import ACTIVATIONS
+from ..reference.bottleneck_adapter import multi_bottleneck_adapter as multi_reference
 from ..reference.bottleneck_adapter import (
-    bank_groups,
-    bank_rank_mask,
     multi_bottleneck_adapter_backward,
 )
-from ..reference.bottleneck_adapter import multi_bottleneck_adapter as multi_reference
+from ..reference.multi_lora_linear import rank_mask, token_groups
 from . import validate as check
 from .dispatch import run_backward, run_forward
 
@@ -350,7 +349,7 @@ class _Tiles:
         mean = max(1, tokens // groups)
         self.bm = bm = min(128, 1 << (mean - 1).bit_length())
         n_tiles = tokens // bm + groups
-        _, group = bank_groups(adapter_ids, num)
+        _, group = token_groups(adapter_ids, num)
         order = torch.argsort(group, stable=True)  # the tokens without an adapter (group N) last
         # scatter_add into a fixed size, not bincount: bincount sizes its output from max(group),
         # a read-back that would break CUDA graph capture.
@@ -389,11 +388,11 @@ def _tile_weights(tiles: _Tiles, down_weight, down_bias, up_weight, ranks):
     inf there must not become NaN in a product) and the mask ``(tiles, bm, r_max)`` also false
     on padding rows."""
     num, r_max, _ = down_weight.shape
-    rank_mask = bank_rank_mask(ranks, num, r_max, down_weight.device)[tiles.safe]  # (tiles, r_max)
-    wd = torch.where(rank_mask[:, :, None], down_weight[tiles.safe], 0.0)
-    wu = torch.where(rank_mask[:, None, :], up_weight[tiles.safe], 0.0)
+    in_rank = rank_mask(ranks, num, r_max, down_weight.device)[tiles.safe]  # (tiles, r_max)
+    wd = torch.where(in_rank[:, :, None], down_weight[tiles.safe], 0.0)
+    wu = torch.where(in_rank[:, None, :], up_weight[tiles.safe], 0.0)
     bd = None if down_bias is None else down_bias[tiles.safe]
-    return wd, bd, wu, rank_mask[:, None, :] & tiles.valid[:, :, None]
+    return wd, bd, wu, in_rank[:, None, :] & tiles.valid[:, :, None]
 
 
 def torch_forward(x, down_weight, down_bias, up_weight, up_bias, adapter_ids, ranks, residual, activation, scale):

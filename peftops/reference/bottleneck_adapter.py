@@ -24,6 +24,9 @@ Activation derivatives (``Phi``/``phi`` the standard normal cdf/pdf, ``sigma`` t
     gelu_tanh act'(h) = 0.5 (1 + t) + 0.5 h (1 - t^2) c (1 + 3 k h^2),
               t = tanh(c (h + k h^3)), c = sqrt(2/pi), k = 0.044715
     silu      act'(h) = sigma(h) (1 + h (1 - sigma(h)))
+
+Per-row adapter banks, ``N`` adapters in slots with one adapter (or none) per token:
+:func:`multi_bottleneck_adapter` and its backward, spelled out above them.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .common import acc_dtype
+from .multi_lora_linear import _sum_per_adapter, rank_mask, token_groups
 
 ACTIVATIONS = ("relu", "gelu", "gelu_tanh", "silu")
 
@@ -185,22 +189,6 @@ def bottleneck_adapter_backward(
 # ``[-1, N)`` (the op refuses those in eager mode only) means no adapter, as -1 does.
 
 
-def bank_rank_mask(ranks: Tensor | None, num_adapters: int, r_max: int, device) -> Tensor:
-    """``(N, r_max)`` bool, True where a rank slot is in use; a rank above ``r_max`` uses every
-    slot and one below 1 none (what unchecked ranks mean under ``torch.compile``)."""
-    if ranks is None:
-        return torch.ones(num_adapters, r_max, dtype=torch.bool, device=device)
-    return torch.arange(r_max, device=device)[None, :] < ranks.to(device=device, dtype=torch.int64)[:, None]
-
-
-def bank_groups(adapter_ids: Tensor, num_adapters: int) -> tuple[Tensor, Tensor]:
-    """``(has_adapter, group)`` per token: whether its id names a slot, and that slot (``N`` for
-    the tokens without an adapter, out-of-range ids included)."""
-    ids = adapter_ids.to(torch.int64)  # compared with N in int64: an int8 id must not wrap
-    has = (ids >= 0) & (ids < num_adapters)
-    return has, torch.where(has, ids, num_adapters)
-
-
 def _gather(t: Tensor | None, group: Tensor, shape: tuple[int, ...], acc: torch.dtype) -> Tensor:
     """``t[group]`` with an all-zero slot ``N`` appended, so that the tokens without an adapter
     gather zeros (``t=None``, an absent bias, gathers zeros everywhere)."""
@@ -213,8 +201,8 @@ def _bank_parts(x, down_weight, down_bias, up_weight, up_bias, adapter_ids, rank
     """Per token: its own adapter's ``(Wd, bd, Wu, bu)`` with the rank padding zeroed by
     selection, its rank mask, ``has`` and ``group``."""
     n, r_max, d = down_weight.shape
-    mask = bank_rank_mask(ranks, n, r_max, x.device)
-    has, group = bank_groups(adapter_ids, n)
+    mask = rank_mask(ranks, n, r_max, x.device)
+    has, group = token_groups(adapter_ids, n)
     m_t = torch.cat([mask, mask.new_zeros((1, r_max))])[group] & has[:, None]  # (T, r_max)
     wd = _gather(torch.where(mask[:, :, None], down_weight.to(acc), 0.0), group, (r_max, d), acc)
     wu = _gather(torch.where(mask[:, None, :], up_weight.to(acc), 0.0), group, (d, r_max), acc)
@@ -257,13 +245,6 @@ def multi_bottleneck_adapter(
     return y.to(x.dtype).contiguous(), h.contiguous()
 
 
-def _sum_per_slot(per_token: Tensor, group: Tensor, num_adapters: int) -> Tensor:
-    """``out[a] = sum over the tokens of adapter a`` (``index_add``, a fixed order); the group
-    ``N`` of tokens without an adapter is summed apart and dropped."""
-    out = per_token.new_zeros((num_adapters + 1, *per_token.shape[1:]))
-    return out.index_add_(0, group, per_token)[:num_adapters]
-
-
 def multi_bottleneck_adapter_backward(
     grad: Tensor,
     x: Tensor,
@@ -290,9 +271,9 @@ def multi_bottleneck_adapter_backward(
     dx = dwd = dbd = dwu = dbu = None
     if need_wu:
         a = torch.where(m_t, _apply(h, activation), 0.0)
-        dwu = _sum_per_slot(dz[:, :, None] * a[:, None, :], group, n).to(up_weight.dtype)
+        dwu = _sum_per_adapter(dz[:, :, None] * a[:, None, :], group, n).to(up_weight.dtype)
     if need_bu:
-        dbu = _sum_per_slot(dz, group, n).to(grad.dtype)
+        dbu = _sum_per_adapter(dz, group, n).to(grad.dtype)
     if need_x or need_wd or need_bd:
         dh = torch.where(m_t, torch.einsum("td,tdr->tr", dz, wu) * activation_grad(h, activation), 0.0)
         if need_x:
@@ -302,7 +283,7 @@ def multi_bottleneck_adapter_backward(
             dx = dx.to(x.dtype)
         if need_wd:
             xa = torch.where(has[:, None], xf, 0.0)
-            dwd = _sum_per_slot(dh[:, :, None] * xa[:, None, :], group, n).to(down_weight.dtype)
+            dwd = _sum_per_adapter(dh[:, :, None] * xa[:, None, :], group, n).to(down_weight.dtype)
         if need_bd:
-            dbd = _sum_per_slot(dh, group, n).to(grad.dtype)
+            dbd = _sum_per_adapter(dh, group, n).to(grad.dtype)
     return dx, dwd, dbd, dwu, dbu
