@@ -32,6 +32,7 @@ from .integrations.peft import accelerate, restore  # peft itself is imported on
 from .integrations.prefix_tuning import apply_prefix_tuning, remove_prefix_tuning, set_prefix_bank, set_prefix_ids
 from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
 from .nn import (
+    quantize_model,
     apply_bitfit,
     apply_ia3,
     apply_lora,
@@ -69,6 +70,7 @@ __all__ = [
     "multi_lora_linear",
     "nn",
     "prefix_attention",
+    "quantize_model",
     "reference",
     "remove_adapters",
     "remove_prefix_tuning",
