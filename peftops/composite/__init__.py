@@ -9,11 +9,12 @@ GPU or shape has no measurement (``kernels/configs/auto.json``).
 
 Implemented: ``lora_linear`` (:mod:`peftops.composite.lora_linear`), ``dora_linear``
 (:mod:`peftops.composite.dora_linear`), ``ia3_linear`` (:mod:`peftops.composite.ia3_linear`), ``lora_linear_nf4``
-(:mod:`peftops.composite.lora_linear_nf4`).
+(:mod:`peftops.composite.lora_linear_nf4`), the bottleneck adapter banks
+(:mod:`peftops.composite.multi_bottleneck_adapter`).
 """
 
 from ..backends import register_backend
 
 register_backend("torch", lambda device_type: None)
 
-from . import dora_linear, ia3_linear, lora_linear, lora_linear_nf4  # noqa: E402, F401  (each registers its op; the backend must exist first)
+from . import dora_linear, ia3_linear, lora_linear, lora_linear_nf4, multi_bottleneck_adapter  # noqa: E402, F401  (each registers its op; the backend must exist first)

@@ -6,7 +6,8 @@ Implemented: ``lora_linear`` (:mod:`peftops.kernels.lora_linear`), ``bottleneck_
 (:mod:`peftops.kernels.prefix_attention`), ``multi_lora_linear``
 (:mod:`peftops.kernels.multi_lora_linear`, the segmented path), ``dora_linear``
 (:mod:`peftops.kernels.dora_linear`), ``ia3_linear`` (:mod:`peftops.kernels.ia3_linear`),
-``lora_linear_nf4`` (:mod:`peftops.kernels.lora_linear_nf4`); shared rank-r building blocks
+``lora_linear_nf4`` (:mod:`peftops.kernels.lora_linear_nf4`), the bottleneck adapter banks
+(:mod:`peftops.kernels.multi_bottleneck_adapter`); shared rank-r building blocks
 in :mod:`peftops.kernels.lowrank`, launch configurations in :mod:`peftops.kernels.block_config`.
 
 Kernel modules read ``TRITON_INTERPRET`` when they are imported (``triton.jit`` decides at
@@ -41,6 +42,7 @@ if _INSTALLED:
         ia3_linear,
         lora_linear,
         lora_linear_nf4,
+        multi_bottleneck_adapter,
         multi_lora_linear,
         prefix_attention,
     )

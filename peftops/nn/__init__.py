@@ -7,6 +7,7 @@ from .compacter import CompacterAdapter, PHMRule
 from .ia3 import IA3Linear, apply_ia3, ia3_layers
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALinear
+from .multi_bottleneck_adapter import MultiBottleneckAdapter
 from .multi_lora_linear import MultiLoRALinear
 from .nf4 import LinearNF4, LoRALinearNF4, bits_per_parameter, quantize_model
 from .prefix import PrefixKV, PromptEmbedding
@@ -38,6 +39,7 @@ __all__ = [
     "LinearNF4",
     "LoRALinear",
     "LoRALinearNF4",
+    "MultiBottleneckAdapter",
     "MultiLoRALinear",
     "PHMRule",
     "ParamCount",

@@ -464,12 +464,8 @@ def torch_backward(
     return dx, dwd, dbd, dwu, dbu
 
 
-# The torch backend is declared by peftops.composite, which peftops imports after peftops.ops;
-# importing it here declares it before this registration. Its op modules import only ops
-# modules, which load on their own.
-from .. import composite  # noqa: E402, F401
-
-register_impl(MULTI_OP, "torch", OpImpl(forward=torch_forward, backward=torch_backward))
+# Registered as the torch backend by peftops.composite.multi_bottleneck_adapter (the backend
+# is declared there, after peftops.ops is imported).
 
 
 def _check_bank_values(ids: Tensor, num: int, ranks: Tensor | None, r_max: int) -> None:

@@ -6,7 +6,6 @@ import pytest
 import torch
 
 import peftops
-import peftops.kernels.multi_bottleneck_adapter  # noqa: F401  (registers the triton backend; peftops.kernels does not import it yet)
 from peftops.nn import BottleneckAdapter
 from peftops.nn.multi_bottleneck_adapter import MultiBottleneckAdapter
 from peftops.testing import assert_close

@@ -8,7 +8,6 @@ import torch
 from torch.library import opcheck
 
 import peftops
-import peftops.kernels.multi_bottleneck_adapter  # noqa: F401  (registers the triton backend; peftops.kernels does not import it yet)
 from peftops.reference.bottleneck_adapter import multi_bottleneck_adapter, multi_bottleneck_adapter_backward
 from peftops.testing import assert_close
 
