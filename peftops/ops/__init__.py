@@ -9,4 +9,12 @@ from .lora_linear_nf4 import lora_linear_nf4
 from .multi_lora_linear import multi_lora_linear
 from .prefix_attention import prefix_attention
 
-__all__ = ["bottleneck_adapter", "dora_linear", "ia3_linear", "lora_linear", "lora_linear_nf4", "multi_lora_linear", "prefix_attention"]
+__all__ = [
+    "bottleneck_adapter",
+    "dora_linear",
+    "ia3_linear",
+    "lora_linear",
+    "lora_linear_nf4",
+    "multi_lora_linear",
+    "prefix_attention",
+]
