@@ -109,6 +109,24 @@ def _visible(rows, cols, n_keys, c, KPM, MASKED: tl.constexpr, CAUSAL: tl.conste
     return vis
 
 
+@triton.jit
+def _prefix_row(b, PIDS, PLEN, N_SLOTS, P, BANK: tl.constexpr):
+    """Row b's prefix as ``(slot, length)``: with BANK, slot ``ids[b]`` and its length clamped
+    to ``[0, P]`` (an id outside ``[0, N_SLOTS)`` is no prefix, length 0); else the row itself
+    (a shared prefix has batch stride 0) and all P keys. The length bounds the row's prefix
+    loop, so a short prefix costs its own length."""
+    if BANK:
+        sid = tl.load(PIDS + b)
+        ok = (sid >= 0) & (sid < N_SLOTS)
+        slot = tl.where(ok, sid, 0)
+        plen = tl.load(PLEN + slot, mask=ok, other=0)
+        plen = tl.minimum(tl.maximum(plen, 0), P).to(tl.int32)
+    else:
+        slot = b
+        plen = P
+    return slot, plen
+
+
 # ---------------------------------------------------------------------------------------------
 # Forward
 # ---------------------------------------------------------------------------------------------
@@ -183,6 +201,8 @@ def _fwd_kernel(
     PK,
     PV,
     KPM,
+    PIDS,
+    PLEN,
     O,
     LSE,
     stride_qb,
@@ -215,9 +235,11 @@ def _fwd_kernel(
     L,
     S,
     P,
+    N_SLOTS,
     qk_scale,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    BANK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -249,10 +271,11 @@ def _fwd_kernel(
     c = S - L
     kpm = KPM + b * stride_mb
 
-    # Prefix keys: visible to every query, masked only past P in the last block.
-    pk = PK + b * stride_pkb + hk * stride_pkh
-    pv = PV + b * stride_pvb + hk * stride_pvh
-    p_full = (P // BLOCK_N) * BLOCK_N
+    # Prefix keys: visible to every query, masked only past the row's length in the last block.
+    slot, plen = _prefix_row(b, PIDS, PLEN, N_SLOTS, P, BANK)
+    pk = PK + slot * stride_pkb + hk * stride_pkh
+    pv = PV + slot * stride_pvb + hk * stride_pvh
+    p_full = (plen // BLOCK_N) * BLOCK_N
     acc, l_i, m_i = _fwd_keys(
         acc,
         l_i,
@@ -269,7 +292,7 @@ def _fwd_kernel(
         kpm,
         0,
         p_full,
-        P,
+        plen,
         c,
         qk_scale,
         False,
@@ -295,8 +318,8 @@ def _fwd_kernel(
         stride_pvd,
         kpm,
         p_full,
-        P,
-        P,
+        plen,
+        plen,
         c,
         qk_scale,
         True,
@@ -655,6 +678,140 @@ def _dkdv_kernel(
 
 
 @triton.jit
+def _dkdv_bank_kernel(
+    Q,
+    PK,
+    PV,
+    DO,
+    LSE2,
+    DELTA,
+    PIDS,
+    PLEN,
+    DK,
+    DV,
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_qd,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_kd,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_vd,
+    stride_gb,
+    stride_gh,
+    stride_gm,
+    stride_gd,
+    stride_dkb,
+    stride_dkh,
+    stride_dkn,
+    stride_dkd,
+    stride_dvb,
+    stride_dvh,
+    stride_dvn,
+    stride_dvd,
+    B,
+    HQ,
+    HKV,
+    L,
+    P_MAX,
+    qk_scale,
+    scale,
+    GROUP: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One block of one bank slot's prefix keys for one key head: dK and dV summed, in
+    registers and in row order, over the batch rows that name the slot (their group's query
+    heads, every query). The program owns its output block, so the per-slot sum needs no
+    atomics and is reproducible; a slot no row names, and keys past its length, get zeros."""
+    pid_n = tl.program_id(0)
+    sh = tl.program_id(1)
+    slot = (sh // HKV).to(tl.int64)
+    hk = sh % HKV
+    hk64 = hk.to(tl.int64)
+    n0 = pid_n * BLOCK_N
+    cols = n0 + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    plen = tl.minimum(tl.maximum(tl.load(PLEN + slot), 0), P_MAX).to(tl.int32)
+    dk = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    dv = tl.zeros((BLOCK_N, BLOCK_D), tl.float32)
+    if n0 < plen:
+        k = _load_rows(
+            PK + slot * stride_kb + hk64 * stride_kh + cols[:, None] * stride_kn + offs_d[None, :] * stride_kd,
+            cols,
+            plen,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            True,
+        )
+        v = _load_rows(
+            PV + slot * stride_vb + hk64 * stride_vh + cols[:, None] * stride_vn + offs_d[None, :] * stride_vd,
+            cols,
+            plen,
+            offs_d,
+            HEAD_DIM,
+            BLOCK_D,
+            True,
+        )
+        for b in range(0, B):
+            if tl.load(PIDS + b) == slot:
+                b64 = tl.full((), b, tl.int64)
+                for g in tl.static_range(GROUP):
+                    h = (hk * GROUP + g).to(tl.int64)
+                    at = (b64 * HQ + h) * L
+                    dk, dv = _dkdv_queries(
+                        dk,
+                        dv,
+                        k,
+                        v,
+                        cols,
+                        offs_d,
+                        Q + b64 * stride_qb + h * stride_qh,
+                        DO + b64 * stride_gb + h * stride_gh,
+                        LSE2 + at,
+                        DELTA + at,
+                        stride_qm,
+                        stride_qd,
+                        stride_gm,
+                        stride_gd,
+                        0,
+                        L,
+                        L,
+                        0,
+                        qk_scale,
+                        False,
+                        HEAD_DIM,
+                        BLOCK_D,
+                        BLOCK_M,
+                        PRECISION,
+                    )
+    # Keys past the slot's length were loaded as zeros but still got probabilities: they are
+    # not keys of any row, so their gradient is zero.
+    keep = (cols < plen)[:, None]
+    dk = tl.where(keep, dk, 0.0)
+    dv = tl.where(keep, dv, 0.0)
+    mask = (cols < P_MAX)[:, None] & (offs_d < HEAD_DIM)[None, :]
+    tl.store(
+        DK + slot * stride_dkb + hk64 * stride_dkh + cols[:, None] * stride_dkn + offs_d[None, :] * stride_dkd,
+        (dk * scale).to(DK.dtype.element_ty),
+        mask=mask,
+    )
+    tl.store(
+        DV + slot * stride_dvb + hk64 * stride_dvh + cols[:, None] * stride_dvn + offs_d[None, :] * stride_dvd,
+        dv.to(DV.dtype.element_ty),
+        mask=mask,
+    )
+
+
+@triton.jit
 def _dq_keys(
     dq,
     q,
@@ -712,6 +869,8 @@ def _dq_kernel(
     PK,
     PV,
     KPM,
+    PIDS,
+    PLEN,
     DO,
     LSE2,
     DELTA,
@@ -750,10 +909,12 @@ def _dq_kernel(
     L,
     S,
     P,
+    N_SLOTS,
     qk_scale,
     scale,
     CAUSAL: tl.constexpr,
     HAS_KPM: tl.constexpr,
+    BANK: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     BLOCK_M: tl.constexpr,
@@ -794,9 +955,10 @@ def _dq_kernel(
     c = S - L
     kpm = KPM + b * stride_mb
 
-    pk = PK + b * stride_pkb + hk * stride_pkh
-    pv = PV + b * stride_pvb + hk * stride_pvh
-    p_full = (P // BLOCK_N) * BLOCK_N
+    slot, plen = _prefix_row(b, PIDS, PLEN, N_SLOTS, P, BANK)
+    pk = PK + slot * stride_pkb + hk * stride_pkh
+    pv = PV + slot * stride_pvb + hk * stride_pvh
+    p_full = (plen // BLOCK_N) * BLOCK_N
     dq = _dq_keys(
         dq,
         q,
@@ -814,7 +976,7 @@ def _dq_kernel(
         kpm,
         0,
         p_full,
-        P,
+        plen,
         c,
         qk_scale,
         False,
@@ -841,8 +1003,8 @@ def _dq_kernel(
         stride_pvd,
         kpm,
         p_full,
-        P,
-        P,
+        plen,
+        plen,
         c,
         qk_scale,
         True,
@@ -932,9 +1094,20 @@ def _strides4(t: Tensor) -> tuple[int, ...]:
 
 def _prefix_args(k: Tensor, v: Tensor, prefix_k: Tensor | None, prefix_v: Tensor | None):
     """Pointers and strides for the prefix: with no prefix, k and v stand in (P = 0 visits none)."""
-    if prefix_k is None or prefix_v is None:  # (the op passes both or neither)
+    if prefix_k is None or prefix_v is None or prefix_k.numel() == 0:  # (the op passes both or neither)
         return k, v, (0, 0, 0, 0), (0, 0, 0, 0), 0
     return prefix_k, prefix_v, _strides4(prefix_k), _strides4(prefix_v), prefix_k.shape[-2]
+
+
+def _bank_args(k: Tensor, prefix_k: Tensor | None, prefix_ids: Tensor | None, prefix_lengths: Tensor | None):
+    """``(PIDS, PLEN, N, BANK)``: the ids and lengths (int64; lengths default to P_max) when the
+    prefix is a non-empty bank. An empty bank (N = 0 or P_max = 0) is no prefix for any row."""
+    if prefix_ids is None or prefix_k is None or prefix_k.numel() == 0:
+        return k, k, 0, False  # stand-in pointers, never read
+    num = prefix_k.shape[0]
+    if prefix_lengths is None:
+        prefix_lengths = torch.full((num,), prefix_k.shape[2], dtype=torch.int64, device=k.device)
+    return prefix_ids.to(torch.int64).contiguous(), prefix_lengths.to(torch.int64).contiguous(), num, True
 
 
 def _mask_args(key_padding_mask: Tensor | None, k: Tensor):
@@ -956,8 +1129,22 @@ def launch_config(kernel: str, block_d: int, q: Tensor, cfg: dict | None) -> tup
     return cfg, dict(num_warps=cfg.pop("num_warps"), num_stages=cfg.pop("num_stages"))
 
 
-def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg: dict | None = None):
-    """``(out, lse)``; ``cfg`` forces the forward kernel's block configuration."""
+def forward(
+    q,
+    k,
+    v,
+    prefix_k,
+    prefix_v,
+    key_padding_mask,
+    causal,
+    scale,
+    prefix_ids=None,
+    prefix_lengths=None,
+    *,
+    cfg: dict | None = None,
+):
+    """``(out, lse)``; ``cfg`` forces the forward kernel's block configuration. With
+    ``prefix_ids`` the prefix is a bank read in place through the ids (no per-row gather)."""
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
     out = empty(q.shape, dtype=q.dtype, device=q.device)
@@ -966,6 +1153,7 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg
         return out, lse
     pk, pv, spk, spv, prefix_len = _prefix_args(k, v, prefix_k, prefix_v)
     kpm, stride_mb, has_kpm = _mask_args(key_padding_mask, k)
+    pids, plen, n_slots, bank = _bank_args(k, prefix_k, prefix_ids, prefix_lengths)
     block_d = _block_d(head_dim)
     cfg, meta = launch_config("fwd", block_d, q, cfg)
     grid = (triton.cdiv(q_len, cfg["BLOCK_M"]), batch * hq)
@@ -977,6 +1165,8 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg
             pk,
             pv,
             kpm,
+            pids,
+            plen,
             out,
             lse,
             *q.stride(),
@@ -991,9 +1181,11 @@ def forward(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, *, cfg
             q_len,
             seq_len,
             prefix_len,
+            n_slots,
             scale * LOG2E.value,
             CAUSAL=causal,
             HAS_KPM=has_kpm,
+            BANK=bank,
             HEAD_DIM=head_dim,
             BLOCK_D=block_d,
             PRECISION=dot_precision(q.dtype),
@@ -1078,12 +1270,16 @@ def backward(
     causal,
     scale,
     output_mask: Sequence[bool],
+    prefix_ids=None,
+    prefix_lengths=None,
     *,
     cfg: Mapping[str, dict] | None = None,
 ):
     """``(dq, dk, dv, dprefix_k, dprefix_v)``, None where ``output_mask`` says so; ``cfg`` forces
-    the configuration of the kernels it names (``{"dkdv": ..., "dq": ...}``)."""
+    the configuration of the kernels it names (``{"dkdv": ..., "dq": ...}``). With
+    ``prefix_ids`` the prefix gradients are the banks' (``_dkdv_bank_kernel``)."""
     cfg = cfg or {}
+    banks = prefix_ids is not None and prefix_k is not None
     need_q, need_k, need_v, need_pk, need_pv = output_mask
     batch, hq, q_len, head_dim = q.shape
     hkv, seq_len = k.shape[1], k.shape[2]
@@ -1096,7 +1292,7 @@ def backward(
     dpk = dpv = None
     if q.numel() == 0 or (k.numel() == 0 and prefix_len == 0):
         return _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv)
-    if need_pk or need_pv:
+    if (need_pk or need_pv) and not banks:
         # A shared prefix's gradient is summed over the batch: one float32 slice per row here,
         # summed below in a fixed order. A per-row prefix is written directly.
         shape = (batch, hkv, prefix_len, head_dim)
@@ -1105,6 +1301,7 @@ def backward(
         dpv_rows = empty(shape, dtype=dtype, device=q.device)
 
     kpm, stride_mb, has_kpm = _mask_args(key_padding_mask, k)
+    pids, plen, n_slots, bank = _bank_args(k, prefix_k, prefix_ids, prefix_lengths)
     delta = empty((batch, hq, q_len), dtype=torch.float32, device=q.device)
     lse2 = empty((batch, hq, q_len), dtype=torch.float32, device=q.device)
     with on_device(q.device):
@@ -1148,7 +1345,11 @@ def backward(
                     block_d,
                     cfg.get("dkdv"),
                 )
-        if need_pk or need_pv:
+        if (need_pk or need_pv) and banks:
+            dpk, dpv = _bank_grads(
+                q, grad_out, lse2, delta, prefix_k, prefix_v, pids, plen, bank, need_pk, need_pv, scale, block_d, cfg
+            )
+        elif need_pk or need_pv:
             if prefix_len:
                 _launch_dkdv(
                     q,
@@ -1180,7 +1381,8 @@ def backward(
                 dpk = dpk_rows if need_pk else None
                 dpv = dpv_rows if need_pv else None
         if dq is not None:  # (None exactly when not need_q)
-            pk, pv, spk, spv, _ = _prefix_args(k, v, prefix_k, prefix_v)
+            # (An empty bank is no prefix: its P_max keys do not exist.)
+            pk, pv, spk, spv, dq_prefix_len = _prefix_args(k, v, prefix_k, prefix_v)
             dq_cfg, meta = launch_config("dq", block_d, q, cfg.get("dq"))
             _dq_kernel[(triton.cdiv(q_len, dq_cfg["BLOCK_M"]), batch * hq)](
                 q,
@@ -1189,6 +1391,8 @@ def backward(
                 pk,
                 pv,
                 kpm,
+                pids,
+                plen,
                 grad_out,
                 lse2,
                 delta,
@@ -1205,11 +1409,13 @@ def backward(
                 hq // hkv,
                 q_len,
                 seq_len,
-                prefix_len,
+                dq_prefix_len,
+                n_slots,
                 scale * LOG2E.value,
                 scale,
                 CAUSAL=causal,
                 HAS_KPM=has_kpm,
+                BANK=bank,
                 HEAD_DIM=head_dim,
                 BLOCK_D=block_d,
                 PRECISION=dot_precision(q.dtype),
@@ -1217,6 +1423,54 @@ def backward(
                 **meta,
             )
     return dq, dk, dv, dpk, dpv
+
+
+def _bank_grads(q, do, lse2, delta, prefix_k, prefix_v, pids, plen, bank, need_pk, need_pv, scale, block_d, cfg):
+    """The banks' gradients ``(N, Hkv, P_max, D)``, one program per (key block, slot, key head)
+    summing the rows that name its slot (``_dkdv_bank_kernel``); an empty bank gets zeros."""
+    dpk = empty(prefix_k.shape, dtype=prefix_k.dtype, device=q.device)
+    dpv = empty(prefix_v.shape, dtype=prefix_v.dtype, device=q.device)
+    if not bank:
+        dpk.zero_()
+        dpv.zero_()
+    else:
+        batch, hq, q_len, head_dim = q.shape
+        num, hkv, p_max = prefix_k.shape[0], prefix_k.shape[1], prefix_k.shape[2]
+        bank_cfg, meta = launch_config("dkdv", block_d, q, cfg.get("dkdv"))
+        # Blocks sized for the longest slot; a shorter slot's blocks past its length exit at once.
+        bank_cfg["BLOCK_N"] = max(16, min(bank_cfg["BLOCK_N"], triton.next_power_of_2(p_max)))
+        _dkdv_bank_kernel[(triton.cdiv(p_max, bank_cfg["BLOCK_N"]), num * hkv)](
+            q,
+            prefix_k,
+            prefix_v,
+            do,
+            lse2,
+            delta,
+            pids,
+            plen,
+            dpk,
+            dpv,
+            *q.stride(),
+            *prefix_k.stride(),
+            *prefix_v.stride(),
+            *do.stride(),
+            *dpk.stride(),
+            *dpv.stride(),
+            batch,
+            hq,
+            hkv,
+            q_len,
+            p_max,
+            scale * LOG2E.value,
+            scale,
+            GROUP=hq // hkv,
+            HEAD_DIM=head_dim,
+            BLOCK_D=block_d,
+            PRECISION=dot_precision(q.dtype),
+            **bank_cfg,
+            **meta,
+        )
+    return (dpk if need_pk else None), (dpv if need_pv else None)
 
 
 def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
@@ -1229,7 +1483,9 @@ def _zero_fill(q, k, v, prefix_k, prefix_v, dq, dk, dv, need_pk, need_pv):
     return dq, dk, dv, dpk, dpv
 
 
-def supports(q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale) -> str | None:
+def supports(
+    q, k, v, prefix_k, prefix_v, key_padding_mask, causal, scale, prefix_ids=None, prefix_lengths=None
+) -> str | None:
     reason = dtype_reason(q.dtype, "the triton kernels take")
     if reason is not None:
         return reason

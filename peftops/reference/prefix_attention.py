@@ -27,6 +27,14 @@ Backward, for ``dO``, with ``Delta_i = sum_d dO_id o_id``::
 
 Key/value gradients are summed over the query heads of each group, and for a shared prefix
 over the batch as well.
+
+Prefix banks (:func:`prefix_attention_banks`): ``prefix_k, prefix_v: (N, Hkv, P_max, D)`` hold N
+prefixes in slots, ``prefix_ids: (B,)`` names row b's slot (-1: no prefix) and
+``prefix_lengths: (N,)`` how many of a slot's keys are real. Row b is the single-row attention
+above with the prefix ``bank[ids[b], :, :lengths[ids[b]]]`` (nothing for -1): the rest of the
+slot is never read. Each slot's gradient is the sum over the rows that name it; absent slots
+and positions past a slot's length get zeros. Unchecked values (under capture) have one
+meaning: an id outside ``[0, N)`` means no prefix, a length is clamped to ``[0, P_max]``.
 """
 
 from __future__ import annotations
@@ -171,3 +179,97 @@ def prefix_attention_backward(
     dk, dpk = split(dk_full, need_k, need_pk, k, prefix_k)
     dv, dpv = split(dv_full, need_v, need_pv, v, prefix_v)
     return dq, dk, dv, dpk, dpv
+
+
+def _bank_rows(prefix_ids: Tensor, prefix_lengths: Tensor | None, num: int, p_max: int) -> list[tuple[int, int]]:
+    """``(slot, length)`` per row, ``(-1, 0)`` for no prefix (unchecked values as the docstring says)."""
+    rows = []
+    for a in prefix_ids.tolist():
+        if not 0 <= a < num:
+            rows.append((-1, 0))
+            continue
+        length = p_max if prefix_lengths is None else int(prefix_lengths[a])
+        rows.append((a, min(max(length, 0), p_max)))
+    return rows
+
+
+def _row_prefix(bank: Tensor, slot: int, length: int) -> Tensor | None:
+    return None if slot < 0 else bank[slot : slot + 1, :, :length]
+
+
+def prefix_attention_banks(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    prefix_ids: Tensor,
+    prefix_lengths: Tensor | None = None,
+    causal: bool = True,
+    key_padding_mask: Tensor | None = None,
+    scale: float | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``(out, lse)`` over prefix banks: each row attends with its own slot's first
+    ``prefix_lengths[slot]`` keys (see the module docstring)."""
+    num, p_max = prefix_k.shape[0], prefix_k.shape[2]
+    outs, lses = [], []
+    for b, (slot, length) in enumerate(_bank_rows(prefix_ids, prefix_lengths, num, p_max)):
+        pk, pv = _row_prefix(prefix_k, slot, length), _row_prefix(prefix_v, slot, length)
+        mask = None if key_padding_mask is None else key_padding_mask[b : b + 1]
+        o, lse = prefix_attention(q[b : b + 1], k[b : b + 1], v[b : b + 1], pk, pv, causal, mask, scale)
+        outs.append(o)
+        lses.append(lse)
+    if not outs:  # B = 0
+        return prefix_attention(q, k, v, None, None, causal, key_padding_mask, scale)
+    return torch.cat(outs), torch.cat(lses)
+
+
+def prefix_attention_banks_backward(
+    grad_out: Tensor,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    prefix_k: Tensor,
+    prefix_v: Tensor,
+    prefix_ids: Tensor,
+    prefix_lengths: Tensor | None,
+    causal: bool,
+    key_padding_mask: Tensor | None,
+    scale: float,
+    output_mask: Sequence[bool],
+) -> tuple[Tensor | None, ...]:
+    """``(dq, dk, dv, d_prefix_k, d_prefix_v)`` over banks: the per-row gradients, each row's
+    prefix gradient added (in float32, in row order) into its slot's first ``length`` keys."""
+    need_q, need_k, need_v, need_pk, need_pv = output_mask
+    num, p_max = prefix_k.shape[0], prefix_k.shape[2]
+    acc = acc_dtype(q.dtype)
+    dbank_k = torch.zeros(prefix_k.shape, dtype=acc, device=q.device) if need_pk else None
+    dbank_v = torch.zeros(prefix_v.shape, dtype=acc, device=q.device) if need_pv else None
+    dqs, dks, dvs = [], [], []
+    for b, (slot, length) in enumerate(_bank_rows(prefix_ids, prefix_lengths, num, p_max)):
+        pk, pv = _row_prefix(prefix_k, slot, length), _row_prefix(prefix_v, slot, length)
+        mask = None if key_padding_mask is None else key_padding_mask[b : b + 1]
+        row = slice(b, b + 1)
+        dq, dk, dv, dpk, dpv = prefix_attention_backward(
+            grad_out[row], q[row], k[row], v[row], pk, pv, causal, mask, scale, output_mask
+        )
+        dqs.append(dq)
+        dks.append(dk)
+        dvs.append(dv)
+        if dpk is not None and dbank_k is not None:
+            dbank_k[slot, :, :length] += dpk[0].to(acc)
+        if dpv is not None and dbank_v is not None:
+            dbank_v[slot, :, :length] += dpv[0].to(acc)
+
+    def cat(parts: list, need: bool, like: Tensor) -> Tensor | None:
+        if not need:
+            return None
+        return torch.cat(parts) if parts else torch.zeros_like(like)
+
+    return (
+        cat(dqs, need_q, q),
+        cat(dks, need_k, k),
+        cat(dvs, need_v, v),
+        None if dbank_k is None else dbank_k.to(prefix_k.dtype),
+        None if dbank_v is None else dbank_v.to(prefix_v.dtype),
+    )
