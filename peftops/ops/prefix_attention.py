@@ -346,9 +346,9 @@ def prefix_attention(
         )
         check.shape(OP, "prefix_v", prefix_v, tuple(prefix_k.shape), "(the shape of prefix_k)")
         num, p_max = prefix_k.shape[0], prefix_k.shape[2]
-        for name, t in (("prefix_ids", prefix_ids), ("prefix_lengths", prefix_lengths)):
-            if t is not None and t.device != q.device:
-                raise ValueError(f"{OP}: {name}: expected device {q.device} (the device of q), got {t.device}")
+        for name, given in (("prefix_ids", prefix_ids), ("prefix_lengths", prefix_lengths)):
+            if given is not None and given.device != q.device:
+                raise ValueError(f"{OP}: {name}: expected device {q.device} (the device of q), got {given.device}")
         check.shape(OP, "prefix_ids", prefix_ids, (batch,), f"(B,) with B={batch} from q")
         if prefix_lengths is None:
             prefix_lengths = torch.full((num,), p_max, dtype=torch.int64, device=q.device)
