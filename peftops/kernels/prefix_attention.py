@@ -34,6 +34,15 @@ block and loops over the key blocks. No program writes what another writes: no a
 result is bitwise reproducible. A shared prefix's gradient is written per batch row into a
 float32 buffer that PyTorch then sums in a fixed order.
 
+Prefix banks (``prefix_ids``): the prefix is ``(N, Hkv, P_max, D)`` and row b reads slot
+``ids[b]`` in place (no per-row gather), its loops bounded by the slot's length, so a short
+prefix costs its own length in the forward and in dq. The banks' gradient comes from
+``_dkdv_bank_kernel``: one program per (key block, slot, key head) loops over the rows naming
+its slot, so the per-slot sum needs no atomics and is reproducible, and a slot no row names
+writes zeros without reading anything. Its parallelism is per slot: when many rows share one
+slot, that slot's programs do their rows one after the other (the shared ``(Hkv, P, D)``
+prefix, per-row partials then a sum, is the faster form of that case).
+
 Offsets of the batch and head are int64; inside one (b, h) slice they are int32, which
 ``supports`` checks.
 """
