@@ -9,6 +9,7 @@ from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALinear
 from .multi_bottleneck_adapter import MultiBottleneckAdapter
 from .multi_lora_linear import MultiLoRALinear
+from .multi_prefix import MultiPrefixBatch, MultiPrefixKV
 from .nf4 import LinearNF4, LoRALinearNF4, bits_per_parameter, quantize_model
 from .prefix import PrefixKV, PromptEmbedding
 from .prefix_attention import PrefixSelfAttention
@@ -41,6 +42,8 @@ __all__ = [
     "LoRALinearNF4",
     "MultiBottleneckAdapter",
     "MultiLoRALinear",
+    "MultiPrefixBatch",
+    "MultiPrefixKV",
     "PHMRule",
     "ParamCount",
     "PrefixKV",

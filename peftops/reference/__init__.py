@@ -37,7 +37,14 @@ from .nf4 import (
     state_to_bnb,
     state_to_dict,
 )
-from .prefix_attention import default_scale, prefix_attention, prefix_attention_backward, visible_mask
+from .prefix_attention import (
+    default_scale,
+    prefix_attention,
+    prefix_attention_backward,
+    prefix_attention_banks,
+    prefix_attention_banks_backward,
+    visible_mask,
+)
 
 __all__ = [
     "ACTIVATIONS",
@@ -74,6 +81,8 @@ __all__ = [
     "phm_matrix",
     "prefix_attention",
     "prefix_attention_backward",
+    "prefix_attention_banks",
+    "prefix_attention_banks_backward",
     "quantize_4bit",
     "quantize_fp4",
     "quantize_nf4",
