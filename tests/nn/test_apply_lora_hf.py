@@ -341,7 +341,8 @@ def test_unsupported_layer_type_is_a_type_error_naming_module_and_types():
     with pytest.raises(
         TypeError,
         match=r"apply_lora: target_modules: 'model\.layers\.0\.input_layernorm' expected an nn\.Linear, "
-        r"nn\.Embedding or transformers' Conv1D, got LlamaRMSNorm",
+        r"nn\.Embedding, transformers' Conv1D or a 4-bit linear \(LinearNF4, bitsandbytes' Linear4bit\), "
+        r"got LlamaRMSNorm",
     ):
         apply_lora(model, ["q_proj", "input_layernorm"], r=2, alpha=4)
     assert not _ours_layers(model)

@@ -198,7 +198,7 @@ def test_apply_lora_no_match_lists_the_linears():
 def test_apply_lora_unsupported_target_is_a_type_error(targets, got):
     """The message names the module, its type and the supported types."""
     model = toy()
-    supported = r"expected an nn.Linear, nn.Embedding or transformers' Conv1D"
+    supported = r"expected an nn.Linear, nn.Embedding, transformers' Conv1D or a 4-bit linear \(LinearNF4, bitsandbytes' Linear4bit\)"
     with pytest.raises(TypeError, match=rf"target_modules: '.*' {supported}, got {got}"):
         apply_lora(model, targets, r=2, alpha=2)
     assert_untouched(model, toy())
