@@ -11,11 +11,10 @@ from torch import Tensor, nn
 from ..ops.bottleneck_adapter import bottleneck_adapter
 from ..reference import ACTIVATIONS
 from ._base import AdapterModule, finite, positive_int, strict_bool
+from ._slots import AdapterRef, SlotBank
 
-AdapterRef = str | int | None
 
-
-class MultiBottleneckAdapter(AdapterModule):
+class MultiBottleneckAdapter(SlotBank, AdapterModule):
     r"""``capacity`` bottleneck adapters (``d -> r -> d``, ``r`` up to ``r_max``) in one module:
     each row (or token) of a batch goes through its own adapter, or none.
 
@@ -134,55 +133,8 @@ class MultiBottleneckAdapter(AdapterModule):
         for p in (self.down_weight, self.down_bias, self.up_weight, self.up_bias):
             p[slot].zero_()
 
-    def adapter_id(self, name: str) -> int:
-        if name not in self._slots:
-            raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; have {sorted(self._slots)}")
-        return self._slots[name]
-
-    def adapter_ids(self, refs: Sequence[AdapterRef], device=None) -> Tensor:
-        """Names / slot indices / ``None`` (no adapter) -> an int64 id tensor on ``device``."""
-        used = set(self._slots.values())
-        out = []
-        for ref in refs:
-            if ref is None:
-                out.append(-1)
-            elif isinstance(ref, str):
-                out.append(self.adapter_id(ref))
-            elif isinstance(ref, int) and not isinstance(ref, bool):
-                if ref != -1 and ref not in used:
-                    raise ValueError(f"{type(self).__name__}: adapter id {ref} is not a slot in use ({sorted(used)})")
-                out.append(ref)
-            else:
-                raise TypeError(
-                    f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}"
-                )
-        return torch.tensor(out, dtype=torch.int64, device=self.down_weight.device if device is None else device)
-
-    def set_batch_adapters(self, ids: Tensor | Sequence[AdapterRef] | None) -> None:
-        """The adapters of the next batches' rows (or tokens), until set again; None clears."""
-        if ids is None or isinstance(ids, Tensor):
-            self._batch_ids = ids
-        else:
-            self._batch_ids = self.adapter_ids(list(ids))
-
-    def get_extra_state(self) -> dict:
-        # The slot names travel with the state dict, so a loaded module knows its adapters.
-        return {"slots": dict(self._slots)}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._slots = dict(state["slots"])
-        self._sync_in_use()
-
-    @torch.no_grad()
-    def _sync_in_use(self) -> None:
-        if not self.in_use.is_meta:
-            self.in_use.zero_()
-            self.in_use[list(self._slots.values())] = True
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._sync_in_use()  # to_empty leaves it undefined; it follows the slot names
-        return self
+    def _slot_device(self) -> torch.device:
+        return self.down_weight.device
 
     # -- forward ----------------------------------------------------------------------------
 

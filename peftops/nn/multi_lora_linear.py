@@ -10,11 +10,10 @@ from torch import Tensor, nn
 
 from ..ops.multi_lora_linear import multi_lora_linear
 from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
+from ._slots import AdapterRef, SlotBank
 
-AdapterRef = str | int | None
 
-
-class MultiLoRALinear(AdapterModule):
+class MultiLoRALinear(SlotBank, AdapterModule):
     r"""A drop-in ``nn.Linear`` with ``capacity`` LoRA adapter slots of rank up to ``r_max``.
 
     ``add_adapter(name, r, alpha)`` fills a free slot (A kaiming-uniform, B zeros, as HF PEFT),
@@ -146,61 +145,18 @@ class MultiLoRALinear(AdapterModule):
         self.in_use[slot] = False
         del self._slots[name]
 
-    def adapter_id(self, name: str) -> int:
-        if name not in self._slots:
-            raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; have {sorted(self._slots)}")
-        return self._slots[name]
-
-    def adapter_ids(self, refs: Sequence[AdapterRef], device=None) -> Tensor:
-        """Names / slot indices / ``None`` (base layer) -> an int64 id tensor on ``device``."""
-        used = set(self._slots.values())
-        out = []
-        for ref in refs:
-            if ref is None:
-                out.append(-1)
-            elif isinstance(ref, str):
-                out.append(self.adapter_id(ref))
-            elif isinstance(ref, int) and not isinstance(ref, bool):
-                if ref != -1 and ref not in used:
-                    raise ValueError(f"{type(self).__name__}: adapter id {ref} is not a slot in use ({sorted(used)})")
-                out.append(ref)
-            else:
-                raise TypeError(
-                    f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}"
-                )
-        return torch.tensor(out, dtype=torch.int64, device=self.weight.device if device is None else device)
-
-    def set_batch_adapters(self, ids: Tensor | Sequence[AdapterRef] | None) -> None:
-        """The adapters of the next batches' rows (or tokens), until set again; None clears."""
-        if ids is None or isinstance(ids, Tensor):
-            self._batch_ids = ids
-        else:
-            self._batch_ids = self.adapter_ids(list(ids))
-
-    def get_extra_state(self) -> dict:
-        # The slot names travel with the state dict, so a loaded layer knows its adapters.
-        return {"slots": dict(self._slots)}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._slots = dict(state["slots"])
-        self._sync_in_use()
-
-    @torch.no_grad()
-    def _sync_in_use(self) -> None:
-        if not self.in_use.is_meta:
-            self.in_use.zero_()
-            self.in_use[list(self._slots.values())] = True
+    def _slot_device(self) -> torch.device:
+        return self.weight.device
 
     def _apply(self, fn, recurse=True):
         # The scales stay float32 when the module is cast (1/3 in bfloat16 is 0.334): the cast
         # moves them, then the exact values are put back on the device it chose.
         scales = self.scales
-        super()._apply(fn, recurse)
+        super()._apply(fn, recurse)  # (SlotBank's: it also re-syncs in_use)
         moved = self.scales
         if moved.dtype != torch.float32:
             # Out of meta (to_empty) there are no values to keep.
             self.scales = moved.float() if scales.is_meta else scales.to(device=moved.device, dtype=torch.float32)
-        self._sync_in_use()  # to_empty leaves it undefined; it follows the slot names
         return self
 
     def adapter_parameters(self) -> Iterator[Tensor]:

@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ._base import AdapterModule, positive_int
-
-AdapterRef = str | int | None
+from ._slots import AdapterRef, SlotBank
 
 
 class MultiPrefixBatch(NamedTuple):
@@ -23,7 +22,7 @@ class MultiPrefixBatch(NamedTuple):
     prefix_lengths: Tensor
 
 
-class MultiPrefixKV(AdapterModule):
+class MultiPrefixKV(SlotBank, AdapterModule):
     r"""Learned prefix keys and values (Li & Liang 2021) for up to ``capacity`` adapters, each
     with its own length up to ``prefix_len_max``, served together: each batch row names its
     adapter (or none).
@@ -124,55 +123,8 @@ class MultiPrefixKV(AdapterModule):
         self.in_use[slot] = False
         del self._slots[name]
 
-    def adapter_id(self, name: str) -> int:
-        if name not in self._slots:
-            raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; have {sorted(self._slots)}")
-        return self._slots[name]
-
-    def adapter_ids(self, refs: Sequence[AdapterRef], device=None) -> Tensor:
-        """Names / slot indices / ``None`` (no prefix) -> an int64 id tensor on ``device``."""
-        used = set(self._slots.values())
-        out = []
-        for ref in refs:
-            if ref is None:
-                out.append(-1)
-            elif isinstance(ref, str):
-                out.append(self.adapter_id(ref))
-            elif isinstance(ref, int) and not isinstance(ref, bool):
-                if ref != -1 and ref not in used:
-                    raise ValueError(f"{type(self).__name__}: adapter id {ref} is not a slot in use ({sorted(used)})")
-                out.append(ref)
-            else:
-                raise TypeError(
-                    f"{type(self).__name__}: expected adapter names, slot ints or None, got {type(ref).__name__}"
-                )
-        return torch.tensor(out, dtype=torch.int64, device=self.prefix.device if device is None else device)
-
-    def set_batch_adapters(self, ids: Tensor | Sequence[AdapterRef] | None) -> None:
-        """The adapters of the next batches' rows, until set again; None clears."""
-        if ids is None or isinstance(ids, Tensor):
-            self._batch_ids = ids
-        else:
-            self._batch_ids = self.adapter_ids(list(ids))
-
-    def get_extra_state(self) -> dict:
-        # The slot names travel with the state dict, so a loaded module knows its adapters.
-        return {"slots": dict(self._slots)}
-
-    def set_extra_state(self, state: dict) -> None:
-        self._slots = dict(state["slots"])
-        self._sync_in_use()
-
-    @torch.no_grad()
-    def _sync_in_use(self) -> None:
-        if not self.in_use.is_meta:
-            self.in_use.zero_()
-            self.in_use[list(self._slots.values())] = True
-
-    def _apply(self, fn, recurse=True):
-        super()._apply(fn, recurse)
-        self._sync_in_use()  # to_empty leaves it undefined; it follows the slot names
-        return self
+    def _slot_device(self) -> torch.device:
+        return self.prefix.device
 
     # -- forward ----------------------------------------------------------------------------
 
