@@ -73,6 +73,16 @@ output dropout, after which AdapterHub's BERT code inserts its adapters). Dropou
 model therefore acts where it acts under AdapterHub. The hooks run again when gradient
 checkpointing recomputes a layer, and under ``generate()`` with or without a KV cache.
 
+Banks (``apply_adapters(model, config, capacity=N)``, not for Compacter or MAM): each site holds
+a :class:`~peftops.nn.MultiBottleneckAdapter` of ``N`` slots instead, with the same placement,
+non-linearity, scaling and residual handling, and each row of a batch goes through its own
+adapter or none. :func:`add_bottleneck` / :func:`remove_bottleneck` fill and free a slot at every
+site (no parameter changes shape), :func:`set_bottleneck_ids` names each row's adapter. A row
+without one computes exactly what the base model computes; each adapter's gradient is that of
+its own rows, and an adapter absent from the batch gets zeros. The slot names travel in the
+``state_dict`` (the banks' extra state), so a model given ``apply_adapters`` with the same
+``capacity`` loads them back.
+
 Where this differs from AdapterHub, because peftops' module or a generic model decides:
 
 * initialisation: the up projection starts at zero, so a fresh adapter leaves the model's
@@ -94,7 +104,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
@@ -106,6 +116,7 @@ from torch.utils.hooks import RemovableHandle
 from ..nn._base import positive_int, strict_bool
 from ..nn.bottleneck_adapter import BottleneckAdapter
 from ..nn.compacter import CompacterAdapter, PHMRule
+from ..nn.multi_bottleneck_adapter import MultiBottleneckAdapter
 from ..nn.surgery import mark_only_adapters_trainable
 from .prefix_tuning import apply_prefix_tuning, remove_prefix_tuning
 
@@ -115,8 +126,11 @@ __all__ = [
     "NON_LINEARITIES",
     "PHM_DEFAULTS",
     "PREFIX_DEFAULTS",
+    "add_bottleneck",
     "apply_adapters",
     "remove_adapters",
+    "remove_bottleneck",
+    "set_bottleneck_ids",
 ]
 
 # Attribute holding each layer's adapters (an nn.ModuleDict keyed by AdapterHub's location).
@@ -203,6 +217,8 @@ LAYERS: dict[str, dict[str, _Site]] = {
 class _State:
     config: str
     prefix: bool = False  # apply_prefix_tuning was called by apply_adapters (MAM)
+    capacity: int | None = None  # banks of this many slots (MultiBottleneckAdapter) at every site
+    init: str = "bert"  # the down projection's initialisation, for add_bottleneck
     handles: list[RemovableHandle] = field(default_factory=list)
     layers: list[nn.Module] = field(default_factory=list)
     requires_grad: dict[int, tuple[nn.Parameter, bool]] = field(default_factory=dict)
@@ -222,7 +238,7 @@ def _capture(store: _Residual, site: _Site, module: nn.Module, args: tuple, kwar
 
 
 def _adapt(
-    adapter: BottleneckAdapter | CompacterAdapter,
+    adapter: BottleneckAdapter | CompacterAdapter | MultiBottleneckAdapter,
     kind: str,
     store: _Residual | None,
     layer_norm: nn.Module | None,
@@ -231,6 +247,12 @@ def _adapt(
     output: Any,
 ) -> Any:
     h = output[0] if isinstance(output, tuple) else output
+    if isinstance(adapter, MultiBottleneckAdapter) and adapter._batch_ids is None:
+        # The module's own message names its method; a model's user sets ids through the model.
+        raise ValueError(
+            "apply_adapters(capacity=N): ids: expected the batch's adapters, set with "
+            "set_bottleneck_ids(model, ids) before running the model, got none"
+        )
     if kind == "double":
         new = adapter(h)
     else:
@@ -241,11 +263,12 @@ def _adapt(
                 f"apply_adapters: {type(module).__name__} ran without its residual input having been seen "
                 "(the layer was called in a way peftops does not know); remove_adapters(model) and report it"
             )
+        # residual by keyword: a bank's second positional argument is its adapter ids.
         if kind == "par":
-            new = adapter(x, h)
+            new = adapter(x, residual=h)
         else:  # seq: the adapter reads the sublayer's sum with its residual, normalised if post-LN
             z = x + h
-            new = adapter(z if layer_norm is None else layer_norm(z), h)
+            new = adapter(z if layer_norm is None else layer_norm(z), residual=h)
     return (new, *output[1:]) if isinstance(output, tuple) else new
 
 
@@ -372,6 +395,7 @@ def apply_adapters(
     factorized_phm_rule: bool | None = None,
     prefix_length: int | None = None,
     prefix_hidden: int | None = None,
+    capacity: int | None = None,
 ) -> nn.Module:
     """Add bottleneck adapters to every layer of a transformers ``model``, in place, and return it.
 
@@ -385,6 +409,13 @@ def apply_adapters(
     MAM prefix) are trainable (:func:`~peftops.mark_only_adapters_trainable`), and the adapters
     start as the identity: the model computes what it computed before until they are trained
     (MAM's prefix, like any prefix, changes the outputs from the start).
+
+    ``capacity=N`` (``seq_bn``, ``double_seq_bn``, ``par_bn``): every site holds a
+    :class:`~peftops.nn.MultiBottleneckAdapter` bank of ``N`` empty slots of width up to the
+    config's, placed, activated and scaled as the single adapter, so that each row of a batch
+    goes through its own adapter or none: fill slots with :func:`add_bottleneck`, free them with
+    :func:`remove_bottleneck`, name each row's adapter with :func:`set_bottleneck_ids` (a model
+    with banks refuses to run before that). ``None`` (the default): one adapter per site.
 
     Supported layers: :data:`LAYERS` (Llama, Qwen2, Mistral, GPT-2, BERT); a model without any
     is a ``TypeError`` naming its class. A model that has adapters already is a ``ValueError``.
@@ -407,6 +438,15 @@ def apply_adapters(
     prefix = _options(
         config, cfg, {"prefix_length": prefix_length, "prefix_hidden": prefix_hidden}, PREFIX_DEFAULTS, cfg.prefix
     )
+    if capacity is not None:
+        capacity = positive_int("apply_adapters", "capacity", capacity)
+        if cfg.phm or cfg.prefix:
+            # A Compacter's projections come from a shared PHM rule and MAM's prefix is one for all
+            # rows: neither has per-row slots.
+            raise ValueError(
+                f"apply_adapters: capacity: expected None for config {config!r} (banks are built for "
+                f"seq_bn / double_seq_bn / par_bn only), got {capacity}"
+            )
     if _STATE in model.__dict__:
         raise ValueError(
             f"apply_adapters: model: already has {model.__dict__[_STATE].config!r} adapters; "
@@ -429,7 +469,7 @@ def apply_adapters(
                     f"apply_adapters: reduction_factor: expected one giving an adapter width that is a multiple of "
                     f"phm_dim={n}, got {cfg.reduction_factor:g} (width {d} // {cfg.reduction_factor:g} = {r})"
                 )
-    state = _State(config=config)
+    state = _State(config=config, capacity=capacity, init=cfg.init)
     state.requires_grad = {id(p): (p, p.requires_grad) for p in model.parameters()}
     if prefix:
         # First, so that a model prefix tuning refuses is left untouched.
@@ -448,8 +488,19 @@ def apply_adapters(
             if ref is None:  # BERT's dropout: the layer's own dtype and device
                 ref = next(layer.parameters(), None)
             device, dtype = (None, None) if ref is None else (ref.device, ref.dtype)
-            adapter: BottleneckAdapter | CompacterAdapter
-            if phm:
+            adapter: BottleneckAdapter | CompacterAdapter | MultiBottleneckAdapter
+            if capacity is not None:
+                adapter = MultiBottleneckAdapter(
+                    d,
+                    capacity,
+                    r,
+                    activation=cfg.non_linearity,
+                    scale=cfg.scaling,
+                    parallel=cfg.kind != "double",
+                    device=device,
+                    dtype=dtype,
+                )
+            elif phm:
                 if phm["shared_phm_rule"] and shared_rule is None:
                     shared_rule = PHMRule(phm["phm_dim"], phm["factorized_phm_rule"], device=device, dtype=dtype)
                 adapter = CompacterAdapter(
@@ -510,4 +561,150 @@ def remove_adapters(model: nn.Module) -> nn.Module:
     for p, flag in state.requires_grad.values():
         p.requires_grad_(flag)
     del model.__dict__[_STATE]
+    return model
+
+
+# -- adapter banks (apply_adapters(..., capacity=N)) ------------------------------------------
+
+
+def _banks(owner: str, model: object) -> list[MultiBottleneckAdapter]:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{owner}: model: expected a torch.nn.Module, got {type(model).__name__}")
+    state = model.__dict__.get(_STATE)
+    if state is None or state.capacity is None:
+        got = "one without adapters" if state is None else f"one with single {state.config!r} adapters"
+        raise ValueError(f"{owner}: model: expected a model given to apply_adapters(..., capacity=N), got {got}")
+    banks = [bank for layer in state.layers for bank in getattr(layer, ADAPTERS_ATTR).values()]
+    first = banks[0].adapters
+    for bank in banks[1:]:
+        if bank.adapters != first:
+            raise ValueError(
+                f"{owner}: model: the sites disagree on their slots ({first} and {bank.adapters}): add and remove "
+                "bottleneck adapters through the model (add_bottleneck / remove_bottleneck), not site by site"
+            )
+    return banks
+
+
+def _name(owner: str, name: object) -> str:
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
+    return name
+
+
+@torch.no_grad()
+def add_bottleneck(model: nn.Module, name: str, r: int | None = None) -> int:
+    """Add adapter ``name`` of width ``r`` (default: the sites' ``r_max``, the config's width) to
+    every bank of a model given to ``apply_adapters(..., capacity=N)``, in the same free slot of
+    every site, and return that slot index. The adapter is initialised as the single adapter of
+    the config: down projection as ``apply_adapters``' (N(0, 0.02), or Kaiming-uniform for
+    ``par_bn``), biases and up projection zero, so a fresh adapter changes no output. No
+    parameter changes shape (the slots are fixed), so a compiled model does not recompile."""
+    owner = "add_bottleneck"
+    banks = _banks(owner, model)
+    name = _name(owner, name)
+    slots = banks[0].adapters
+    if name in slots:
+        raise ValueError(f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {slots[name]})")
+    r_max = min(bank.r_max for bank in banks)
+    rank = r_max if r is None else positive_int(owner, "r", r)
+    if rank > r_max:
+        raise ValueError(f"{owner}: r: expected at most r_max={r_max} (the config's width), got {rank}")
+    capacity = banks[0].capacity
+    if len(slots) >= capacity:
+        raise ValueError(
+            f"{owner}: model: all {capacity} slots are in use ({sorted(slots)}); remove_bottleneck one first"
+        )
+    init = model.__dict__[_STATE].init
+    for bank in banks:
+        slot = bank.add_adapter(name, rank)
+        w = bank.down_weight[slot, :rank]
+        # The single adapter's initialisation (_init_down), in place of the module's nn.Linear one.
+        if init == "bert":
+            nn.init.normal_(w, mean=0.0, std=0.02)
+        else:
+            w.copy_(nn.init.kaiming_uniform_(torch.empty_like(w), a=math.sqrt(5)))
+        bank.down_bias[slot].zero_()
+    # Every bank fills its first free slot and the banks agreed before: the same slot everywhere.
+    return banks[0].adapter_id(name)
+
+
+@torch.no_grad()
+def remove_bottleneck(model: nn.Module, name: str) -> nn.Module:
+    """Free adapter ``name``'s slot at every site (zeroed, shapes unchanged) and return ``model``.
+    Ids naming that slot (set by :func:`set_bottleneck_ids` before) are refused in eager mode from
+    then on; under ``torch.compile`` or CUDA graph capture their rows get no adapter."""
+    owner = "remove_bottleneck"
+    banks = _banks(owner, model)
+    name = _name(owner, name)
+    if name not in banks[0].adapters:
+        raise ValueError(
+            f"{owner}: name: expected one of the model's adapters {sorted(banks[0].adapters)}, got {name!r}"
+        )
+    for bank in banks:
+        bank.remove_adapter(name)
+    return model
+
+
+def set_bottleneck_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None]) -> nn.Module:
+    """Name the adapter of each row of the following batches at every site, until set again,
+    and return ``model``.
+
+    ``ids``: one entry per row of the batch actually run (``(B,)``; under ``generate()`` with a
+    KV cache the decode steps run the same ``B`` rows, so the ids hold for the whole call; beam
+    search and ``num_return_sequences`` expand the batch, and need ids for the expanded rows):
+    adapter names, slot ints or ``None`` (the row gets no adapter: it computes exactly what the
+    base model computes), or a signed integer tensor of slot indices with ``-1`` for none.
+    A tensor is kept by reference, the same object at every site: a CUDA graph captured once
+    reads whatever ids are copied into it later (``ids.copy_(new)``), so it must live on the
+    model's device and keep its shape. Names and slot ints, and the values of a tensor when it
+    is set, are checked here (unknown names, free or out-of-range slots are a ``ValueError``);
+    a tensor's later contents are checked by the next eager forward, and not under
+    ``torch.compile`` or capture, where a free or out-of-range slot's rows get no adapter.
+    """
+    owner = "set_bottleneck_ids"
+    banks = _banks(owner, model)
+    slots = banks[0].adapters
+    capacity = banks[0].capacity
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or not ids.dtype.is_signed:
+            raise TypeError(f"{owner}: ids: expected a signed integer tensor (-1 = no adapter), got {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{owner}: ids: expected one id per row, shape (B,), got shape {tuple(ids.shape)}")
+        if not (ids.is_cuda and torch.cuda.is_current_stream_capturing()) and ids.numel():
+            in_use = torch.zeros(capacity + 1, dtype=torch.bool)
+            in_use[list(slots.values())] = True
+            in_use[capacity] = True  # -1, read through index -1 below
+            values = ids.cpu()
+            bad = (values < -1) | (values >= capacity)
+            if not bad.any():
+                bad = ~in_use[values.long()]
+            if bad.any():
+                raise ValueError(
+                    f"{owner}: ids: expected slots in use {sorted(slots.values())} or -1 (no adapter), "
+                    f"got {int(values[bad][0])}" + ("" if -1 <= int(values[bad][0]) < capacity else " (out of range)")
+                )
+        shared = ids
+        for bank in banks:
+            bank.set_batch_adapters(shared)
+        return model
+    if isinstance(ids, str) or not isinstance(ids, Sequence):
+        raise TypeError(
+            f"{owner}: ids: expected a list of adapter names / slot ints / None, or an integer tensor, "
+            f"got {type(ids).__name__}"
+        )
+    refs = list(ids)
+    for ref in refs:
+        if isinstance(ref, str) and ref not in slots:
+            raise ValueError(f"{owner}: ids: expected adapter names in {sorted(slots)}, got {ref!r}")
+        if isinstance(ref, int) and not isinstance(ref, bool) and ref != -1 and ref not in slots.values():
+            raise ValueError(f"{owner}: ids: expected slots in use {sorted(slots.values())} or -1, got {ref}")
+        if not (ref is None or isinstance(ref, str) or (isinstance(ref, int) and not isinstance(ref, bool))):
+            raise TypeError(f"{owner}: ids: expected adapter names, slot ints or None, got {type(ref).__name__}")
+    # One tensor per device, shared by the banks on it, as a tensor passed in would be.
+    per_device: dict[torch.device, Tensor] = {}
+    for bank in banks:
+        device = bank.down_weight.device
+        if device not in per_device:
+            per_device[device] = bank.adapter_ids(refs, device=device)
+        bank.set_batch_adapters(per_device[device])
     return model
