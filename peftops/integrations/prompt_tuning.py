@@ -32,9 +32,11 @@ otherwise get another one.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import numbers
 import warnings
+from collections.abc import Sequence
 from typing import Any, cast
 
 import torch
@@ -42,15 +44,19 @@ from torch import Tensor, nn
 
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
+from ..nn.multi_prompt import MultiPromptEmbedding
 from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
 __all__ = [
     "PromptEncoder",
+    "add_prompt",
     "apply_prompt_tuning",
     "load_peft_prompt",
     "peft_prompt_state",
+    "remove_prompt",
     "remove_prompt_tuning",
+    "set_prompt_ids",
 ]
 
 ATTR = "peftops_prompt"
@@ -163,6 +169,10 @@ class _State:
     requires_grad: dict[str, bool]  # the flags apply_prompt_tuning changed, to put back
     replaced: dict[str, Tensor]  # base tensors a checkpoint's modules_to_save overwrote
     handle: Any = None
+    # Prompt banks: whether a row may go without a prompt (see apply_prompt_tuning's docstring),
+    # and why not when it may not.
+    no_prompt_rows: bool = False
+    no_prompt_why: str = ""
 
 
 # -- helpers -------------------------------------------------------------------------------------
@@ -248,6 +258,29 @@ def _heads(model: nn.Module) -> list[str]:
     return [n for n, _ in model.named_children() if n != ATTR and any(h in n for h in _HEAD_NAMES)]
 
 
+def _bank_row_ids(model: nn.Module, state: _State, bank: MultiPromptEmbedding, batch: int) -> Tensor:
+    """The call's per-row prompt ids (``-1`` = no prompt), checked in eager mode."""
+    owner = "apply_prompt_tuning"
+    if bank._batch_ids is None:
+        raise ValueError(f"{owner}: ids: expected the rows' prompts, set by set_prompt_ids(model, ids), got none")
+    ids = bank.row_ids()
+    if ids.shape[0] != batch:
+        raise ValueError(
+            f"{owner}: ids: expected one prompt id per row of the batch ({batch}), got {ids.shape[0]} "
+            "(set_prompt_ids(model, ids) again for this batch)"
+        )
+    if not state.no_prompt_rows and not _capturing(ids) and bool((ids < 0).any()):
+        raise ValueError(
+            f"{owner}: ids: expected a prompt for every row of a {type(model).__name__}, got -1 / None "
+            f"({state.no_prompt_why})"
+        )
+    return ids
+
+
+def _capturing(ids: Tensor) -> bool:
+    return torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing())
+
+
 def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict] | None:
     state = model.__dict__.get(_STATE)
     if state is None:
@@ -258,18 +291,34 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
     inputs_embeds: Any = kw.get("inputs_embeds")
     if input_ids is None and inputs_embeds is None:
         return None  # the model's own error says what is missing
-    batch = (input_ids if input_ids is not None else inputs_embeds).shape[0]
+    first = input_ids if input_ids is not None else inputs_embeds
+    batch, length = first.shape[0], first.shape[1]
     p, causal = state.num_virtual_tokens, state.task_type == "CAUSAL_LM"
     # transformers 5 renamed past_key_values to cache (the old name is still accepted).
     cache = kw.get("cache", kw.get("past_key_values"))
-    prompted = cached_length(cache) == 0
+    past = cached_length(cache)
+    prompted = past == 0
+    module = getattr(model, ATTR)
+    bank = module if isinstance(module, MultiPromptEmbedding) else None
+    ids = None if bank is None else _bank_row_ids(model, state, bank, batch)
 
     mask = kw.get("attention_mask")
     if mask is not None:
         if not isinstance(mask, Tensor) or mask.dim() != 2:
             got = tuple(mask.shape) if isinstance(mask, Tensor) else type(mask).__name__
             raise ValueError(f"apply_prompt_tuning: attention_mask: expected a 2-D (B, L) tensor, got {got}")
-        kw["attention_mask"] = torch.cat([mask.new_ones(mask.shape[0], p), mask], dim=1)
+    elif ids is not None:
+        # The rows without a prompt need their virtual positions masked out, so every row gets a
+        # mask: the user's tokens (the cache's, past the virtual ones, and this call's) attended.
+        mask = torch.ones(batch, max(past - p, 0) + length, dtype=torch.long, device=ids.device)
+    if mask is not None:
+        if ids is None:
+            front = mask.new_ones(mask.shape[0], p)
+        else:
+            # A row without a prompt sees its P virtual positions as left padding: masked keys
+            # get exactly zero attention weight, so the row computes what the base model does.
+            front = (ids >= 0).to(device=mask.device, dtype=mask.dtype)[:, None].expand(-1, p)
+        kw["attention_mask"] = torch.cat([front, mask], dim=1)
     # Positions computed for the user's tokens would miss the prompt: the model counts from the
     # cache instead, which holds the virtual tokens.
     kw.pop("cache_position", None)
@@ -280,6 +329,12 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
             stacklevel=2,
         )
         kw["position_ids"] = None
+    if ids is not None and state.no_prompt_rows:
+        # Counted from the cache, virtual tokens first, as the model would; a row without a
+        # prompt counts from its first real token, as the base model alone would. Computed on
+        # the device from the ids, so a captured graph follows ids copied in later.
+        start = torch.arange(past, past + length + (p if prompted else 0), device=ids.device)
+        kw["position_ids"] = (start[None, :] - p * (ids < 0).to(torch.int64)[:, None]).clamp(min=0)
     token_type_ids = kw.get("token_type_ids")
     if token_type_ids is not None:
         if causal:
@@ -295,8 +350,11 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
         # A transformers method, which nn.Module's attribute typing does not know.
         embed: nn.Module = cast(Any, model).get_input_embeddings()
         inputs_embeds = embed(input_ids)
-    prompt = _prompt(getattr(model, ATTR)).to(inputs_embeds.dtype)
-    kw["inputs_embeds"] = torch.cat([prompt.unsqueeze(0).expand(batch, -1, -1), inputs_embeds], dim=1)
+    if bank is None:
+        prompt = _prompt(module).to(inputs_embeds.dtype).unsqueeze(0).expand(batch, -1, -1)
+    else:
+        prompt = bank.gather(cast(Tensor, ids)).to(inputs_embeds.device, inputs_embeds.dtype)
+    kw["inputs_embeds"] = torch.cat([prompt, inputs_embeds], dim=1)
     if "input_ids" in kw:
         kw["input_ids"] = None
     labels = kw.get("labels")
@@ -350,6 +408,7 @@ def apply_prompt_tuning(
     encoder: str | None = None,
     encoder_hidden_size: int | None = None,
     train_head: bool | None = None,
+    capacity: int | None = None,
 ) -> nn.Module:
     """Prompt tuning (``encoder=None``) or P-tuning (``encoder="mlp" | "lstm"``) on a transformers
     causal LM or sequence classification model, in place; returns ``model``.
@@ -368,6 +427,22 @@ def apply_prompt_tuning(
     ``train_head``: whether a sequence classification model's head (``classifier`` / ``score``)
     trains with the prompt. ``None`` is peft's default: trained (peft puts it in
     ``modules_to_save``). A causal LM has no such head: ``True`` is then an error.
+
+    ``capacity``: a bank of up to ``capacity`` prompts instead of one
+    (``model.peftops_prompt`` is a :class:`peftops.nn.MultiPromptEmbedding`, empty at first;
+    prompt tuning only, no ``encoder`` or ``init_text``): :func:`add_prompt` /
+    :func:`remove_prompt` fill and free slots, :func:`set_prompt_ids` names each row's prompt,
+    and each row computes what the single-prompt model of its prompt computes, in the forward,
+    the backward (a slot's gradient is the sum of its rows') and ``generate()``. The slots are
+    fixed, so a compiled model does not recompile when prompts change. A row without a prompt
+    (``None`` / ``-1``) of a causal LM computes what the base model alone computes: its ``P``
+    virtual positions are masked out and its positions are numbered from its first real token
+    (with a bank, the hook passes ``position_ids`` itself, numbered from the KV cache, the
+    virtual tokens first, as Llama, Mistral, Qwen2 and GPT-2 number them without any). A
+    sequence classification model refuses such rows: its head reads a fixed position (BERT's
+    first token, which is a virtual token here; a decoder's last), and no mask makes the head
+    of a row with masked virtual tokens in front read what the base model's head reads for
+    every family.
     """
     owner = "apply_prompt_tuning"
     _check_model(owner, model)
@@ -391,6 +466,18 @@ def apply_prompt_tuning(
             )
     elif tokenizer is not None:
         raise ValueError(f"{owner}: tokenizer: expected None without init_text (it is only used for it), got one")
+    if capacity is not None:
+        capacity = positive_int(owner, "capacity", capacity)
+        if encoder is not None:
+            raise ValueError(
+                f"{owner}: encoder: expected None with capacity={capacity} (prompt banks hold plain prompts, "
+                f"not P-tuning encoders), got {encoder!r}"
+            )
+        if init_text is not None:
+            raise ValueError(
+                f"{owner}: init_text: expected None with capacity={capacity} (the bank starts empty: give each "
+                f"prompt's initial embeddings to add_prompt(model, name, init)), got {init_text!r}"
+            )
     if train_head is not None and not isinstance(train_head, bool):
         raise TypeError(f"{owner}: train_head: expected None or a bool, got {type(train_head).__name__}")
     if train_head and task_type != "SEQ_CLS":
@@ -401,12 +488,14 @@ def apply_prompt_tuning(
     _check_fresh(owner, model)
 
     factory = _prompt_factory(embeddings)
-    if encoder is None:
+    if capacity is not None:
+        module: nn.Module = MultiPromptEmbedding(capacity, p, hidden, **factory)
+    elif encoder is None:
         embedding = PromptEmbedding(p, hidden, **factory)
         if init_text is not None:
             with torch.no_grad():
                 embedding.weight.copy_(_text_init(owner, embeddings, init_text, tokenizer, p))
-        module: nn.Module = embedding
+        module = embedding
     else:
         h = hidden if encoder_hidden_size is None else positive_int(owner, "encoder_hidden_size", encoder_hidden_size)
         module = PromptEncoder(p, hidden, h, encoder.upper(), **factory)
@@ -415,6 +504,8 @@ def apply_prompt_tuning(
     # recorded as RANDOM: the saved prompt is what matters when loading.
     init = "TEXT" if init_text is not None and name else "RANDOM"
     state = _State(task_type, p, init, init_text if init == "TEXT" else None, name if init == "TEXT" else None, {}, {})
+    if capacity is not None:
+        state.no_prompt_rows, state.no_prompt_why = _no_prompt_rows(model, task_type)
     _install(owner, model, module, state)
     if task_type == "SEQ_CLS" and train_head is not False:
         for head in _heads(model):
@@ -441,6 +532,143 @@ def remove_prompt_tuning(model: nn.Module) -> nn.Module:
     return model
 
 
+def _no_prompt_rows(model: nn.Module, task_type: str) -> tuple[bool, str]:
+    """Whether a bank's rows may go without a prompt on ``model``, and if not, why."""
+    if task_type != "CAUSAL_LM":
+        return False, (
+            "a classification head reads a fixed position, which the prompt occupies; a row without a prompt "
+            "cannot read what the base model's head reads"
+        )
+    if "position_ids" not in inspect.signature(model.forward).parameters:
+        return False, (
+            f"{type(model).__name__}.forward takes no position_ids, so a row without a prompt cannot be numbered "
+            "from its first real token"
+        )
+    return True, ""
+
+
+def _bank(owner: str, model: nn.Module) -> MultiPromptEmbedding:
+    _check_model(owner, model)
+    _state(owner, model)
+    bank = getattr(model, ATTR)
+    if not isinstance(bank, MultiPromptEmbedding):
+        raise ValueError(
+            f"{owner}: model: expected a model given a prompt bank (apply_prompt_tuning(..., capacity=N)), got one "
+            "with a single prompt"
+        )
+    return bank
+
+
+@torch.no_grad()
+def add_prompt(model: nn.Module, name: str, init: Tensor | None = None) -> int:
+    """Add prompt ``name`` to the bank of a model given to ``apply_prompt_tuning(..., capacity=N)``
+    and return its slot. ``init``: its ``(num_virtual_tokens, hidden)`` embeddings (a trained
+    single prompt's ``weight``, say); by default uniform in [-0.5, 0.5], as a single prompt
+    starts. No parameter changes shape (the slots are fixed), so a compiled model does not
+    recompile."""
+    owner = "add_prompt"
+    bank = _bank(owner, model)
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
+    slots = bank.adapters
+    if name in slots:
+        raise ValueError(f"{owner}: name: expected a new prompt name, got {name!r} (already in slot {slots[name]})")
+    if len(slots) >= bank.capacity:
+        raise ValueError(
+            f"{owner}: model: all {bank.capacity} slots are in use ({sorted(slots)}); remove_prompt one first"
+        )
+    shape = (bank.num_virtual_tokens, bank.token_dim)
+    if init is not None:
+        if not isinstance(init, Tensor):
+            raise TypeError(f"{owner}: init: expected None or a torch.Tensor, got {type(init).__name__}")
+        if tuple(init.shape) != shape:
+            raise ValueError(
+                f"{owner}: init: expected shape {shape} (num_virtual_tokens, hidden), got {tuple(init.shape)}"
+            )
+        if not init.is_floating_point():
+            raise TypeError(f"{owner}: init: expected a floating-point tensor, got {init.dtype}")
+        if not bool(torch.isfinite(init).all()):
+            raise ValueError(f"{owner}: init: expected finite values, got a non-finite one")
+    return bank.add_adapter(name, init)
+
+
+@torch.no_grad()
+def remove_prompt(model: nn.Module, name: str) -> nn.Module:
+    """Free prompt ``name``'s slot (zeroed, shapes unchanged) and return ``model``. Ids naming
+    that slot (set before) are refused by the next eager forward; under ``torch.compile`` or
+    CUDA graph capture their rows get no prompt."""
+    owner = "remove_prompt"
+    bank = _bank(owner, model)
+    if not isinstance(name, str) or name not in bank.adapters:
+        raise ValueError(f"{owner}: name: expected one of the model's prompts {sorted(bank.adapters)}, got {name!r}")
+    bank.remove_adapter(name)
+    return model
+
+
+def set_prompt_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None]) -> nn.Module:
+    """Name the prompt of each row of the following batches, until set again, and return ``model``.
+
+    ``ids``: one entry per row of the batch actually run (``(B,)``; ``generate()``'s decode steps
+    run the same rows; beam search and ``num_return_sequences`` expand the batch and need ids
+    for the expanded rows): prompt names, slot ints or ``None`` (no prompt: the row computes what
+    the base model computes; causal LMs only, see :func:`apply_prompt_tuning`), or a signed
+    integer tensor of slots with ``-1`` for none. A tensor is kept by reference: a CUDA graph
+    captured once reads whatever ids are copied into it later (``ids.copy_(new)``), so it must
+    live on the model's device and keep its shape. Names, slot ints and a tensor's values now
+    are checked here (``ValueError``); a tensor's later contents are checked by the next eager
+    forward, and not under ``torch.compile`` or capture, where a free or out-of-range slot's
+    rows get no prompt.
+    """
+    owner = "set_prompt_ids"
+    bank = _bank(owner, model)
+    state = _state(owner, model)
+    slots = bank.adapters
+    expected = f"expected prompt names {sorted(slots)}, slots in use {sorted(slots.values())}"
+    expected += (
+        " or None / -1 (no prompt)" if state.no_prompt_rows else f" (every row needs one: {state.no_prompt_why})"
+    )
+    if isinstance(ids, Tensor):
+        if ids.is_floating_point() or ids.is_complex() or not ids.dtype.is_signed:
+            raise TypeError(f"{owner}: ids: expected a signed integer tensor (-1 = no prompt), got {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{owner}: ids: expected one id per row, shape (B,), got shape {tuple(ids.shape)}")
+        if ids.device != bank.weight.device:
+            raise ValueError(
+                f"{owner}: ids: expected a tensor on the model's device {bank.weight.device} (it is kept by "
+                f"reference), got one on {ids.device}"
+            )
+        if not _capturing(ids) and ids.numel():
+            allowed = set(slots.values()) | ({-1} if state.no_prompt_rows else set())
+            for value in ids.tolist():
+                if value not in allowed:
+                    out = "" if -1 <= value < bank.capacity else f" (out of range for capacity {bank.capacity})"
+                    raise ValueError(f"{owner}: ids: {expected}, got {value}{out}")
+        bank.set_batch_adapters(ids)
+        return model
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        raise TypeError(
+            f"{owner}: ids: expected a sequence of prompt names / slot ints / None or a tensor, got {type(ids).__name__}"
+        )
+    out_ids = []
+    for ref in ids:
+        if ref is None or (isinstance(ref, int) and not isinstance(ref, bool) and ref == -1):
+            if not state.no_prompt_rows:
+                raise ValueError(f"{owner}: ids: {expected}, got {ref!r}")
+            out_ids.append(-1)
+        elif isinstance(ref, str):
+            if ref not in slots:
+                raise ValueError(f"{owner}: ids: {expected}, got {ref!r}")
+            out_ids.append(slots[ref])
+        elif isinstance(ref, int) and not isinstance(ref, bool):
+            if ref not in slots.values():
+                raise ValueError(f"{owner}: ids: {expected}, got {ref}")
+            out_ids.append(ref)
+        else:
+            raise TypeError(f"{owner}: ids: expected prompt names, slot ints or None, got {type(ref).__name__}")
+    bank.set_batch_adapters(torch.tensor(out_ids, dtype=torch.int64, device=bank.weight.device))
+    return model
+
+
 def _tensor(model: nn.Module, key: str) -> Tensor:
     module_name, _, leaf = key.rpartition(".")
     return getattr(model.get_submodule(module_name) if module_name else model, leaf)
@@ -453,6 +681,11 @@ def peft_prompt_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     _check_model(owner, model)
     state = _state(owner, model)
     module = getattr(model, ATTR)
+    if isinstance(module, MultiPromptEmbedding):
+        raise ValueError(
+            f"{owner}: model: expected a single prompt (peft's format holds one), got a bank of "
+            f"{module.capacity} prompts; save each prompt's weight (model.{ATTR}.weight[slot]) instead"
+        )
     heads, layers = _model_shape(model)
     with torch.no_grad():
         prompt = _prompt(module).detach()
