@@ -13,9 +13,11 @@ import pytest
 import torch
 from torch import nn
 
+from peftops.backends import use_backend
 from peftops.integrations.adapters import (
     add_bottleneck,
     apply_adapters,
+    remove_adapters,
     remove_bottleneck,
     set_bottleneck_ids,
 )
@@ -133,6 +135,40 @@ def test_mixed_batch_matches_each_row_alone_with_its_single_adapter(arch, config
             assert torch.count_nonzero(grads[2][slot, :, r:]) == 0
         free = sorted(set(range(CAPACITY)) - set(bank.adapters.values()))
         assert all(torch.count_nonzero(g[free]) == 0 for g in grads)
+
+
+@pytest.mark.parametrize("config", ["double_seq_bn", "par_bn"])
+def test_triton_backend_matches_torch_in_the_model(config):
+    # The Triton kernels under the interpreter: one small mixed batch, forward and backward.
+    names = ["b", None, "a"]
+    tokens = hf_models.token_ids(batch=len(names), seq=3)
+    results = []
+    for backend in ("torch", "triton"):
+        model = bank_model("llama", config)
+        set_bottleneck_ids(model, names)
+        with use_backend(backend):
+            logits = model(tokens).logits
+            loss_of(logits, torch.linspace(-1, 1, logits.numel()).view(logits.shape)).backward()
+        grads = [p.grad for bank in banks_of(model) for p in bank.parameters()]
+        results.append((logits.detach(), grads))
+    (want, want_grads), (got, got_grads) = results
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for g, w in zip(got_grads, want_grads, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)
+
+
+def test_only_the_banks_train_and_remove_adapters_restores_the_base_model():
+    base = hf_models.llama()
+    keys = set(base.state_dict())
+    model = apply_adapters(hf_models.llama(), "seq_bn", capacity=2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".bottleneck_adapters." in n for n in trainable)
+    assert len(trainable) == 4 * len(banks_of(model))
+    remove_adapters(model)
+    assert set(model.state_dict()) == keys and not banks_of(model)
+    assert all(p.requires_grad for p in model.parameters())
+    tokens = hf_models.token_ids(batch=2, seq=4)
+    assert torch.equal(model(tokens).logits, base(tokens).logits)
 
 
 @pytest.mark.parametrize("config", ["seq_bn", "double_seq_bn"])
