@@ -645,7 +645,7 @@ def remove_bottleneck(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def set_bottleneck_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None]) -> nn.Module:
+def set_bottleneck_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None] | None) -> nn.Module:
     """Name the adapter of each row of the following batches at every site, until set again,
     and return ``model``.
 
@@ -656,7 +656,8 @@ def set_bottleneck_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None
     base model computes), or a signed integer tensor of slot indices with ``-1`` for none.
     A tensor is kept by reference, the same object at every site: a CUDA graph captured once
     reads whatever ids are copied into it later (``ids.copy_(new)``), so it must live on the
-    model's device and keep its shape. Names and slot ints, and the values of a tensor when it
+    sites' device (a model spread over devices takes names or ints) and keep its shape.
+    ``ids=None`` clears the ids: the model refuses to run until they are set again. Names and slot ints, and the values of a tensor when it
     is set, are checked here (unknown names, free or out-of-range slots are a ``ValueError``);
     a tensor's later contents are checked by the next eager forward, and not under
     ``torch.compile`` or capture, where a free or out-of-range slot's rows get no adapter.
@@ -665,11 +666,23 @@ def set_bottleneck_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None
     banks = _banks(owner, model)
     slots = banks[0].adapters
     capacity = banks[0].capacity
+    if ids is None:
+        for bank in banks:
+            bank.set_batch_adapters(None)
+        return model
     if isinstance(ids, Tensor):
         if ids.is_floating_point() or ids.is_complex() or not ids.dtype.is_signed:
             raise TypeError(f"{owner}: ids: expected a signed integer tensor (-1 = no adapter), got {ids.dtype}")
         if ids.dim() != 1:
             raise ValueError(f"{owner}: ids: expected one id per row, shape (B,), got shape {tuple(ids.shape)}")
+        devices = sorted({str(bank.down_weight.device) for bank in banks})
+        if devices != [str(ids.device)]:
+            # Kept by reference, the tensor cannot be moved to the sites: the op would fail later.
+            raise ValueError(
+                f"{owner}: ids: expected a tensor on the adapters' device {', '.join(devices)}"
+                f"{' (the model is spread over devices: pass names or slot ints)' if len(devices) > 1 else ''}, "
+                f"got one on {ids.device}"
+            )
         if not (ids.is_cuda and torch.cuda.is_current_stream_capturing()) and ids.numel():
             in_use = torch.zeros(capacity + 1, dtype=torch.bool)
             in_use[list(slots.values())] = True

@@ -291,6 +291,8 @@ def test_bad_ids_are_refused_by_name():
         set_bottleneck_ids(model, torch.tensor([0.0, 1.0]))
     with pytest.raises(ValueError, match=r"set_bottleneck_ids: ids: expected one id per row"):
         set_bottleneck_ids(model, torch.zeros(2, 1, dtype=torch.int64))
+    with pytest.raises(ValueError, match=r"set_bottleneck_ids: ids: expected a tensor on the adapters' device cpu"):
+        set_bottleneck_ids(model, torch.zeros(2, dtype=torch.int64, device="meta"))
     with pytest.raises(TypeError, match="set_bottleneck_ids: ids"):
         set_bottleneck_ids(model, "a")
     with pytest.raises(TypeError, match="set_bottleneck_ids: ids"):
@@ -306,6 +308,11 @@ def test_bad_ids_are_refused_by_name():
         model(tokens)
     set_bottleneck_ids(model, ["a", "b", "c"])  # three ids for a batch of two rows
     with pytest.raises(ValueError, match="adapter_ids"):
+        model(tokens)
+    set_bottleneck_ids(model, ["a", "b"])
+    model(tokens)
+    assert set_bottleneck_ids(model, None) is model  # cleared: refused again, not the base model
+    with pytest.raises(ValueError, match="set_bottleneck_ids"):
         model(tokens)
 
 
