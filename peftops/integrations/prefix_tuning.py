@@ -21,14 +21,25 @@ What peft does, and so what this does (peft 0.21, transformers 5):
 * the prefix is cast to the model's dtype at use (peft casts it to ``base_model_torch_dtype``);
   it is kept in float32 (float64 for a float64 model), as peft keeps its prompt encoder.
 
-Per-row prefixes: :func:`set_prefix_bank` gives the model a bank (a ``(N, layers, 2, Hkv, P, D)``
-tensor, or a list of ``PrefixKV``) and :func:`set_prefix_ids` picks one entry per batch row; the
-op then gets ``(B, Hkv, P, D)`` prefixes. ``set_prefix_ids(model, None)`` goes back to the shared
-prefix.
+Per-row prefixes of one length: :func:`set_prefix_bank` gives the model a bank (a
+``(N, layers, 2, Hkv, P, D)`` tensor, or a list of ``PrefixKV``) and :func:`set_prefix_ids` picks
+one entry per batch row; the op then gets ``(B, Hkv, P, D)`` prefixes. ``set_prefix_ids(model,
+None)`` goes back to the shared prefix.
+
+Per-row prefixes of their own lengths: ``apply_prefix_tuning(model, P_max, capacity=N)`` gives the
+model a :class:`peftops.nn.MultiPrefixKV` (``model.peftops_prefix``, N fixed slots) instead of one
+prefix; :func:`add_prefix` / :func:`remove_prefix` fill and free slots without changing a shape,
+and :func:`set_prefix_ids` names each row's prefix (or none). Row ``i`` then computes exactly what
+a single-prefix model of its prefix's length computes: its positions are shifted by its own
+length (gathered on the device from the slots' lengths, no host read), a row without a prefix by
+nothing, as the base model.
+
+Static caches (``transformers.StaticCache``) work: their keys are the whole preallocated cache, so
+the keys not written yet are masked from the cache's length (a device tensor, no host read).
 
 Limits (each an error naming it, never a silent difference): attention dropout, soft-capping,
 attention sinks and position biases; 4-D attention masks; sliding-window layers once
-``P + S`` exceeds the window (peft's prefix would slide out of it); static (compileable) caches.
+``P + S`` exceeds the window (peft's prefix would slide out of it).
 
 :func:`peft_prefix_state` / :func:`load_peft_prefix` convert to and from peft's checkpoint
 (``prompt_embeddings``: ``(P, layers * 2 * Hkv * D)``, per virtual token the layers' keys and
@@ -47,18 +58,22 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ..nn import PrefixKV
+from ..nn import MultiPrefixKV, PrefixKV
 from ..nn._base import positive_int
+from ..nn._slots import AdapterRef
+from ..nn.multi_prefix import MultiPrefixBatch
 from ..ops.prefix_attention import prefix_attention
 from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
 __all__ = [
     "ATTN_IMPLEMENTATION",
+    "add_prefix",
     "apply_prefix_tuning",
     "load_peft_prefix",
     "load_prefix_tuning",
     "peft_prefix_state",
+    "remove_prefix",
     "remove_prefix_tuning",
     "set_prefix_bank",
     "set_prefix_ids",
@@ -93,6 +108,13 @@ class _State:
     # checkpointed layer's recomputation runs the same ops as its forward.
     shared: Tensor | None = None
     bank: Tensor | None = None
+    # capacity models (a MultiPrefixKV): this forward's slot banks, ids and lengths.
+    multi: bool = False
+    batch: MultiPrefixBatch | None = None
+    # A static cache returns all its preallocated keys: those at or past `past` + the new tokens
+    # are not written yet. `past` is the cache's own length tensor (copied), so no host read.
+    static: bool = False
+    past: int | Tensor = 0
 
 
 def _transformers():
@@ -166,32 +188,94 @@ def _stacked_bank(model: nn.Module) -> Tensor | None:
     return torch.stack([p.prefixes() for p in modules])
 
 
+def _past_length(cache: object) -> int | Tensor:
+    """Tokens already in the cache; a static cache's own length tensor, copied (its layers add to
+    it in place during the forward), so that a captured decode step reads no host value."""
+    if cache is not None and getattr(cache, "is_compileable", False):
+        past = cache.get_seq_length()  # type: ignore[attr-defined]
+        return past.clone() if isinstance(past, Tensor) else int(past)
+    return cached_length(cache)
+
+
+def _rows_of(kw: dict) -> tuple[int, torch.device] | None:
+    tokens = kw.get("input_ids")
+    if tokens is None:
+        tokens = kw.get("inputs_embeds")
+    return None if tokens is None else (tokens.shape[0], tokens.device)
+
+
+def _multi_batch(state: _State, bank: MultiPrefixKV, rows: int) -> tuple[MultiPrefixBatch, Tensor]:
+    """This forward's slot banks, ids and lengths, and each row's position shift ``(B,)``: its
+    prefix's length, 0 for no prefix (-1, and under capture an unchecked id outside the slots)."""
+    owner = "set_prefix_ids"
+    ids = state.ids
+    if ids is None:
+        raise ValueError(
+            f"{owner}: ids: expected each row's prefix (set_prefix_ids) for a model with prefix slots "
+            f"(apply_prefix_tuning(capacity={bank.capacity})), got none"
+        )
+    if ids.shape[0] != rows:
+        raise ValueError(
+            f"{owner}: ids: expected one id per batch row ({rows} rows in this call; generate() with "
+            f"num_beams or num_return_sequences > 1 repeats each row), got {ids.shape[0]}"
+        )
+    # The caller's tensor as it is now (kept by reference: a replayed graph sees its new values).
+    ids = ids.to(bank.prefix.device)
+    _check_ids(bank, ids)
+    lengths = bank.prefix_lengths
+    # Slot `capacity` is a zero length: where ids outside the slots land, as the op reads them.
+    padded = torch.cat([lengths, lengths.new_zeros(1)])
+    known = (ids >= 0) & (ids < bank.capacity)
+    shift = padded[torch.where(known, ids.long(), bank.capacity)]
+    layers = [(bank.prefix[i, 0], bank.prefix[i, 1]) for i in range(bank.num_layers)]
+    return MultiPrefixBatch(layers, ids, lengths), shift
+
+
+def _check_ids(bank: MultiPrefixKV, ids: Tensor) -> None:
+    """Eager only (one read-back): ids in [-1, capacity) naming slots in use. While compiling or
+    capturing nothing is read back, and an id outside the slots or naming a free slot (length 0)
+    means no prefix."""
+    if torch.compiler.is_compiling() or (ids.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return
+    out = (ids < -1) | (ids >= bank.capacity)
+    free = (ids >= 0) & ~out & ~bank.in_use[ids.long().clamp(0, bank.capacity - 1)]
+    found_out, found_free = torch.stack([out.any(), free.any()]).tolist()
+    if found_out or found_free:
+        bad = int(ids[out if found_out else free][0])
+        used = sorted(bank.adapters.values())
+        why = f"outside [-1, {bank.capacity})" if found_out else "a free slot"
+        raise ValueError(f"set_prefix_ids: ids: expected slots in use {used} or -1 (no prefix), got {bad}, {why}")
+
+
 def _decoder_pre_hook(owner_model: nn.Module):
     def hook(module: nn.Module, args: tuple, kwargs: dict):
         state = owner_model.__dict__.get(_STATE)
         if state is None:
             return None
         kw = call_kwargs(module, args, kwargs)
-        state.shared = getattr(owner_model, ATTR).prefixes()
-        state.bank = _stacked_bank(owner_model) if state.ids is not None else None
         cache = kw.get("cache", kw.get("past_key_values"))
-        if cache is not None and getattr(cache, "is_compileable", False):
-            raise ValueError(
-                f"apply_prefix_tuning: cache: expected a DynamicCache (the prefix is not in the cache), got "
-                f"{type(cache).__name__}"
-            )
-        position_ids = kw.get("position_ids")
-        if position_ids is None:
-            tokens = kw.get("input_ids")
-            if tokens is None:
-                tokens = kw.get("inputs_embeds")
-            if tokens is None:
+        state.static = cache is not None and getattr(cache, "is_compileable", False)
+        rows = _rows_of(kw)
+        shift: int | Tensor = state.num_virtual_tokens
+        if state.multi:
+            if rows is None:
                 return None  # the model's own error says what is missing
-            past = cached_length(cache)
-            position_ids = torch.arange(past, past + tokens.shape[1], device=tokens.device).unsqueeze(0)
-        # peft's prefix sits in the cache, in front of every real token. cache_position (where the
-        # new tokens go in the cache) stays as it is: this cache holds the real tokens only.
-        kw["position_ids"] = position_ids + state.num_virtual_tokens
+            state.batch, row_shift = _multi_batch(state, getattr(owner_model, ATTR), rows[0])
+            shift = row_shift.unsqueeze(1)  # (B, 1): each row by its own prefix's length
+        else:
+            state.shared = getattr(owner_model, ATTR).prefixes()
+            state.bank = _stacked_bank(owner_model) if state.ids is not None else None
+        position_ids = kw.get("position_ids")
+        past = _past_length(cache) if (position_ids is None or state.static) else 0
+        state.past = past
+        if position_ids is None:
+            if rows is None:
+                return None
+            tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
+            position_ids = (torch.arange(tokens.shape[1], device=rows[1]) + past).unsqueeze(0)
+        # peft's prefix sits in the cache, in front of every real token. Where the new tokens go in
+        # the cache stays as it is: this cache holds the real tokens only.
+        kw["position_ids"] = position_ids + shift
         return (), kw
 
     return hook
@@ -269,7 +353,16 @@ def _attention_forward(
             )
         key_padding_mask = attention_mask if attention_mask.dtype == torch.bool else attention_mask != 0
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-    prefix_k, prefix_v = _layer_prefix(state, module, layer, batch)
+    if state.static:
+        key, value, key_padding_mask = _written_keys(state, query.shape[2], key, value, key_padding_mask)
+    banks: dict[str, Tensor] = {}
+    if state.multi:
+        if state.batch is None:
+            raise RuntimeError(f"{owner}: layer {layer} ran without the decoder's pre-hook (no prefix ids)")
+        prefix_k, prefix_v = state.batch.layers[layer]
+        banks = {"prefix_ids": state.batch.prefix_ids, "prefix_lengths": state.batch.prefix_lengths}
+    else:
+        prefix_k, prefix_v = _layer_prefix(state, module, layer, batch)
     out = prefix_attention(
         query,
         key,
@@ -279,14 +372,36 @@ def _attention_forward(
         causal=bool(causal),
         key_padding_mask=key_padding_mask,
         scale=scaling,
+        **banks,
     )
     return out.transpose(1, 2).contiguous(), None
+
+
+def _written_keys(
+    state: _State, new: int, key: Tensor, value: Tensor, key_padding_mask: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """A static cache's keys are all its slots, the first ``past + new`` written: mask the rest.
+    With several new tokens the op's bottom-right causal alignment needs the written keys last,
+    so the slots are rotated by ``past + new`` (a gather by device indices, no host read)."""
+    batch, seq = key.shape[0], key.shape[2]
+    slots = torch.arange(seq, device=key.device)
+    written = state.past + new
+    mask = (slots < written).expand(batch, seq)
+    if key_padding_mask is not None:
+        mask = mask & key_padding_mask
+    if new > 1:
+        order = (slots + written) % seq
+        key, value, mask = key.index_select(2, order), value.index_select(2, order), mask.index_select(1, order)
+    return key, value, mask
 
 
 def _mask(*args: Any, kv_length: int, attention_mask: Tensor | None = None, **kwargs: Any) -> Tensor | None:
     """transformers mask function: the 2-D padding mask of the keys (the op does causality itself)."""
     if attention_mask is None:
         return None
+    if attention_mask.shape[-1] < kv_length:
+        # A static cache's keys are all its slots: those past the mask are not written yet.
+        attention_mask = torch.nn.functional.pad(attention_mask, (0, kv_length - attention_mask.shape[-1]))
     return attention_mask[:, -kv_length:]
 
 
@@ -300,12 +415,19 @@ def _set_attn(model: Any, name: str) -> None:
     model.set_attn_implementation(name)
 
 
-def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, reparam_hidden: int | None = None) -> nn.Module:
+def apply_prefix_tuning(
+    model: nn.Module, num_virtual_tokens: int, reparam_hidden: int | None = None, *, capacity: int | None = None
+) -> nn.Module:
     """Add a trainable prefix of ``num_virtual_tokens`` keys and values to every attention layer of
     the transformers ``model`` (in place), freeze everything else, and return ``model``.
 
     ``reparam_hidden``: train the prefix through peft's ``prefix_projection`` MLP of that width
     (``PrefixKV(reparam_hidden=...)``). The prefix is ``model.peftops_prefix``.
+
+    ``capacity``: instead of one prefix, ``capacity`` slots for prefixes of up to
+    ``num_virtual_tokens`` keys each (``model.peftops_prefix`` is then a
+    :class:`peftops.nn.MultiPrefixKV`, empty): :func:`add_prefix` fills one, :func:`set_prefix_ids`
+    names each row's. Not with ``reparam_hidden``.
 
     Raises ``TypeError`` for a model whose attention does not go through transformers'
     ``AttentionInterface``.
@@ -315,10 +437,29 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, reparam_hidde
     positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
     if reparam_hidden is not None:
         positive_int(owner, "reparam_hidden", reparam_hidden)
+    if capacity is not None:
+        positive_int(owner, "capacity", capacity)
+        if reparam_hidden is not None:
+            raise ValueError(
+                f"{owner}: reparam_hidden: expected None with capacity (prefix slots are plain prefixes), got "
+                f"{reparam_hidden}"
+            )
     if _STATE in model.__dict__ or hasattr(model, ATTR):
         raise ValueError(f"{owner}: model: expected a model without prefix tuning, got one that has it already")
     layers, kv_heads, head_dim = _shape(owner, model)
     param = next(model.parameters(), None)
+    if capacity is not None:
+        slots = MultiPrefixKV(
+            layers,
+            kv_heads,
+            capacity,
+            num_virtual_tokens,
+            head_dim,
+            device=param.device if param is not None else None,
+            dtype=_adapter_dtype(model),
+        )
+        _install(model, slots, (layers, kv_heads, head_dim))
+        return model
     prefix = PrefixKV(
         layers,
         kv_heads,
@@ -332,19 +473,21 @@ def apply_prefix_tuning(model: nn.Module, num_virtual_tokens: int, reparam_hidde
     return model
 
 
-def _install(model: nn.Module, prefix: PrefixKV, shape: tuple[int, int, int]) -> None:
+def _install(model: nn.Module, prefix: PrefixKV | MultiPrefixKV, shape: tuple[int, int, int]) -> None:
     _register()
     layers, kv_heads, head_dim = shape
     previous = getattr(model.config, "_attn_implementation", None)
+    multi = isinstance(prefix, MultiPrefixKV)
     state = _State(
         num_layers=layers,
         num_kv_heads=kv_heads,
         head_dim=head_dim,
-        num_virtual_tokens=prefix.prefix_len,
+        num_virtual_tokens=prefix.prefix_len_max if isinstance(prefix, MultiPrefixKV) else prefix.prefix_len,
         previous_attn=previous,
         requires_grad={n: q.requires_grad for n, q in model.named_parameters()},
         handles=[],
         bound=[],
+        multi=multi,
     )
     for q in model.parameters():
         q.requires_grad_(False)
@@ -391,6 +534,11 @@ def set_prefix_bank(model: nn.Module, bank: Tensor | Sequence[PrefixKV] | None) 
     shape and the same ``P``. ``None`` removes the bank and the ids. Returns ``model``."""
     owner = "set_prefix_bank"
     state = _state(owner, model)
+    if state.multi:
+        raise ValueError(
+            f"{owner}: model: expected a model with one shared prefix, got one with prefix slots (capacity): "
+            "add_prefix fills them"
+        )
     model.__dict__.pop("_peftops_prefix_bank_tensor", None)
     if hasattr(model, BANK_ATTR):
         delattr(model, BANK_ATTR)
@@ -434,12 +582,22 @@ def set_prefix_bank(model: nn.Module, bank: Tensor | Sequence[PrefixKV] | None) 
     return model
 
 
-def set_prefix_ids(model: nn.Module, ids: Tensor | Sequence[int] | None) -> nn.Module:
+def set_prefix_ids(model: nn.Module, ids: Tensor | Sequence[AdapterRef] | None) -> nn.Module:
     """Choose, for each batch row of the next calls, an entry of the bank (:func:`set_prefix_bank`):
     ``ids`` ``(B,)`` ints in ``[0, N)``. ``None``: every row uses the shared ``model.peftops_prefix``
-    again. Returns ``model``."""
+    again. Returns ``model``.
+
+    For a model with prefix slots (``apply_prefix_tuning(..., capacity=)``): ``ids`` is a list of
+    prefix names, slot ints or ``None`` (no prefix), or a ``(B,)`` signed integer tensor (-1: no
+    prefix), kept by reference: change it in place (``ids.copy_(...)``) and the next call, or a
+    replayed CUDA graph, uses the new values. ``None`` clears the ids. Tensor values are checked
+    at each eager call (``ValueError`` for an id outside ``[-1, capacity)`` or naming a free slot);
+    see :class:`peftops.nn.MultiPrefixKV` for what capture and compilation do instead."""
     owner = "set_prefix_ids"
     state = _state(owner, model)
+    if state.multi:
+        state.ids = None if ids is None else _slot_ids(owner, getattr(model, ATTR), ids)
+        return model
     if ids is None:
         state.ids = None
         return model
@@ -469,6 +627,59 @@ def set_prefix_ids(model: nn.Module, ids: Tensor | Sequence[int] | None) -> nn.M
     return model
 
 
+def _slot_ids(owner: str, bank: MultiPrefixKV, ids: Tensor | Sequence[AdapterRef]) -> Tensor:
+    if isinstance(ids, Tensor):
+        if ids.dtype == torch.bool or ids.is_floating_point() or ids.is_complex() or not ids.dtype.is_signed:
+            raise TypeError(f"{owner}: ids: expected a signed integer tensor (-1 = no prefix), got {ids.dtype}")
+        if ids.dim() != 1 or ids.shape[0] < 1:
+            raise ValueError(f"{owner}: ids: expected shape (B,) with B >= 1, got {tuple(ids.shape)}")
+        _check_ids(bank, ids.to(bank.prefix.device))
+        return ids
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence) or len(ids) == 0:
+        raise TypeError(
+            f"{owner}: ids: expected a 1-D integer tensor or a non-empty list of prefix names, slot ints or None, "
+            f"got {type(ids).__name__}"
+        )
+    for ref in ids:
+        if isinstance(ref, int) and not isinstance(ref, bool) and not -1 <= ref < bank.capacity:
+            raise ValueError(f"{owner}: ids: expected slot ints in [-1, {bank.capacity}), got {ref}")
+        if isinstance(ref, str) and ref not in bank.adapters:
+            raise ValueError(f"{owner}: ids: expected prefix names {sorted(bank.adapters)}, got {ref!r}")
+    try:
+        return bank.adapter_ids(list(ids))
+    except ValueError as e:  # a free slot
+        raise ValueError(f"{owner}: ids: {e}") from None
+    except TypeError as e:
+        raise TypeError(f"{owner}: ids: {e}") from None
+
+
+def _slots(owner: str, model: nn.Module) -> MultiPrefixKV:
+    state = _state(owner, model)
+    if not state.multi:
+        raise ValueError(
+            f"{owner}: model: expected a model with prefix slots (apply_prefix_tuning(..., capacity=N)), got one with "
+            "one shared prefix"
+        )
+    return getattr(model, ATTR)
+
+
+def add_prefix(model: nn.Module, name: str, prefix_len: int | None = None) -> int:
+    """Put a fresh trainable prefix of ``prefix_len`` keys (default: the model's
+    ``num_virtual_tokens``, the longest) in the first free slot of ``model`` (prepared by
+    ``apply_prefix_tuning(..., capacity=N)``); returns the slot. No shape changes: the same
+    Parameter holds every slot."""
+    bank = _slots("add_prefix", model)
+    return bank.add_adapter(name, bank.prefix_len_max if prefix_len is None else prefix_len)
+
+
+def remove_prefix(model: nn.Module, name: str) -> None:
+    """Free ``name``'s slot (zeroed, length 0). Ids naming it afterwards raise in eager calls."""
+    bank = _slots("remove_prefix", model)
+    if name not in bank.adapters:
+        raise ValueError(f"remove_prefix: name: expected one of {sorted(bank.adapters)}, got {name!r}")
+    bank.remove_adapter(name)
+
+
 # -- peft checkpoints --------------------------------------------------------------------------------
 
 
@@ -478,6 +689,11 @@ def peft_prefix_state(model: nn.Module) -> tuple[dict, dict[str, Tensor]]:
     ``inference_mode``)."""
     owner = "peft_prefix_state"
     state = _state(owner, model)
+    if state.multi:
+        raise ValueError(
+            f"{owner}: model: expected a model with one shared prefix (peft's format holds one), got one with "
+            "prefix slots (capacity)"
+        )
     prefix: PrefixKV = getattr(model, ATTR)
     p, layers, hkv, d = prefix.prefix_len, prefix.num_layers, prefix.num_kv_heads, prefix.head_dim
     with torch.no_grad():
@@ -555,7 +771,12 @@ def load_peft_prefix(model: nn.Module, config: dict, state_dict: dict[str, Tenso
 
     if _STATE not in model.__dict__:
         apply_prefix_tuning(model, p)
-    prefix: PrefixKV = getattr(model, ATTR)
+    prefix = getattr(model, ATTR)
+    if not isinstance(prefix, PrefixKV):
+        raise ValueError(
+            f"{owner}: model: expected no prefix or a plain prefix of {p} tokens (the checkpoint's), got prefix "
+            "slots (capacity)"
+        )
     if prefix.prefix_len != p or prefix.reparam_hidden is not None:
         raise ValueError(
             f"{owner}: model: expected no prefix or a plain prefix of {p} tokens (the checkpoint's), got "
