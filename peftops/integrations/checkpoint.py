@@ -159,9 +159,20 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     methods at once, or one peft cannot express (bottleneck adapters), is refused.
 
     Single-adapter models have one unnamed adapter: ``adapter_name`` must then be "default".
+
+    From a distributed job (``torch.distributed``) it is collective: every rank calls it with
+    its part of the model (FSDP2-sharded by ``fully_shard``, or wrapped in
+    ``DistributedDataParallel``), the adapter tensors alone are gathered (never the frozen
+    base) and rank 0 alone writes one checkpoint, the same bytes as a single process holding
+    the same weights writes; no rank returns before the files are written. Adapters that are
+    not sharded (DDP) need no gathering: there the other ranks return at once (``barrier()``
+    before reading the files on them), and rank 0 may also call it alone.
     """
     owner = "save_adapter"
     _check_model(owner, model)
+    from .distributed_checkpoint import reshard, unwrap
+
+    model = reshard(unwrap(model))
     if not isinstance(save_directory, (str, os.PathLike)):
         raise TypeError(f"{owner}: save_directory: expected a str or os.PathLike, got {type(save_directory).__name__}")
     if not isinstance(adapter_name, str) or not adapter_name:
@@ -204,7 +215,31 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     config.setdefault("task_type", _task_type(model))
     config.setdefault("base_model_name_or_path", _name_or_path(model))
     config.setdefault("inference_mode", True)
-    _write(save_directory, config, tensors)
+    # Every rank gathers the same sharded tensors in the same (the model's) order.
+    sharded = any(_is_sharded(t) for t in tensors.values())
+    tensors = {k: _full(v) for k, v in tensors.items()}
+    if not _distributed() or torch.distributed.get_rank() == 0:
+        _write(save_directory, config, tensors)
+    if sharded:
+        # Every rank is here anyway: none returns before rank 0 has written the files.
+        torch.distributed.barrier()
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _is_sharded(t: Tensor) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _full(t: Tensor) -> Tensor:
+    """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else ``t``."""
+    return cast(Any, t).full_tensor() if _is_sharded(t) else t
 
 
 def _write(save_directory: str | os.PathLike, config: dict, tensors: dict[str, Tensor]) -> None:
@@ -305,8 +340,9 @@ def _bank_state(model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, Te
         slot = bank.adapters[adapter_name]
         r = int(bank.ranks[slot])
         ranks[name], scales[name] = r, float(bank.scales[slot])
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = bank.lora_A[slot, :r]
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = bank.lora_B[slot, :, :r]
+        # An FSDP2 shard of a bank splits its slots across ranks: gather before picking one.
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = _full(bank.lora_A)[slot, :r]
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = _full(bank.lora_B)[slot, :, :r]
     # A bank keeps each slot's scale, not its alpha: write alpha = scale * r (plain LoRA scaling),
     # which peft turns back into the same scale.
     alphas = {n: scales[n] * ranks[n] for n in banks}
