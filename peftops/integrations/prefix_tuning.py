@@ -197,11 +197,9 @@ def _past_length(cache: object) -> int | Tensor:
     return cached_length(cache)
 
 
-def _rows_of(kw: dict) -> tuple[int, torch.device] | None:
+def _tokens(kw: dict) -> Tensor | None:
     tokens = kw.get("input_ids")
-    if tokens is None:
-        tokens = kw.get("inputs_embeds")
-    return None if tokens is None else (tokens.shape[0], tokens.device)
+    return kw.get("inputs_embeds") if tokens is None else tokens
 
 
 def _multi_batch(state: _State, bank: MultiPrefixKV, rows: int) -> tuple[MultiPrefixBatch, Tensor]:
@@ -255,12 +253,12 @@ def _decoder_pre_hook(owner_model: nn.Module):
         kw = call_kwargs(module, args, kwargs)
         cache = kw.get("cache", kw.get("past_key_values"))
         state.static = cache is not None and getattr(cache, "is_compileable", False)
-        rows = _rows_of(kw)
+        tokens = _tokens(kw)
+        if tokens is None:
+            return None  # the model's own error says what is missing
         shift: int | Tensor = state.num_virtual_tokens
         if state.multi:
-            if rows is None:
-                return None  # the model's own error says what is missing
-            state.batch, row_shift = _multi_batch(state, getattr(owner_model, ATTR), rows[0])
+            state.batch, row_shift = _multi_batch(state, getattr(owner_model, ATTR), tokens.shape[0])
             shift = row_shift.unsqueeze(1)  # (B, 1): each row by its own prefix's length
         else:
             state.shared = getattr(owner_model, ATTR).prefixes()
@@ -269,10 +267,7 @@ def _decoder_pre_hook(owner_model: nn.Module):
         past = _past_length(cache) if (position_ids is None or state.static) else 0
         state.past = past
         if position_ids is None:
-            if rows is None:
-                return None
-            tokens = kw["input_ids"] if kw.get("input_ids") is not None else kw["inputs_embeds"]
-            position_ids = (torch.arange(tokens.shape[1], device=rows[1]) + past).unsqueeze(0)
+            position_ids = (torch.arange(tokens.shape[1], device=tokens.device) + past).unsqueeze(0)
         # peft's prefix sits in the cache, in front of every real token. Where the new tokens go in
         # the cache stays as it is: this cache holds the real tokens only.
         kw["position_ids"] = position_ids + shift
