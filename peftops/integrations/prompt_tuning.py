@@ -605,7 +605,7 @@ def remove_prompt(model: nn.Module, name: str) -> nn.Module:
     return model
 
 
-def set_prompt_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None]) -> nn.Module:
+def set_prompt_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None] | None) -> nn.Module:
     """Name the prompt of each row of the following batches, until set again, and return ``model``.
 
     ``ids``: one entry per row of the batch actually run (``(B,)``; ``generate()``'s decode steps
@@ -617,11 +617,14 @@ def set_prompt_ids(model: nn.Module, ids: Tensor | Sequence[str | int | None]) -
     live on the model's device and keep its shape. Names, slot ints and a tensor's values now
     are checked here (``ValueError``); a tensor's later contents are checked by the next eager
     forward, and not under ``torch.compile`` or capture, where a free or out-of-range slot's
-    rows get no prompt.
+    rows get no prompt. ``None`` clears the ids: the model refuses to run until they are set again.
     """
     owner = "set_prompt_ids"
     bank = _bank(owner, model)
     state = _state(owner, model)
+    if ids is None:
+        bank.set_batch_adapters(None)
+        return model
     slots = bank.adapters
     expected = f"expected prompt names {sorted(slots)}, slots in use {sorted(slots.values())}"
     expected += (

@@ -229,6 +229,9 @@ def test_bad_ids_and_arguments_are_named():
     remove_prompt(model, "b")  # ids set before: the next eager forward refuses the freed slot
     with pytest.raises(ValueError, match=r"adapter_ids: expected slots in use .* got 1, a free slot"):
         model(input_ids=x)
+    set_prompt_ids(model, None)  # clears: the model refuses to run until set again
+    with pytest.raises(ValueError, match=r"apply_prompt_tuning: ids: expected the rows' prompts"):
+        model(input_ids=x)
     with pytest.raises(ValueError, match=r"remove_prompt: name: expected one of the model's prompts"):
         remove_prompt(model, "b")
     with pytest.raises(ValueError, match=r"add_prompt: name: expected a new prompt name, got 'a'"):
