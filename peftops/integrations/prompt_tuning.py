@@ -17,6 +17,12 @@ for P-tuning) and registers a forward pre-hook that does what ``peft.PeftModelFo
   entries for it. ``cache_position`` is dropped, so the model counts from the cache, which
   holds the virtual tokens too.
 
+With ``capacity=N`` the prompt is a bank of up to ``N`` prompts
+(:class:`peftops.nn.MultiPromptEmbedding`): :func:`add_prompt` / :func:`remove_prompt` fill and
+free slots, :func:`set_prompt_ids` names each row's prompt, and each row gets its own prompt in
+one batch; a causal LM's row without a prompt gets its virtual positions masked out and its
+positions numbered from its first real token, so it computes what the base model does.
+
 The hook fires in ``model(...)`` (``__call__``), which is what ``generate()`` calls; calling
 ``model.forward`` directly bypasses it. Attention masks must be 2-D ``(B, L)``.
 
