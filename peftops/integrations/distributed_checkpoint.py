@@ -143,10 +143,12 @@ def _unwrap_objects(state: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _quiet_single_process():
-    # DCP warns that it assumes one process when there is no process group: that is documented here.
+def _quiet_dcp():
+    # DCP warns that it assumes one process when there is no process group: documented here.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"torch\.distributed is .*single process")
+        # It also warns that it overwrites a checkpoint when asked to (overwrite=True).
+        warnings.filterwarnings("ignore", message=r"Detected an existing checkpoint in .*, overwriting")
         yield
 
 
@@ -191,8 +193,9 @@ def save_sharded_adapter(
     state: dict[str, Any] = {_MODEL: _model_state(module, keys)}
     if optimizer is not None:
         state[_OPTIM] = _optimizer_state(owner, module, optimizer, keys)
-    with _quiet_single_process():
-        dcp.save(state, checkpoint_id=path)
+    with _quiet_dcp():
+        # Saving again to the same directory replaces the checkpoint, as save_adapter does.
+        dcp.save(state, storage_writer=dcp.FileSystemWriter(path, overwrite=True))
 
 
 def _saved_keys(owner: str, path: str | os.PathLike) -> dict[str, Any]:
@@ -256,7 +259,7 @@ def load_sharded_adapter(
             raise ValueError(f"{owner}: optimizer: the checkpoint at {str(path)!r} holds no optimizer state")
         _check_keys(owner, "optimizer state", _OPTIM, optim_state, saved)
         state[_OPTIM] = optim_state
-    with _quiet_single_process():
+    with _quiet_dcp():
         dcp.load(state, checkpoint_id=path)
     set_model_state_dict(module, _unwrap_objects(state[_MODEL]), options=_PARTIAL)
     if optimizer is not None:
