@@ -340,9 +340,9 @@ def _bank_state(model: nn.Module, adapter_name: str) -> tuple[dict, dict[str, Te
         slot = bank.adapters[adapter_name]
         r = int(bank.ranks[slot])
         ranks[name], scales[name] = r, float(bank.scales[slot])
-        # An FSDP2 shard of a bank splits its slots across ranks: gather before picking one.
-        tensors[f"{PREFIX}{name}.lora_A.weight"] = _full(bank.lora_A)[slot, :r]
-        tensors[f"{PREFIX}{name}.lora_B.weight"] = _full(bank.lora_B)[slot, :, :r]
+        # Under FSDP2 these are DTensor slices of the sharded bank, gathered whole by save_adapter.
+        tensors[f"{PREFIX}{name}.lora_A.weight"] = bank.lora_A[slot, :r]
+        tensors[f"{PREFIX}{name}.lora_B.weight"] = bank.lora_B[slot, :, :r]
     # A bank keeps each slot's scale, not its alpha: write alpha = scale * r (plain LoRA scaling),
     # which peft turns back into the same scale.
     alphas = {n: scales[n] * ranks[n] for n in banks}

@@ -5,6 +5,7 @@ the tests below check its results against a single process."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import pytest
@@ -70,8 +71,10 @@ def _ranks(rank: int, world_size: int, tmp: str) -> dict:
     local = BATCH.chunk(world_size)[rank]
     for _ in range(STEPS):
         _step(model, optimizer, local)
-    save_sharded_adapter(model, os.path.join(tmp, "two"), optimizer=optimizer)
-    peftops.save_adapter(model, os.path.join(tmp, "peft_fsdp"))
+    with _gathers() as out["sharded_gathers"]:
+        save_sharded_adapter(model, os.path.join(tmp, "two"), optimizer=optimizer)
+    with _gathers() as out["peft_gathers"]:
+        peftops.save_adapter(model, os.path.join(tmp, "peft_fsdp"))
     # Every rank sees the file once save_adapter returned (rank 0 wrote it).
     out["peft_file_seen"] = os.path.isfile(os.path.join(tmp, "peft_fsdp", "adapter_model.safetensors"))
     with torch.no_grad():
@@ -88,7 +91,43 @@ def _ranks(rank: int, world_size: int, tmp: str) -> dict:
     dist.barrier()
     with torch.no_grad():
         out["ddp_logits"] = ddp(BATCH).logits
+
+    # A bank under FSDP2: its slots are split across ranks, save_adapter gathers before picking one.
+    bank = _fsdp2(_bank())
+    save_sharded_adapter(bank, os.path.join(tmp, "bank_dcp"))
+    peftops.save_adapter(bank, os.path.join(tmp, "bank_peft"), adapter_name="b")
     return out
+
+
+def _bank() -> torch.nn.Module:
+    model = peftops.apply_lora(hf_models.llama(), ["q_proj", "o_proj"], r=4, alpha=8, capacity=3)
+    peftops.nn.add_adapter(model, "a", 2, 4.0)
+    peftops.nn.add_adapter(model, "b", 4, 2.0)
+    gen = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=gen))
+    return model
+
+
+@contextlib.contextmanager
+def _gathers():
+    """The global shapes of the sharded tensors gathered whole (DTensor.full_tensor) inside."""
+    from torch.distributed.tensor import DTensor
+
+    shapes: list[tuple[int, ...]] = []
+    original = DTensor.full_tensor
+
+    def recording(self, *args, **kwargs):
+        shapes.append(tuple(self.shape))
+        return original(self, *args, **kwargs)
+
+    DTensor.full_tensor = recording
+    try:
+        yield shapes
+    finally:
+        DTensor.full_tensor = original
 
 
 @pytest.fixture(scope="module")
@@ -160,6 +199,32 @@ def test_save_adapter_from_ranks_equals_single_process_save(spawned, tmp_path, w
             assert a.read() == b.read(), name
     # Only rank 0 wrote: nothing else in the directory.
     assert sorted(os.listdir(os.path.join(tmp, wrapper))) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_only_adapter_tensors_are_gathered(spawned):
+    _, _, results = spawned
+    trainable = sorted(tuple(p.shape) for p in _model(randomize=False).parameters() if p.requires_grad)
+    for r in results:
+        # DCP writes each rank's shards: nothing whole.
+        assert r["sharded_gathers"] == []
+        # save_adapter gathers the adapter (LoRA and the modules_to_save head), never the frozen base.
+        assert sorted(r["peft_gathers"]) == trainable
+
+
+def test_bank_under_fsdp2_saves_as_one_process(spawned, tmp_path):
+    tmp, _, _ = spawned
+    model = _bank()
+    peftops.save_adapter(model, tmp_path, adapter_name="b")
+    for name in ("adapter_model.safetensors", "adapter_config.json"):
+        with open(os.path.join(tmp, "bank_peft", name), "rb") as a, open(tmp_path / name, "rb") as b:
+            assert a.read() == b.read(), name
+    loaded = peftops.apply_lora(hf_models.llama(), ["q_proj", "o_proj"], r=4, alpha=8, capacity=3)
+    load_sharded_adapter(loaded, os.path.join(tmp, "bank_dcp"))
+    ids = ["b", "a", None, "b"]
+    peftops.nn.set_batch_adapters(model, ids)
+    peftops.nn.set_batch_adapters(loaded, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(BATCH).logits, model(BATCH).logits, rtol=0, atol=0)
 
 
 def test_save_adapter_from_ranks_loads_in_peft(spawned):
