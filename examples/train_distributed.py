@@ -5,12 +5,13 @@ a sharded checkpoint (adapter and optimizer, to resume from) and a PEFT checkpoi
     torchrun --nproc-per-node 2 examples/train_distributed.py --output-dir ./run            # CPU: gloo
     torchrun --nproc-per-node 2 examples/train_distributed.py --output-dir ./run --resume   # 2 more steps
     torchrun --nproc-per-node 8 examples/train_distributed.py --output-dir ./run --model Qwen/Qwen2.5-0.5B
-    torchrun --nnodes 2 --node-rank 0 --rdzv-endpoint host0:29500 --nproc-per-node 8 \\
-        examples/train_distributed.py --output-dir /shared/run                            # and rank 1 on host1
+    torchrun --nnodes 2 --nproc-per-node 8 --rdzv-backend c10d --rdzv-endpoint host0:29500 \\
+        --rdzv-id run1 examples/train_distributed.py --output-dir /shared/run   # the same on each node
 
 One process per device: NCCL and ``cuda:$LOCAL_RANK`` where there are GPUs, gloo on the CPU.
 Run without torchrun it trains in one process. Offline (no ``--model``) the model is a tiny Llama
-built from a config. Every step trains on one synthetic global batch (sequences that count up
+built from a config; ``--model`` takes a Llama-style causal LM (``q_proj`` ... ``o_proj``), loaded
+whole by every rank before sharding. Every step trains on one synthetic global batch (sequences that count up
 from a random token), split across the ranks, so the losses printed by rank 0 (averaged over the
 ranks) are those of one process on the whole batch, whatever the number of processes.
 
@@ -67,7 +68,7 @@ def base_model(name: str | None) -> torch.nn.Module:
     import transformers
 
     if name is not None:
-        model = transformers.AutoModelForCausalLM.from_pretrained(name, torch_dtype=torch.float32)
+        model = transformers.AutoModelForCausalLM.from_pretrained(name, dtype=torch.float32)
     else:
         # Every rank builds the same weights from the same seed: nothing to broadcast.
         torch.manual_seed(0)

@@ -276,9 +276,16 @@ def test_adapter_state_keys_are_the_adapters_only():
         "transformer.h.0.attn.c_attn.bias",
         "transformer.h.1.attn.c_attn.bias",
     ]
-    prefix = peftops.apply_prefix_tuning(hf_models.llama(), 3, reparam_hidden=8)
-    trainable = [n for n, p in prefix.named_parameters() if p.requires_grad]
-    assert adapter_state_keys(prefix) == trainable and trainable
+    # The other methods: exactly what they train.
+    for other in (
+        peftops.apply_prefix_tuning(hf_models.llama(), 3, reparam_hidden=8),
+        peftops.apply_prompt_tuning(hf_models.llama(), 4),
+        peftops.apply_adapters(hf_models.llama(), "seq_bn"),
+        peftops.apply_ia3(hf_models.llama()),
+        peftops.apply_lora(hf_models.llama(), ["q_proj"], r=2, alpha=4, use_dora=True),
+    ):
+        trainable = [n for n, p in other.named_parameters() if p.requires_grad]
+        assert sorted(adapter_state_keys(other)) == sorted(trainable) and trainable
 
 
 def test_prefix_tuning_round_trip(tmp_path):
