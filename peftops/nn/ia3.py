@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ..distributed import check_writable
 from ..ops.ia3_linear import ia3_linear
 from ._base import AdapterModule, nonempty_linear, strict_bool
 from .lora_linear import conv1d_type
@@ -180,6 +181,7 @@ class IA3Linear(AdapterModule):
         """Fold ``l`` into ``weight`` (and ``bias`` for output scaling), as peft's ``merge``."""
         if self.merged:
             raise RuntimeError("IA3Linear.merge: the vector is already merged")
+        check_writable("IA3Linear.merge", self)
         self.weight.copy_(torch.mul(self.weight, self._weight_factor()).to(self.weight.dtype))
         if not self.is_feedforward and self.bias is not None:
             self.bias.copy_(torch.mul(self.bias, self.ia3_l.reshape(self.bias.shape)).to(self.bias.dtype))
@@ -190,6 +192,7 @@ class IA3Linear(AdapterModule):
         """Divide ``l`` out again (by ``l + 1e-8``, as peft's ``unmerge``)."""
         if not self.merged:
             raise RuntimeError("IA3Linear.unmerge: the vector is not merged")
+        check_writable("IA3Linear.unmerge", self)
         self.weight.copy_(torch.div(self.weight, self._weight_factor() + _UNMERGE_EPS).to(self.weight.dtype))
         if not self.is_feedforward and self.bias is not None:
             scale = self.ia3_l.reshape(self.bias.shape) + _UNMERGE_EPS

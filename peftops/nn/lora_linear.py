@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ..composite.dora_linear import dora_weight_norm
+from ..distributed import check_writable
 from ..ops.dora_linear import dora_linear
 from ..ops.lora_linear import lora_linear
 from ._base import AdapterModule, dropout_rate, finite, nonempty_linear, positive_int, strict_bool
@@ -101,6 +102,7 @@ class LoRALayerBase(AdapterModule):
         self._fold(+1.0)
 
     def _fold(self, sign: float) -> None:
+        check_writable(f"{type(self).__name__}.{'merge' if sign > 0 else 'unmerge'}", self)
         self.weight.copy_(self._merged_weight(sign))
         self.merged = sign > 0
 

@@ -10,6 +10,7 @@ from typing import NamedTuple
 
 from torch import nn
 
+from ..distributed import check_not_wrapped
 from ._base import AdapterModule, finite, positive_int, strict_bool
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALayerBase, LoRALinear, conv1d_type
@@ -209,8 +210,13 @@ def apply_lora(
     A target whose weight other modules of ``model`` also hold (a tied ``lm_head``/embedding,
     a layer also reachable under a name not targeted) is wrapped, and trains as usual; the
     tie is recorded, so that :meth:`LoRALinear.merge` refuses to write the update through it.
+
+    Call it before wrapping the model for data parallelism: a model that is a
+    ``DistributedDataParallel`` or holds ``fully_shard``'ed modules is a ``ValueError`` (new
+    adapters would be outside their gradient reduction).
     """
     _module("apply_lora", model)
+    check_not_wrapped("apply_lora", model)
     if isinstance(target_modules, str):
         all_linear = target_modules.lower() == "all-linear"
     else:
