@@ -9,8 +9,10 @@ from . import (
     ia3_linear,
     lora_linear,
     lora_linear_nf4,
+    multi_bottleneck_adapter,
     multi_lora_linear,
     prefix_attention,
+    prefix_attention_banks,
 )
 
 MODULES = (
@@ -21,6 +23,8 @@ MODULES = (
     ia3_linear,
     dora_linear,
     lora_linear_nf4,
+    multi_bottleneck_adapter,
+    prefix_attention_banks,
 )
 
 

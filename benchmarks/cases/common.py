@@ -62,12 +62,13 @@ def register_op(
     auto_rivals: Sequence[str] = (),
     auto_pick: Callable[[Inputs], str | None] | None = None,
     device_providers: Callable[[torch.device], Sequence[Provider]] | None = None,
+    backends_of: str | None = None,
 ) -> None:
     """Register op ``name`` with its standard providers, then ``baselines``.
 
     * ``peftops``: ``public(inputs)`` inside ``peftops.use_backend("auto")``, what a user who
       chooses nothing gets;
-    * ``peftops[<backend>]`` for each backend in ``peftops.available_backends(name, device)``
+    * ``peftops[<backend>]`` for each backend in ``peftops.available_backends(backends_of or name, device)``
       (whatever backends peftops registers, none named here): ``public(inputs)`` inside
       ``peftops.use_backend(backend)``;
     * ``reference``: the reference function with plain autograd, in the run's dtype;
@@ -77,10 +78,15 @@ def register_op(
     ``reference`` is also the float32 spec every checked provider is compared against.
     ``auto_rivals`` and ``auto_pick`` are :class:`Op`'s. ``device_providers(device)`` adds
     providers that depend on the device (a backend's internal paths forced one by one).
+    ``backends_of`` names the peftops op whose backends these providers select, when the
+    benchmark op is a mode of another op (prefix banks are ``prefix_attention`` with ids).
     """
 
     def providers(device: torch.device) -> list[Provider]:
-        backends = [_peftops_provider(public, b, device) for b in ("auto", *peftops.available_backends(name, device))]
+        backends = [
+            _peftops_provider(public, b, device)
+            for b in ("auto", *peftops.available_backends(backends_of or name, device))
+        ]
         return [
             *backends,
             Provider("reference", reference),
