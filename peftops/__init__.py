@@ -25,12 +25,32 @@ from .ops import (  # the reference backend
 from . import composite, kernels, cuda_ext  # noqa: F401  (the torch, triton and cuda backends)
 from . import nn
 from .backends import BackendUnavailableError, available_backends, get_backend, use_backend
-from .integrations.adapters import apply_adapters, remove_adapters
+from .integrations.adapters import (
+    add_bottleneck,
+    apply_adapters,
+    remove_adapters,
+    remove_bottleneck,
+    set_bottleneck_ids,
+)
 from .integrations.checkpoint import load_adapter, merge_and_unload, save_adapter
+from .integrations.distributed_checkpoint import load_sharded_adapter, save_sharded_adapter
 from .integrations.generate import generate
 from .integrations.peft import accelerate, restore  # peft itself is imported on first use
-from .integrations.prefix_tuning import apply_prefix_tuning, remove_prefix_tuning, set_prefix_bank, set_prefix_ids
-from .integrations.prompt_tuning import apply_prompt_tuning, remove_prompt_tuning
+from .integrations.prefix_tuning import (
+    add_prefix,
+    apply_prefix_tuning,
+    remove_prefix,
+    remove_prefix_tuning,
+    set_prefix_bank,
+    set_prefix_ids,
+)
+from .integrations.prompt_tuning import (
+    add_prompt,
+    apply_prompt_tuning,
+    remove_prompt,
+    remove_prompt_tuning,
+    set_prompt_ids,
+)
 from .nn import (
     quantize_model,
     apply_bitfit,
@@ -51,7 +71,17 @@ __all__ = [
     "apply_ia3",
     "apply_lora",
     "apply_prefix_tuning",
+    "add_bottleneck",
+    "add_prefix",
+    "add_prompt",
     "apply_prompt_tuning",
+    "load_sharded_adapter",
+    "remove_bottleneck",
+    "remove_prefix",
+    "remove_prompt",
+    "save_sharded_adapter",
+    "set_bottleneck_ids",
+    "set_prompt_ids",
     "available_backends",
     "backends",
     "BackendUnavailableError",

@@ -93,11 +93,14 @@ def check_not_wrapped(owner: str, model: nn.Module) -> None:
     if isinstance(model, DistributedDataParallel):
         how = "a DistributedDataParallel"
     else:
+        fsdp_types: tuple[type, ...] = ()
         try:
             from torch.distributed.fsdp import FSDPModule
+
+            fsdp_types = (FSDPModule,)
         except ImportError:  # pragma: no cover  (torch without FSDP2)
-            FSDPModule = ()  # noqa: N806
-        sharded = [name or "the model" for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+            pass
+        sharded = [name or "the model" for name, m in model.named_modules() if isinstance(m, fsdp_types)]
         if sharded:
             how = f"a model sharded by fully_shard ({', '.join(sharded[:4])}{', ...' if len(sharded) > 4 else ''})"
         elif any(is_sharded(p) for p in model.parameters()):

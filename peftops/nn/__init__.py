@@ -10,6 +10,7 @@ from .lora_linear import LoRAConv1D, LoRALinear
 from .multi_bottleneck_adapter import MultiBottleneckAdapter
 from .multi_lora_linear import MultiLoRALinear
 from .multi_prefix import MultiPrefixBatch, MultiPrefixKV
+from .multi_prompt import MultiPromptEmbedding
 from .nf4 import LinearNF4, LoRALinearNF4, bits_per_parameter, quantize_model
 from .prefix import PrefixKV, PromptEmbedding
 from .prefix_attention import PrefixSelfAttention
@@ -44,6 +45,7 @@ __all__ = [
     "MultiLoRALinear",
     "MultiPrefixBatch",
     "MultiPrefixKV",
+    "MultiPromptEmbedding",
     "PHMRule",
     "ParamCount",
     "PrefixKV",
