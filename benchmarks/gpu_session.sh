@@ -26,6 +26,9 @@
 #              peftops[cuda], the Triton backend's forward paths forced (segmented, gathered),
 #              auto, lora-single, peft-loop and linear.
 #              Writes gpu_tests_multi.log, multi_lora_linear.json.
+#   banks15    issue 15's bank families in about 3 minutes: every multi_bottleneck_adapter case
+#              (vs adapter-single, loop, copy) and the prefix bank case (vs shared-mean, sdpa-gather)
+#              under CUDA graphs. Writes multi_bottleneck_adapter.json, prefix_attention_banks.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA C++ multi-LoRA decode kernels
 #   lora adapter attention
@@ -134,6 +137,12 @@ if has multi15; then
     run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
         python3 -m pytest tests/kernels/test_cuda_multi_lora.py -q -p no:cacheprovider -k "memcheck"
     run 120 python3 -m benchmarks --ops multi_lora_linear --cuda-graph on --json "$OUT/multi_lora_linear.json"
+    gpu_state end
+fi
+if has banks15; then
+    gpu_state start
+    run 100 python3 -m benchmarks --ops multi_bottleneck_adapter --cuda-graph on --providers 'peftops*' adapter-single loop copy --json "$OUT/multi_bottleneck_adapter.json"
+    run 80 python3 -m benchmarks --ops prefix_attention_banks --cuda-graph on --providers 'peftops*' shared-mean sdpa-gather --json "$OUT/prefix_attention_banks.json"
     gpu_state end
 fi
 has memcheck && run 60 compute-sanitizer --tool memcheck --error-exitcode 9 \
