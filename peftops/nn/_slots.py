@@ -24,6 +24,26 @@ class SlotBank:
     def _slot_device(self) -> torch.device:
         raise NotImplementedError
 
+    @property
+    def adapters(self) -> dict[str, int]:
+        """Adapter name -> slot index, for the slots in use."""
+        return dict(self._slots)
+
+    def _check_new_name(self, owner: str, name: object) -> None:
+        if not isinstance(name, str) or not name:
+            raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
+        if name in self._slots:
+            raise ValueError(
+                f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})"
+            )
+
+    def _first_free_slot(self, owner: str) -> int:
+        capacity = self.in_use.shape[0]
+        free = sorted(set(range(capacity)) - set(self._slots.values()))
+        if not free:
+            raise ValueError(f"{owner}: all {capacity} slots are in use ({sorted(self._slots)}); remove one first")
+        return free[0]
+
     def adapter_id(self, name: str) -> int:
         if name not in self._slots:
             raise KeyError(f"{type(self).__name__}: no adapter named {name!r}; have {sorted(self._slots)}")

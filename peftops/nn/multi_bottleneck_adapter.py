@@ -86,28 +86,15 @@ class MultiBottleneckAdapter(SlotBank, AdapterModule):
 
     # -- adapters ---------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> dict[str, int]:
-        """Adapter name -> slot index, for the slots in use."""
-        return dict(self._slots)
-
     @torch.no_grad()
     def add_adapter(self, name: str, r: int) -> int:
         """Put a fresh adapter of width ``r`` in the first free slot and return the slot index."""
         owner = f"{type(self).__name__}.add_adapter"
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
-        if name in self._slots:
-            raise ValueError(
-                f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})"
-            )
+        self._check_new_name(owner, name)
         r = positive_int(owner, "r", r)
         if r > self.r_max:
             raise ValueError(f"{owner}: r: expected at most r_max={self.r_max}, got {r}")
-        free = sorted(set(range(self.capacity)) - set(self._slots.values()))
-        if not free:
-            raise ValueError(f"{owner}: all {self.capacity} slots are in use ({sorted(self._slots)}); remove one first")
-        slot = free[0]
+        slot = self._first_free_slot(owner)
         self._zero_slot(slot)
         # nn.Linear(d, r)'s initialisation, as BottleneckAdapter's down projection gets.
         w = torch.empty(r, self.d, device=self.down_weight.device, dtype=self.down_weight.dtype)

@@ -82,30 +82,17 @@ class MultiPrefixKV(SlotBank, AdapterModule):
 
     # -- adapters ---------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> dict[str, int]:
-        """Adapter name -> slot index, for the slots in use."""
-        return dict(self._slots)
-
     @torch.no_grad()
     def add_adapter(self, name: str, prefix_len: int) -> int:
         """Put a fresh prefix of ``prefix_len`` keys in the first free slot; returns the slot."""
         owner = f"{type(self).__name__}.add_adapter"
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
-        if name in self._slots:
-            raise ValueError(
-                f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})"
-            )
+        self._check_new_name(owner, name)
         prefix_len = positive_int(owner, "prefix_len", prefix_len)
         if prefix_len > self.prefix_len_max:
             raise ValueError(
                 f"{owner}: prefix_len: expected at most prefix_len_max={self.prefix_len_max}, got {prefix_len}"
             )
-        free = sorted(set(range(self.capacity)) - set(self._slots.values()))
-        if not free:
-            raise ValueError(f"{owner}: all {self.capacity} slots are in use ({sorted(self._slots)}); remove one first")
-        slot = free[0]
+        slot = self._first_free_slot(owner)
         self.prefix[:, :, slot].zero_()
         fresh = torch.randn(self.num_layers, 2, self.num_kv_heads, prefix_len, self.head_dim, device=self.prefix.device)
         self.prefix[:, :, slot, :, :prefix_len].copy_(fresh)

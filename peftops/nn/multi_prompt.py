@@ -54,21 +54,11 @@ class MultiPromptEmbedding(SlotBank, AdapterModule):
 
     # -- adapters ---------------------------------------------------------------------------
 
-    @property
-    def adapters(self) -> dict[str, int]:
-        """Prompt name -> slot index, for the slots in use."""
-        return dict(self._slots)
-
     @torch.no_grad()
     def add_adapter(self, name: str, init: Tensor | None = None) -> int:
         """Put a prompt in the first free slot (``init``, or uniform in [-0.5, 0.5]); returns the slot."""
         owner = f"{type(self).__name__}.add_adapter"
-        if not isinstance(name, str) or not name:
-            raise TypeError(f"{owner}: name: expected a non-empty str, got {name!r}")
-        if name in self._slots:
-            raise ValueError(
-                f"{owner}: name: expected a new adapter name, got {name!r} (already in slot {self._slots[name]})"
-            )
+        self._check_new_name(owner, name)
         shape = (self.num_virtual_tokens, self.token_dim)
         if init is not None:
             if not isinstance(init, Tensor):
@@ -77,10 +67,7 @@ class MultiPromptEmbedding(SlotBank, AdapterModule):
                 raise ValueError(f"{owner}: init: expected shape {shape}, got {tuple(init.shape)}")
             if not (init.is_floating_point() and bool(torch.isfinite(init).all())):
                 raise ValueError(f"{owner}: init: expected finite floating-point values, got dtype {init.dtype}")
-        free = sorted(set(range(self.capacity)) - set(self._slots.values()))
-        if not free:
-            raise ValueError(f"{owner}: all {self.capacity} slots are in use ({sorted(self._slots)}); remove one first")
-        slot = free[0]
+        slot = self._first_free_slot(owner)
         if init is None:
             self.weight[slot].uniform_(-0.5, 0.5)
         else:
