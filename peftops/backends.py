@@ -66,22 +66,34 @@ class Backend:
     """A backend's name and its availability: ``status(device_type)`` is ``None`` when the
     backend can run on that device type in this process, else the reason it cannot. It
     depends only on the process (what is installed and built), so it is computed once per
-    device type."""
+    device type.
+
+    ``call_check(device_type)``, where given, returns ``None`` when every call on that device
+    type is fine, else a function of a call's arguments giving the reason this backend cannot
+    run that call (for a limit of the backend itself, on every op: Triton's CPU interpreter
+    computes bf16 dots wrongly). Asked once per device type, so a backend with no such limit
+    on a device costs nothing per call there."""
 
     name: str
     status: Callable[[str], str | None]
+    call_check: Callable[[str], Callable[[Sequence], str | None] | None] | None = None
 
 
 _BACKENDS: dict[str, Backend] = {}
 
 
-def register_backend(name: str, status: Callable[[str], str | None]) -> None:
-    """Declare backend ``name`` (its package calls this once, at import)."""
+def register_backend(
+    name: str,
+    status: Callable[[str], str | None],
+    *,
+    call_check: Callable[[str], Callable[[Sequence], str | None] | None] | None = None,
+) -> None:
+    """Declare backend ``name`` (its package calls this once, at import); see :class:`Backend`."""
     if not isinstance(name, str) or not name.isidentifier() or name == AUTO:
         raise ValueError(f"register_backend: name: expected an identifier other than {AUTO!r}, got {name!r}")
     if name in _BACKENDS:
         raise ValueError(f"register_backend: backend {name!r} is already registered")
-    _BACKENDS[name] = Backend(name, status)
+    _BACKENDS[name] = Backend(name, status, call_check)
 
 
 def registered_backends() -> tuple[str, ...]:
@@ -142,6 +154,17 @@ def _status(backend: str, device_type: str) -> str:
     if key not in _STATUS:
         _STATUS[key] = _BACKENDS[backend].status(device_type)
     return _STATUS[key] or ""
+
+
+_CALL_CHECKS: dict[tuple[str, str], Callable[[Sequence], str | None] | None] = {}
+
+
+def _call_check(backend: str, device_type: str) -> Callable[[Sequence], str | None] | None:
+    key = (backend, device_type)
+    if key not in _CALL_CHECKS:
+        factory = _BACKENDS[backend].call_check
+        _CALL_CHECKS[key] = factory(device_type) if factory is not None else None
+    return _CALL_CHECKS[key]
 
 
 def backend_status(backend: str, device: torch.device | str) -> str | None:
@@ -211,6 +234,9 @@ def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str
     impl = _IMPLS.get(op, {}).get(backend)
     if impl is None:
         return f"it has no implementation of {op} yet"
+    check = _call_check(backend, device.type)
+    if check is not None and (reason := check(args)):
+        return reason
     return impl.supports(*args)
 
 
@@ -357,7 +383,11 @@ def _settles(op: str, backend: str, device: torch.device, order: Sequence[str]) 
     name = None
     if device.type == "cuda":
         name = _cuda_device_name(device.index if device.index is not None else _current_cuda_index())
-    if _has_measurement(op, name) or not _IMPLS[op][backend].supports_everything:
+    if (
+        _has_measurement(op, name)
+        or not _IMPLS[op][backend].supports_everything
+        or _call_check(backend, device.type) is not None
+    ):
         return False
     for earlier in order[: order.index(backend)]:
         if earlier in _BACKENDS and not _status(earlier, device.type) and earlier in _IMPLS.get(op, {}):

@@ -122,6 +122,22 @@ def test_triton_runs_on_cpu_only_under_the_interpreter(interpret, expected):
     assert (out.stdout.strip() == "None") if expected is None else (expected in out.stdout)
 
 
+def test_triton_refuses_bfloat16_under_the_interpreter_instead_of_computing_garbage():
+    """The interpreter's bf16 tl.dot is wrong (errors of ~1e10 were returned before this check);
+    naming the backend must raise before any launch, and float16 must still run."""
+    t = CASE.inputs(torch.bfloat16, "cpu", requires_grad=False)
+    with peftops.use_backend("triton"):
+        with pytest.raises(BackendUnavailableError, match="interpreter computes bfloat16 dot products wrongly"):
+            call(t)
+        assert "triton" in peftops.available_backends("lora_linear", "cpu")  # the limit is per call
+        half = CASE.inputs(torch.float16, "cpu", requires_grad=False)
+        got = call(half)
+    with peftops.use_backend("reference"):
+        assert_close(got, call(half))
+    # On CUDA the interpreter's limit does not apply: no per-call check at all there.
+    assert backends._BACKENDS["triton"].call_check("cuda") is None
+
+
 # -- the seam, exercised with a real Triton kernel under the interpreter ------------------------
 
 

@@ -15,6 +15,9 @@ decoration time), so set it before importing peftops to run the kernels on CPU t
 """
 
 import importlib.util
+from collections.abc import Iterator
+
+import torch
 
 from ..backends import register_backend
 from .common import interpreting
@@ -33,7 +36,29 @@ def _status(device_type: str) -> str | None:
     )
 
 
-register_backend("triton", _status)
+def _tensors(args) -> Iterator[torch.Tensor]:
+    for a in args:
+        if isinstance(a, torch.Tensor):
+            yield a
+        elif isinstance(a, (list, tuple)):
+            yield from _tensors(a)
+
+
+def _interpreter_bf16(args) -> str | None:
+    if any(t.dtype == torch.bfloat16 for t in _tensors(args)):
+        return (
+            "Triton's CPU interpreter computes bfloat16 dot products wrongly, so bfloat16 runs on "
+            "CUDA tensors only; use float32 or float16 on CPU, or another backend"
+        )
+    return None
+
+
+def _call_check(device_type: str):
+    # Only the interpreter has the limit: on CUDA no per-call check runs.
+    return _interpreter_bf16 if device_type == "cpu" and interpreting() else None
+
+
+register_backend("triton", _status, call_check=_call_check)
 
 if _INSTALLED:
     from . import (  # noqa: F401  (each registers its op)
