@@ -4,11 +4,6 @@ against peft's mixed-batch generate (``adapter_names=``) with the same weights."
 
 from __future__ import annotations
 
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 import torch
 
@@ -239,21 +234,3 @@ def test_bad_adapter_ids_are_refused_by_name(model, base, prompts):
         generate(base, prompts, adapter_ids=ROWS, max_new_tokens=2)
     with pytest.raises(TypeError, match=r"generate: model: expected a transformers model with generate\(\), got int"):
         generate(3, prompts, adapter_ids=ROWS)
-
-
-def test_serving_example_runs_and_checks_its_rows():
-    root = Path(__file__).resolve().parents[2]
-    # Run as a user would on this machine: without the suite's Triton interpreter, so on CPU the
-    # reference backend serves it.
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = str(root)
-    done = subprocess.run(
-        [sys.executable, str(root / "examples" / "serve_multi_adapter.py"), "--max-new-tokens", "2"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        env=env,
-        cwd=root,
-    )
-    assert done.returncode == 0, done.stdout + done.stderr
-    assert "base" in done.stdout and "all rows match" in done.stdout
