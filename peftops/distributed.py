@@ -10,9 +10,10 @@ parameters get no gradient, so DDP and FSDP2 reduce only the adapters'. Two thin
   kept by ``reshard_after_forward=False``): those are temporary copies that FSDP2 drops at the
   next reshard, so a write there would be lost while the layer says it is merged.
   :func:`check_writable` refuses it.
-* Adding adapters (``apply_lora``): to a model already wrapped, the new parameters would be in
-  neither DDP's gradient buckets nor FSDP2's shards, and would silently train apart on each
-  rank. :func:`check_not_wrapped` refuses it.
+* Adding adapters (every ``apply_*``): to a model already wrapped, the new parameters would be
+  in neither DDP's gradient buckets nor FSDP2's shards, and would silently train apart on each
+  rank; parameters made trainable after wrapping (``apply_bitfit``) are outside DDP's buckets
+  likewise. :func:`check_not_wrapped` refuses it.
 """
 
 from __future__ import annotations
@@ -86,7 +87,10 @@ def check_writable(owner: str, module: nn.Module) -> None:
 
 def check_not_wrapped(owner: str, model: nn.Module) -> None:
     """Raise ``ValueError`` if ``model`` is wrapped by DDP or sharded by FSDP2 (``fully_shard``)
-    already: parameters added to it now would be outside their gradient reduction."""
+    already: parameters added to it now would be outside their gradient reduction. Anything not
+    an ``nn.Module`` passes: the caller's own type check names it."""
+    if not isinstance(model, nn.Module):
+        return
     from torch.nn.parallel import DistributedDataParallel
 
     how = None
@@ -108,6 +112,7 @@ def check_not_wrapped(owner: str, model: nn.Module) -> None:
     if how is not None:
         raise ValueError(
             f"{owner}: model: expected a model not yet wrapped for data parallelism, got {how}: adapters "
-            "added now would be in neither DDP's gradient buckets nor FSDP2's shards, and would train apart on "
-            "each rank. Add the adapters first, then wrap (fully_shard / DistributedDataParallel)"
+            "added (or parameters made trainable) now would be in neither DDP's gradient buckets nor FSDP2's "
+            "shards, and would train apart on each rank. Add the adapters first, then wrap (fully_shard / "
+            "DistributedDataParallel)"
         )

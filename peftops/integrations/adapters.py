@@ -113,6 +113,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
+from ..distributed import check_not_wrapped
 from ..nn._base import positive_int, strict_bool
 from ..nn.bottleneck_adapter import BottleneckAdapter
 from ..nn.compacter import CompacterAdapter, PHMRule
@@ -422,6 +423,7 @@ def apply_adapters(
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_adapters: model: expected a torch.nn.Module, got {type(model).__name__}")
+    check_not_wrapped("apply_adapters", model)
     cfg = _resolve(config, reduction_factor, non_linearity, scaling)
     phm = _options(
         config,

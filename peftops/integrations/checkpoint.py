@@ -43,6 +43,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..distributed import is_sharded
 from ..nn import surgery
 from ..nn.multi_lora_linear import MultiLoRALinear
 from .peft_format import METADATA_FIELDS, PREFIX, is_off, target_modules_for
@@ -216,7 +217,7 @@ def save_adapter(model: nn.Module, save_directory: str | os.PathLike, adapter_na
     config.setdefault("base_model_name_or_path", _name_or_path(model))
     config.setdefault("inference_mode", True)
     # Every rank gathers the same sharded tensors in the same (the model's) order.
-    sharded = any(_is_sharded(t) for t in tensors.values())
+    sharded = any(is_sharded(t) for t in tensors.values())
     tensors = {k: _full(v) for k, v in tensors.items()}
     if not _distributed() or torch.distributed.get_rank() == 0:
         _write(save_directory, config, tensors)
@@ -229,17 +230,9 @@ def _distributed() -> bool:
     return torch.distributed.is_available() and torch.distributed.is_initialized()
 
 
-def _is_sharded(t: Tensor) -> bool:
-    if not torch.distributed.is_available():
-        return False
-    from torch.distributed.tensor import DTensor
-
-    return isinstance(t, DTensor)
-
-
 def _full(t: Tensor) -> Tensor:
     """The whole tensor of an FSDP2 shard (a collective: every rank calls it), else ``t``."""
-    return cast(Any, t).full_tensor() if _is_sharded(t) else t
+    return cast(Any, t).full_tensor() if is_sharded(t) else t
 
 
 def _write(save_directory: str | os.PathLike, config: dict, tensors: dict[str, Tensor]) -> None:

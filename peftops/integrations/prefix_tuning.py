@@ -58,6 +58,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from ..distributed import check_not_wrapped
 from ..nn import MultiPrefixKV, PrefixKV
 from ..nn._base import positive_int
 from ..nn._slots import AdapterRef
@@ -428,6 +429,7 @@ def apply_prefix_tuning(
     ``AttentionInterface``.
     """
     owner = "apply_prefix_tuning"
+    check_not_wrapped(owner, model)
     _check_model(owner, model)
     positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
     if reparam_hidden is not None:

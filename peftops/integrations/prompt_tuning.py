@@ -48,6 +48,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from ..distributed import check_not_wrapped
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
 from ..nn.multi_prompt import MultiPromptEmbedding
@@ -451,6 +452,7 @@ def apply_prompt_tuning(
     every family.
     """
     owner = "apply_prompt_tuning"
+    check_not_wrapped(owner, model)
     _check_model(owner, model)
     p = positive_int(owner, "num_virtual_tokens", num_virtual_tokens)
     task_type = _task_type(owner, model)

@@ -7,6 +7,7 @@ from typing import NamedTuple, cast
 import torch
 from torch import Tensor, nn
 
+from ..distributed import check_not_wrapped
 from ._base import strict_bool
 from .lora_linear import conv1d_type
 
@@ -82,6 +83,7 @@ def apply_bitfit(model: nn.Module, add_missing: bool = False) -> BitFitCount:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"apply_bitfit: model: expected an nn.Module, got {type(model).__name__}")
+    check_not_wrapped("apply_bitfit", model)
     add_missing = strict_bool("apply_bitfit", "add_missing", add_missing)
     added = _add_missing(model) if add_missing else 0
     biases = bias_parameters(model)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ..distributed import check_writable
+from ..distributed import check_not_wrapped, check_writable
 from ..ops.ia3_linear import ia3_linear
 from ._base import AdapterModule, nonempty_linear, strict_bool
 from .lora_linear import conv1d_type
@@ -260,6 +260,7 @@ def apply_ia3(
     """
     owner = "apply_ia3"
     _module(owner, model)
+    check_not_wrapped(owner, model)
     target = _names(owner, "target_modules", target_modules)
     feedforward = _names(owner, "feedforward_modules", feedforward_modules)
     exclude = _names(owner, "exclude_modules", exclude_modules)

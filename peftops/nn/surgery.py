@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 from torch import nn
 
-from ..distributed import check_not_wrapped
+from ..distributed import check_not_wrapped, check_writable
 from ._base import AdapterModule, finite, positive_int, strict_bool
 from .lora_embedding import LoRAEmbedding
 from .lora_linear import LoRAConv1D, LoRALayerBase, LoRALinear, conv1d_type
@@ -342,8 +342,14 @@ def merge_adapters(model: nn.Module) -> nn.Module:
     (a tied ``lm_head``/embedding, a layer also reachable under a name that was not
     targeted): writing the update into a shared Parameter would change those modules too.
     Ties are looked up now, so ties made after :func:`apply_lora` (``tie_weights``) count.
+    Likewise refuses, merging none, while FSDP2 holds any layer's parameters unsharded
+    (:func:`peftops.distributed.check_writable`): checked for every layer before the first write,
+    so a refusal never leaves the model half merged.
     """
     layers = _lora_layers(model, "merge_adapters")
+    for _, layer, _ in layers:
+        if not layer.merged:
+            check_writable("merge_adapters", layer)
     tied = [
         f"'{name + '.' if name else ''}weight' is also {', '.join(repr(t) for t, _, _ in ties)}"
         for name, _, ties in layers
@@ -364,8 +370,13 @@ def merge_adapters(model: nn.Module) -> nn.Module:
 
 
 def unmerge_adapters(model: nn.Module) -> nn.Module:
-    """Unmerge every merged LoRA layer (:data:`LORA_LAYER_TYPES`) of ``model`` and return ``model``."""
-    for _, layer, _ in _lora_layers(model, "unmerge_adapters"):
+    """Unmerge every merged LoRA layer (:data:`LORA_LAYER_TYPES`) of ``model`` and return ``model``
+    (refusing, unmerging none, as :func:`merge_adapters` does)."""
+    layers = _lora_layers(model, "unmerge_adapters")
+    for _, layer, _ in layers:
+        if layer.merged:
+            check_writable("unmerge_adapters", layer)
+    for _, layer, _ in layers:
         if layer.merged:
             layer.unmerge()
     return model

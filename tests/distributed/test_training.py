@@ -227,12 +227,32 @@ def _ranks(rank: int, world_size: int) -> dict:
         out["unsharded_layer_merged"] = model.model.layers[0].self_attn.q_proj.merged
         model.model.layers[0].reshard()
         out["unsharded_logits_kept"] = torch.equal(model(BATCH).logits, before)
+        # A later layer held unsharded: every layer is checked before the first one is written,
+        # so the refusal leaves the earlier layers unmerged too (not a half-merged model).
+        model.model.layers[1].unshard()
+        out["unsharded_later_merge_error"] = _error(lambda: peftops.merge_adapters(model))
+        out["unsharded_later_merged"] = [m.merged for m in model.modules() if isinstance(m, peftops.nn.LoRALinear)]
+        model.model.layers[1].reshard()
+        out["unsharded_later_logits_kept"] = torch.equal(model(BATCH).logits, before)
 
     # Adapters added to a model wrapped already: outside DDP's buckets and FSDP2's shards.
     out["apply_lora_ddp_error"] = _error(
         lambda: peftops.apply_lora(torch.nn.parallel.DistributedDataParallel(hf_models.llama()), ["q_proj"], 4, 8)
     )
     out["apply_lora_fsdp_error"] = _error(lambda: peftops.apply_lora(_fsdp2(hf_models.llama()), ["q_proj"], 4, 8))
+    # Every other way of adding (or unfreezing) trainable parameters refuses likewise.
+    others = {
+        "apply_adapters": lambda m: peftops.apply_adapters(m, "seq_bn"),
+        "apply_prefix_tuning": lambda m: peftops.apply_prefix_tuning(m, 4),
+        "apply_prompt_tuning": lambda m: peftops.apply_prompt_tuning(m, 4),
+        "apply_ia3": lambda m: peftops.apply_ia3(m),
+        "apply_bitfit": lambda m: peftops.apply_bitfit(m, add_missing=True),
+    }
+    for name, apply in others.items():
+        out[f"{name}_ddp_error"] = _error(
+            lambda apply=apply: apply(torch.nn.parallel.DistributedDataParallel(hf_models.llama()))
+        )
+        out[f"{name}_fsdp_error"] = _error(lambda apply=apply: apply(_fsdp2(hf_models.llama())))
 
     # torch.compile under FSDP2 with aot_eager: measured on CI's two loaded cores, the first
     # forward and backward of this model took ~12 s per rank with aot_eager and ~43 s with inductor.
@@ -367,17 +387,23 @@ def test_merge_on_sharded_weights_is_exact(ranks, case):
 
 def test_merge_while_fsdp_holds_the_weight_unsharded_raises(ranks):
     for r in ranks:
-        assert r["unsharded_merge_error"].startswith("RuntimeError: LoRALinear.merge: FSDP2 holds")
+        assert r["unsharded_merge_error"].startswith("RuntimeError: merge_adapters: FSDP2 holds")
         assert "reshard()" in r["unsharded_merge_error"]
         assert not r["unsharded_layer_merged"]
         assert r["unsharded_logits_kept"]
+        assert r["unsharded_later_merge_error"].startswith("RuntimeError: merge_adapters: FSDP2 holds")
+        assert len(r["unsharded_later_merged"]) > 2 and not any(r["unsharded_later_merged"])
+        assert r["unsharded_later_logits_kept"]
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
-def test_apply_lora_on_a_wrapped_model_raises(ranks, wrapper):
+@pytest.mark.parametrize(
+    "apply", ["apply_lora", "apply_adapters", "apply_prefix_tuning", "apply_prompt_tuning", "apply_ia3", "apply_bitfit"]
+)
+def test_adding_adapters_to_a_wrapped_model_raises(ranks, wrapper, apply):
     for r in ranks:
-        error = r[f"apply_lora_{wrapper}_error"]
-        assert error.startswith("ValueError: apply_lora: model: expected a model not yet wrapped"), error
+        error = r[f"{apply}_{wrapper}_error"]
+        assert error.startswith(f"ValueError: {apply}: model: expected a model not yet wrapped"), error
         assert ("DistributedDataParallel" if wrapper == "ddp" else "fully_shard") in error
         assert "first, then wrap" in error
 
