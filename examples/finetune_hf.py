@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         tokenizer = transformers.AutoTokenizer.from_pretrained(args.model)
 
         def load_base():
-            return transformers.AutoModelForCausalLM.from_pretrained(args.model, torch_dtype=torch.float32)
+            return transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
 
         batches = list(text_batches(tokenizer, args.steps))
     else:
