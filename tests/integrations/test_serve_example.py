@@ -101,6 +101,20 @@ def test_rounds_with_swapped_adapters_give_each_row_its_own():
     assert ex.ROUND_1[2][1:] == ex.ROUND_2[2][1:] and not torch.equal(first[2], second[2])
 
 
+def test_the_hand_written_loop_generates_what_transformers_generate_does():
+    """Prefill and decode steps over the static cache (positions from the left padding, the
+    mask over all the cache's slots) against ``model.generate`` with its own dynamic cache."""
+    model = ex.build(ex.tiny_llama())
+    prompts, mask = _prompts()
+    out = ex.Server(model, len(ex.ROUND_1), prompts.shape[1] + NEW).serve(prompts, mask, ex.ROUND_1, NEW)
+    peftops.nn.set_batch_adapters(model, [r[0] for r in ex.ROUND_1])
+    peftops.set_prefix_ids(model, [r[1] for r in ex.ROUND_1])
+    peftops.set_bottleneck_ids(model, [r[2] for r in ex.ROUND_1])
+    with torch.no_grad():
+        want = model.generate(prompts, attention_mask=mask, max_new_tokens=NEW, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, want[:, prompts.shape[1] :])
+
+
 def test_the_three_banks_compose_in_any_order():
     prompts, mask = _prompts()
     orders = [("lora", "bottleneck", "prefix"), ("prefix", "bottleneck", "lora"), ("bottleneck", "prefix", "lora")]
