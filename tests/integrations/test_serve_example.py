@@ -162,3 +162,22 @@ def test_gpu_graph_replayed_with_new_mixes_matches_eager():
     assert graphed.captures == 1
     # The mixes reached the graph: a replay that ignored the new ids would repeat round 1's rows.
     assert all(not torch.equal(outs[0], out) for out in outs[1:])
+
+
+def test_apply_prefix_tuning_leaves_the_other_banks_trainable():
+    """Library defect, found composing the three banks: apply_prefix_tuning freezes every
+    parameter of the model (peftops/integrations/prefix_tuning.py, _install), so LoRA and
+    bottleneck banks applied before it no longer train, while applied after it they do."""
+    model = hf_models.llama()
+    peftops.apply_lora(model, ["q_proj"], r=2, alpha=1.0, capacity=2)
+    peftops.apply_adapters(model, "seq_bn", capacity=2, reduction_factor=ex.BN_REDUCTION)
+    peftops.apply_prefix_tuning(model, 2, capacity=2)
+    banks = ("lora_", "bottleneck_adapters.")
+    frozen = sorted(
+        {
+            n.rsplit(".", 1)[-1]
+            for n, p in model.named_parameters()
+            if any(b in n for b in banks) and not p.requires_grad
+        }
+    )
+    assert not frozen, frozen
