@@ -36,6 +36,7 @@ LORAS = {"support": (8, 16.0), "legal": (4, 8.0), "code": (2, 4.0), "finance": (
 PREFIXES = {"formal": 4, "terse": 2, "poem": 3, "chatty": 4}  # name -> prefix length
 BOTTLENECKS = ["medical", "kids", "news", "pirate"]
 KINDS = ("lora", "prefix", "bottleneck")
+WARMUP = 2  # eager decode steps before the capture
 # Between the rounds, per kind: (removed, added in its slot).
 SWAPS = {"lora": ("legal", "finance"), "prefix": ("terse", "chatty"), "bottleneck": ("kids", "pirate")}
 # One request per row: (lora, prefix, bottleneck), None for none. Row 2 keeps its prompt and
@@ -149,7 +150,7 @@ class Server:
         self.mask = torch.ones(rows, max_len, dtype=torch.long, device=device)
         self.cache = transformers.StaticCache(config=model.config, max_cache_len=max_len)
         self.graph = torch.cuda.CUDAGraph() if cuda_graph else None
-        self.captures = 0
+        self.warmups = self.captures = 0
 
     def step(self) -> None:
         """One decode step: the next token of every row, from its own adapters. Captured as is."""
@@ -188,18 +189,20 @@ class Server:
     def decode(self) -> None:
         if self.graph is None:
             self.step()
-        elif self.captures == 0:
-            # Warm-up on a side stream (lazy initialisation, kernel selection), as capture needs:
-            # it is a real step, this token's; the capture after it records without running.
+        elif self.warmups < WARMUP:
+            # Before capture, on a side stream as torch.cuda.graph needs: lazy initialisation,
+            # kernel selection, autotuning. Each is a real step, this token's.
             side = torch.cuda.Stream()
             side.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(side):
                 self.step()
             torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(self.graph):
-                self.step()
-            self.captures += 1
+            self.warmups += 1
         else:
+            if self.captures == 0:
+                with torch.cuda.graph(self.graph):
+                    self.step()  # recorded, not run
+                self.captures += 1
             self.graph.replay()
 
 
@@ -251,7 +254,7 @@ def main(argv: list[str] | None = None) -> int:
     server = Server(model, len(TEXTS), prompts.shape[1] + n, cuda_graph=cuda_graph)
 
     def show(tokens: torch.Tensor) -> str:
-        return repr(tokenizer.decode(tokens)) if tokenizer else str(tokens.tolist())
+        return repr(tokenizer.decode(tokens, skip_special_tokens=True)) if tokenizer else str(tokens.tolist())
 
     mismatches = differ = 0
     for round_, requests in enumerate((ROUND_1, ROUND_2), 1):

@@ -22,7 +22,7 @@ from tests.integrations import hf_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE = ROOT / "examples" / "serve_multi_adapter.py"
-NEW = 4  # tokens per row: the prefill's, one warm-up step, then replays on a GPU
+NEW = 4  # new tokens per row
 
 
 def _load():
@@ -146,7 +146,7 @@ def test_gpu_graph_replayed_with_new_mixes_matches_eager():
     eager step gives for that mix."""
     model = ex.build(ex.tiny_llama().cuda())
     prompts, mask = _prompts("cuda")
-    new = 6  # the prefill's token, a warm-up step, then four replays per round
+    new = 6  # the prefill's token, then round 1: two warm-up steps and three replays; later rounds: five
     graphed = ex.Server(model, len(ex.ROUND_1), prompts.shape[1] + new, cuda_graph=True)
     eager = ex.Server(model, len(ex.ROUND_1), prompts.shape[1] + new)
     mixes = [ex.ROUND_1, ex.ROUND_1[::-1], [(None, None, None)] * len(ex.ROUND_1), "swap", ex.ROUND_2]
