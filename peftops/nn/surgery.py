@@ -8,7 +8,7 @@ import warnings
 from collections.abc import Iterable
 from typing import NamedTuple
 
-from torch import nn
+from torch import Tensor, nn
 
 from ..distributed import check_not_wrapped, check_writable
 from ._base import AdapterModule, finite, positive_int, strict_bool
@@ -413,28 +413,40 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     :func:`apply_lora` recorded on the model: its ``bias`` mode (:func:`lora_bias`) and its
     ``modules_to_save`` (:func:`modules_to_save`)."""
     _module("mark_only_adapters_trainable", model)
-    adapters = [m for m in model.modules() if isinstance(m, AdapterModule)]
-    if not adapters:
+    if not any(isinstance(m, AdapterModule) for m in model.modules()):
         raise ValueError("mark_only_adapters_trainable: model: expected at least one peftops adapter module, got none")
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for m in adapters:
-        for t in m.adapter_parameters():
-            t.requires_grad_(True)
+    freeze_all_but_adapters(model)
+    return model
+
+
+def adapter_trainable(model: nn.Module) -> list[Tensor]:
+    """The parameters :func:`mark_only_adapters_trainable` trains: those of peftops adapter
+    modules, the ``bias`` mode's biases and the ``modules_to_save`` that :func:`apply_lora`
+    recorded (empty for a model without adapters)."""
+    kept: list[Tensor] = []
+    for m in model.modules():
+        if isinstance(m, AdapterModule):
+            kept.extend(m.adapter_parameters())
     bias = lora_bias(model)
     if bias == "all":
         # peft's rule: every parameter named "bias", wherever it is.
-        for name, p in model.named_parameters():
-            if name == "bias" or name.endswith(".bias"):
-                p.requires_grad_(True)
+        kept.extend(p for name, p in model.named_parameters() if name == "bias" or name.endswith(".bias"))
     elif bias == "lora_only":
         for layer in model.modules():
             layer_bias = getattr(layer, "bias", None) if isinstance(layer, LORA_LAYER_TYPES) else None
             if layer_bias is not None:
-                layer_bias.requires_grad_(True)
+                kept.append(layer_bias)
     for name in modules_to_save(model):
-        model.get_submodule(name).requires_grad_(True)
-    return model
+        kept.extend(model.get_submodule(name).parameters())
+    return kept
+
+
+def freeze_all_but_adapters(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` but :func:`adapter_trainable`'s: what each ``apply_*``
+    does to the base, so that adapters another ``apply_*`` added before keep training."""
+    kept = {id(p) for p in adapter_trainable(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in kept)
 
 
 def count_trainable(model: nn.Module) -> ParamCount:

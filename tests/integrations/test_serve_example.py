@@ -164,20 +164,28 @@ def test_gpu_graph_replayed_with_new_mixes_matches_eager():
     assert all(not torch.equal(outs[0], out) for out in outs[1:])
 
 
-def test_apply_prefix_tuning_leaves_the_other_banks_trainable():
-    """Library defect, found composing the three banks: apply_prefix_tuning freezes every
-    parameter of the model (peftops/integrations/prefix_tuning.py, _install), so LoRA and
-    bottleneck banks applied before it no longer train, while applied after it they do."""
+@pytest.mark.parametrize(
+    "last",
+    [
+        lambda m: peftops.apply_prefix_tuning(m, 2, capacity=2),
+        lambda m: peftops.apply_prompt_tuning(m, 2, capacity=2),
+    ],
+    ids=["prefix", "prompt"],
+)
+@pytest.mark.parametrize("lora", [{"capacity": 2}, {"modules_to_save": ["lm_head"]}], ids=["bank", "save-head"])
+def test_prefix_and_prompt_tuning_leave_earlier_adapters_trainable(last, lora):
+    """Found composing the three banks: apply_prefix_tuning (and apply_prompt_tuning) froze every
+    parameter of the model, so LoRA and bottleneck banks (and modules_to_save) applied before
+    them silently stopped training, while applied after them they trained. Now every apply_*
+    freezes the base only (peftops.nn.surgery.freeze_all_but_adapters)."""
     model = hf_models.llama()
-    peftops.apply_lora(model, ["q_proj"], r=2, alpha=1.0, capacity=2)
+    peftops.apply_lora(model, ["q_proj"], r=2, alpha=1.0, **lora)
     peftops.apply_adapters(model, "seq_bn", capacity=2, reduction_factor=ex.BN_REDUCTION)
-    peftops.apply_prefix_tuning(model, 2, capacity=2)
-    banks = ("lora_", "bottleneck_adapters.")
-    frozen = sorted(
-        {
-            n.rsplit(".", 1)[-1]
-            for n, p in model.named_parameters()
-            if any(b in n for b in banks) and not p.requires_grad
-        }
-    )
-    assert not frozen, frozen
+    before = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_" in n for n in before) and any("bottleneck" in n for n in before)
+    assert ("lm_head" in lora.get("modules_to_save", ())) == any("lm_head" in n for n in before)
+    last(model)
+    after = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert before <= after, sorted(before - after)
+    assert after - before and all("peftops_pr" in n for n in after - before), sorted(after - before)
+    assert not any("embed_tokens" in n or n.endswith("q_proj.weight") for n in after)  # the base stays frozen
