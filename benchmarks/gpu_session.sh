@@ -26,9 +26,12 @@
 #              peftops[cuda], the Triton backend's forward paths forced (segmented, gathered),
 #              auto, lora-single, peft-loop and linear.
 #              Writes gpu_tests_multi.log, multi_lora_linear.json.
-#   banks15    issue 15's bank families in about 3 minutes: every multi_bottleneck_adapter case
-#              (vs adapter-single, loop, copy) and the prefix bank case (vs shared-mean, sdpa-gather)
-#              under CUDA graphs. Writes multi_bottleneck_adapter.json, prefix_attention_banks.json.
+#   banks15    issue 15's bank families and serving loop in about 4 minutes: the gpu tests of the
+#              bank modules and of the serving example (its decode step captured once as a CUDA
+#              graph and replayed with new adapter mixes, against eager), the example itself on the
+#              GPU, every multi_bottleneck_adapter case (vs adapter-single, loop, copy) and the prefix
+#              bank case (vs shared-mean, sdpa-gather) under CUDA graphs. Writes gpu_tests_banks.log,
+#              serve_multi_adapter.log, multi_bottleneck_adapter.json, prefix_attention_banks.json.
 #   tests      the gpu-marked tests (the CUDA extension is built just in time by the first)
 #   memcheck   compute-sanitizer memcheck of the CUDA C++ multi-LoRA decode kernels
 #   lora adapter attention
@@ -141,6 +144,11 @@ if has multi15; then
 fi
 if has banks15; then
     gpu_state start
+    echo "== pytest -m gpu banks and serving" | tee -a "$LOG"
+    timeout 120 python3 -m pytest -m gpu tests/integrations/test_serve_example.py tests/nn/test_multi_bottleneck_adapter.py \
+        tests/nn/test_multi_prefix.py tests/nn/test_prefix_prompt.py -q -rfE -p no:cacheprovider $par 2>&1 \
+        | tee "$OUT/gpu_tests_banks.log" | tail -30 || status=1
+    timeout 90 python3 examples/serve_multi_adapter.py 2>&1 | tee "$OUT/serve_multi_adapter.log" | tail -15 || status=1
     run 100 python3 -m benchmarks --ops multi_bottleneck_adapter --cuda-graph on --providers 'peftops*' adapter-single loop copy --json "$OUT/multi_bottleneck_adapter.json"
     run 80 python3 -m benchmarks --ops prefix_attention_banks --cuda-graph on --providers 'peftops*' shared-mean sdpa-gather --json "$OUT/prefix_attention_banks.json"
     gpu_state end
