@@ -71,6 +71,9 @@ FORWARD_PATH = {"forward": "auto"}
 #: adapter costs r (K + N) elements gathered against K N / BLOCK_M of W per segmented tile row,
 #: so the gathered path reads less at decode sizes; 256 keeps it to decode and short batches.
 GATHER_MAX_TOKENS = 256
+#: Output columns per program of the gathered up kernel: 128 on a GPU; 64 under the CPU
+#: interpreter, where programs run one at a time and smaller blocks keep the tests' shapes quick.
+GATHER_UP_BLOCK_N = {"cuda": 128, "cpu": 64}
 
 
 def launch_config(x: Tensor, weight: Tensor, lora_a: Tensor, cfg: dict | None) -> dict:
@@ -584,7 +587,7 @@ def _gathered_forward(x, weight, lora_a, lora_b, adapter_ids, scales, bias, rank
             u.stride(0), dropout_p,
             HAS_RANKS=ranks is not None, HAS_DROPOUT=dropout_p > 0, BLOCK_K=min(128, pow2(k)), BLOCK_R=block_r,
         )  # fmt: skip
-        block_n = 64 if x.device.type != "cuda" else 128
+        block_n = GATHER_UP_BLOCK_N["cuda" if x.device.type == "cuda" else "cpu"]
         _gather_up_kernel[(t, triton.cdiv(out_f, block_n))](
             u, lora_b, ranks if ranks is not None else s32, ids, y, out_f, r_max, n,
             u.stride(0), lora_b.stride(0), lora_b.stride(1), lora_b.stride(2), y.stride(0),

@@ -18,7 +18,7 @@ recorded launch is specialized as the JIT would specialize it on a GPU (pointer 
 divisible by 16, ints equal to 1) and compiled with ``triton.compile`` for ``GPUTarget("cuda",
 90, 32)``. ptxas is the one triton ships and picks for sm_90 itself; its ``-v`` report is the
 source of the spill counts. Launch arguments a launcher sets by device type rather than by
-config are set as on a GPU (:data:`ON_CUDA`), and the TMA GEMM's persistent-grid stride is an
+config are set as on a GPU (:func:`_on_cuda`), and the TMA GEMM's persistent-grid stride is an
 H100's SM count (:data:`SMS`). The TMA GEMM needs no GPU to compile: its tensor descriptors are
 made inside the kernel from plain pointers (``tl.make_tensor_descriptor``).
 
@@ -117,10 +117,17 @@ def _record(module, name, launches):
 #: The SM count of an H100 SXM (and an H200): the TMA GEMM's persistent grid stride, a
 #: constexpr, is the launching GPU's; on CPU it would be 1.
 SMS = 132
+
+
 #: Launch arguments the launchers choose by device type rather than by config, as a GPU run
-#: sets them: the gathered multi-LoRA up kernel takes 128 columns per program on CUDA, 64 off it
-#: (``multi_lora_linear._gathered_forward``), and the recorded launches run on CPU tensors.
-ON_CUDA = {"_gather_up_kernel": {"BLOCK_N": 128}}
+#: sets them (the recorded launches run on CPU tensors): the gathered multi-LoRA up kernel's
+#: columns per program, read from the launcher's module so the two cannot drift apart.
+def _on_cuda() -> dict[str, dict[str, int]]:
+    from peftops.kernels.multi_lora_linear import GATHER_UP_BLOCK_N
+
+    return {"_gather_up_kernel": {"BLOCK_N": GATHER_UP_BLOCK_N["cuda"]}}
+
+
 #: Kernels that run on CUDA cores by design (a token's matrix-vector products, a row reduction):
 #: the others must compile to tensor-core instructions.
 NO_TENSOR_CORES = frozenset({"_gather_down_kernel", "_gather_up_kernel", "_prep_kernel"})
@@ -192,7 +199,7 @@ def _launches():
     _attention_launches(torch, attention)
     seen: dict = {}
     for fn, args, kwargs, via in launches:
-        kwargs.update(ON_CUDA.get(fn.__name__, {}))
+        kwargs.update(_on_cuda().get(fn.__name__, {}))
         spec = _signature(fn, args, kwargs)
         key = (
             fn.__module__,
