@@ -63,7 +63,7 @@ from ..nn import MultiPrefixKV, PrefixKV
 from ..nn._base import positive_int
 from ..nn._slots import AdapterRef
 from ..nn.multi_prefix import MultiPrefixBatch
-from ..nn.surgery import freeze_all_but_adapters
+from ..nn.surgery import freeze_base
 from ..ops.prefix_attention import prefix_attention
 from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
@@ -487,7 +487,7 @@ def _install(model: nn.Module, prefix: PrefixKV | MultiPrefixKV, shape: tuple[in
         bound=[],
         multi=multi,
     )
-    freeze_all_but_adapters(model)  # adapters added by an earlier apply_* keep training
+    freeze_base(model)  # adapters added by an earlier apply_* keep training
     model.add_module(ATTR, prefix)
     for q in prefix.parameters():
         q.requires_grad_(True)

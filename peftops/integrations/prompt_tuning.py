@@ -52,7 +52,7 @@ from ..distributed import check_not_wrapped
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
 from ..nn.multi_prompt import MultiPromptEmbedding
-from ..nn.surgery import freeze_all_but_adapters
+from ..nn.surgery import freeze_base
 from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
@@ -373,7 +373,7 @@ def _forward_pre_hook(model: nn.Module, args: tuple, kwargs: dict) -> tuple[tupl
 
 def _install(owner: str, model: nn.Module, module: nn.Module, state: _State) -> nn.Module:
     state.requires_grad = {n: p.requires_grad for n, p in model.named_parameters()}
-    freeze_all_but_adapters(model)  # adapters added by an earlier apply_* keep training
+    freeze_base(model)  # adapters added by an earlier apply_* keep training
     model.add_module(ATTR, module)
     for param in module.parameters():
         param.requires_grad_(True)

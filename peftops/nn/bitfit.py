@@ -8,8 +8,9 @@ import torch
 from torch import Tensor, nn
 
 from ..distributed import check_not_wrapped
-from ._base import strict_bool
+from ._base import AdapterModule, strict_bool
 from .lora_linear import conv1d_type
+from .surgery import BITFIT_ATTR, freeze_base
 
 __all__ = ["BitFitCount", "apply_bitfit", "bias_parameters"]
 
@@ -51,12 +52,15 @@ def _output_head(model: nn.Module) -> nn.Module | None:
 def _add_missing(model: nn.Module) -> int:
     conv1d = conv1d_type()
     head = _output_head(model)
+    # Layers inside a peftops adapter (LoRA's lora_A / lora_B) are its parameter holders: the
+    # fused ops read their weights only, so a bias there would train and change nothing.
+    inside = {id(sub) for m in model.modules() if isinstance(m, AdapterModule) for sub in m.modules() if sub is not m}
     added = 0
     for module in model.modules():
         # Exact types only: a subclass may not read self.bias (quantised layers). The output head
         # is left alone: its bias would be vocabulary-sized and a tied head shares its weight
         # with the input embeddings, which have no bias to tie.
-        if module is head or getattr(module, "bias", None) is not None:
+        if module is head or id(module) in inside or getattr(module, "bias", None) is not None:
             continue
         if type(module) is nn.Linear:
             weight, out_dim = module.weight, 0
@@ -71,11 +75,15 @@ def _add_missing(model: nn.Module) -> int:
 
 
 def apply_bitfit(model: nn.Module, add_missing: bool = False) -> BitFitCount:
-    """Freeze every parameter of ``model`` except its biases (:func:`bias_parameters`), in place.
+    """Freeze every parameter of ``model`` except its biases (:func:`bias_parameters`), in place;
+    adapters an earlier ``apply_*`` added keep their ``requires_grad``, and a later ``apply_*``
+    keeps the biases training.
 
     ``add_missing=True`` first gives every ``nn.Linear`` and transformers ``Conv1D`` without a
     bias a zero-initialised one (so the model computes what it computed before), except the
-    output head (``model.get_output_embeddings()``); the count of added elements is
+    output head (``model.get_output_embeddings()``) and the layers inside peftops adapters (LoRA's
+    ``lora_A`` / ``lora_B``: the fused ops would never read such a bias, nor do they read one added
+    to a layer LoRA wraps, which gets none); the count of added elements is
     ``report.added``. Returns the trainable/total counts (shared parameters once).
 
     A model left with no bias to train (Llama has none unless ``add_missing=True``) is a
@@ -92,8 +100,9 @@ def apply_bitfit(model: nn.Module, add_missing: bool = False) -> BitFitCount:
             f"apply_bitfit: model: expected at least one bias parameter, got none in {type(model).__name__} "
             "(pass add_missing=True to add zero biases to its linear layers)"
         )
-    for p in model.parameters():
-        p.requires_grad_(False)
+    # Biases become adapters: a later apply_* keeps them training, as it keeps LoRA's A and B.
+    setattr(model, BITFIT_ATTR, True)
+    freeze_base(model)  # adapters of an earlier apply_* keep their flags
     for p in biases.values():
         p.requires_grad_(True)
     seen = {id(p): p for p in model.parameters()}

@@ -49,6 +49,8 @@ _BIAS_MODES = ("none", "all", "lora_only")
 # mark_only_adapters_trainable calls keep trainable besides the adapters.
 _SAVE_ATTR = "_peftops_modules_to_save"
 _BIAS_ATTR = "_peftops_lora_bias"
+#: Set by :func:`peftops.apply_bitfit`: the model's biases are adapters from then on.
+BITFIT_ATTR = "_peftops_bitfit"
 # peft's names for a sequence classifier's head (peft.utils.constants.SEQ_CLS_HEAD_NAMES).
 _SEQ_CLS_HEAD_NAMES = ("score", "classifier")
 
@@ -415,20 +417,22 @@ def mark_only_adapters_trainable(model: nn.Module) -> nn.Module:
     _module("mark_only_adapters_trainable", model)
     if not any(isinstance(m, AdapterModule) for m in model.modules()):
         raise ValueError("mark_only_adapters_trainable: model: expected at least one peftops adapter module, got none")
-    freeze_all_but_adapters(model)
+    kept = {id(p) for p in adapter_trainable(model)}
+    for p in model.parameters():
+        p.requires_grad_(id(p) in kept)
     return model
 
 
 def adapter_trainable(model: nn.Module) -> list[Tensor]:
     """The parameters :func:`mark_only_adapters_trainable` trains: those of peftops adapter
     modules, the ``bias`` mode's biases and the ``modules_to_save`` that :func:`apply_lora`
-    recorded (empty for a model without adapters)."""
+    recorded, and every bias after :func:`peftops.apply_bitfit` (empty for a plain model)."""
     kept: list[Tensor] = []
     for m in model.modules():
         if isinstance(m, AdapterModule):
             kept.extend(m.adapter_parameters())
     bias = lora_bias(model)
-    if bias == "all":
+    if bias == "all" or getattr(model, BITFIT_ATTR, False):
         # peft's rule: every parameter named "bias", wherever it is.
         kept.extend(p for name, p in model.named_parameters() if name == "bias" or name.endswith(".bias"))
     elif bias == "lora_only":
@@ -441,12 +445,15 @@ def adapter_trainable(model: nn.Module) -> list[Tensor]:
     return kept
 
 
-def freeze_all_but_adapters(model: nn.Module) -> None:
-    """Freeze every parameter of ``model`` but :func:`adapter_trainable`'s: what each ``apply_*``
-    does to the base, so that adapters another ``apply_*`` added before keep training."""
+def freeze_base(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` that is not :func:`adapter_trainable`'s, and leave
+    those as they are: what an ``apply_*`` does to the base before adding its own trainable
+    parameters, so that adapters an earlier ``apply_*`` added keep training, and adapters the
+    user froze stay frozen."""
     kept = {id(p) for p in adapter_trainable(model)}
     for p in model.parameters():
-        p.requires_grad_(id(p) in kept)
+        if id(p) not in kept:
+            p.requires_grad_(False)
 
 
 def count_trainable(model: nn.Module) -> ParamCount:

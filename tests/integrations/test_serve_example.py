@@ -164,28 +164,57 @@ def test_gpu_graph_replayed_with_new_mixes_matches_eager():
     assert all(not torch.equal(outs[0], out) for out in outs[1:])
 
 
-@pytest.mark.parametrize(
-    "last",
-    [
-        lambda m: peftops.apply_prefix_tuning(m, 2, capacity=2),
-        lambda m: peftops.apply_prompt_tuning(m, 2, capacity=2),
-    ],
-    ids=["prefix", "prompt"],
-)
+LAST = {
+    "prefix": (lambda m: peftops.apply_prefix_tuning(m, 2, capacity=2), peftops.remove_prefix_tuning),
+    "prompt": (lambda m: peftops.apply_prompt_tuning(m, 2, capacity=2), peftops.remove_prompt_tuning),
+    "bitfit": (lambda m: peftops.apply_bitfit(m, add_missing=True), None),
+}
+
+
+@pytest.mark.parametrize("last", list(LAST))
 @pytest.mark.parametrize("lora", [{"capacity": 2}, {"modules_to_save": ["lm_head"]}], ids=["bank", "save-head"])
-def test_prefix_and_prompt_tuning_leave_earlier_adapters_trainable(last, lora):
-    """Found composing the three banks: apply_prefix_tuning (and apply_prompt_tuning) froze every
-    parameter of the model, so LoRA and bottleneck banks (and modules_to_save) applied before
-    them silently stopped training, while applied after them they trained. Now every apply_*
-    freezes the base only (peftops.nn.surgery.freeze_all_but_adapters)."""
+def test_a_later_apply_leaves_earlier_adapters_as_they_were(last, lora):
+    """Found composing the three banks: apply_prefix_tuning, apply_prompt_tuning and apply_bitfit
+    froze every parameter of the model, so LoRA and bottleneck banks (and modules_to_save)
+    applied before them silently stopped training. They now freeze the base only
+    (peftops.nn.surgery.freeze_base): earlier adapters keep their flags, trainable or not, and
+    removing prefix/prompt tuning puts every flag back."""
     model = hf_models.llama()
     peftops.apply_lora(model, ["q_proj"], r=2, alpha=1.0, **lora)
     peftops.apply_adapters(model, "seq_bn", capacity=2, reduction_factor=ex.BN_REDUCTION)
-    before = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert any("lora_" in n for n in before) and any("bottleneck" in n for n in before)
-    assert ("lm_head" in lora.get("modules_to_save", ())) == any("lm_head" in n for n in before)
-    last(model)
+    frozen_on_purpose = [p for n, p in model.named_parameters() if "bottleneck" in n and "layers.1." in n]
+    assert frozen_on_purpose
+    for p in frozen_on_purpose:
+        p.requires_grad_(False)
+    before = {n: p.requires_grad for n, p in model.named_parameters()}
+    trainable = {n for n, flag in before.items() if flag}
+    assert any("lora_" in n for n in trainable) and any("bottleneck" in n for n in trainable)
+    assert ("lm_head" in lora.get("modules_to_save", ())) == any("lm_head" in n for n in trainable)
+    apply, remove = LAST[last]
+    apply(model)
     after = {n for n, p in model.named_parameters() if p.requires_grad}
-    assert before <= after, sorted(before - after)
-    assert after - before and all("peftops_pr" in n for n in after - before), sorted(after - before)
+    assert trainable <= after, sorted(trainable - after)
+    new = after - trainable
+    assert new and all(("peftops_pr" in n) if last != "bitfit" else n.endswith(".bias") for n in new), sorted(new)
+    assert not any(p.requires_grad for p in frozen_on_purpose)  # frozen by the user, not thawed
     assert not any("embed_tokens" in n or n.endswith("q_proj.weight") for n in after)  # the base stays frozen
+    if remove is not None:
+        remove(model)
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == before
+
+
+def test_bitfit_after_lora_keeps_lora_and_adds_no_bias_inside_it():
+    """apply_bitfit(add_missing=True) gave LoRA's lora_A / lora_B layers biases the fused op
+    never reads (trainable, changing nothing); and a LoRA applied after BitFit keeps the biases
+    training (apply_lora ends with mark_only_adapters_trainable)."""
+    model = hf_models.llama()
+    peftops.apply_lora(model, ["q_proj"], r=2, alpha=1.0)
+    peftops.apply_bitfit(model, add_missing=True)
+    names = [n for n, _ in model.named_parameters()]
+    assert not [n for n in names if ".lora_A.bias" in n or ".lora_B.bias" in n]
+    assert any(n.endswith("k_proj.bias") for n in names)
+    other = hf_models.llama()
+    peftops.apply_bitfit(other, add_missing=True)
+    peftops.apply_lora(other, ["q_proj"], r=2, alpha=1.0)
+    trainable = {n for n, p in other.named_parameters() if p.requires_grad}
+    assert any(n.endswith("k_proj.bias") for n in trainable) and any("lora_A" in n for n in trainable)
