@@ -167,6 +167,13 @@ def _call_check(backend: str, device_type: str) -> Callable[[Sequence], str | No
     return _CALL_CHECKS[key]
 
 
+@torch.compiler.assume_constant_result
+def _has_call_check(backend: str, device_type: str) -> bool:
+    # A constant to dynamo: compiled code touches the lazily filled dict above only where a
+    # check exists (a guard on it would recompile every frame whenever another key is added).
+    return _call_check(backend, device_type) is not None
+
+
 def backend_status(backend: str, device: torch.device | str) -> str | None:
     """``None`` if ``backend`` can run on ``device`` in this process, else the reason it cannot."""
     _check_name(backend, "backend")
@@ -234,9 +241,10 @@ def _why_not(op: str, backend: str, device: torch.device, args: Sequence) -> str
     impl = _IMPLS.get(op, {}).get(backend)
     if impl is None:
         return f"it has no implementation of {op} yet"
-    check = _call_check(backend, device.type)
-    if check is not None and (reason := check(args)):
-        return reason
+    if _has_call_check(backend, device.type):
+        check = _call_check(backend, device.type)
+        if check is not None and (reason := check(args)):
+            return reason
     return impl.supports(*args)
 
 
@@ -386,7 +394,7 @@ def _settles(op: str, backend: str, device: torch.device, order: Sequence[str]) 
     if (
         _has_measurement(op, name)
         or not _IMPLS[op][backend].supports_everything
-        or _call_check(backend, device.type) is not None
+        or _has_call_check(backend, device.type)
     ):
         return False
     for earlier in order[: order.index(backend)]:

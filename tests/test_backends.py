@@ -127,15 +127,39 @@ def test_triton_refuses_bfloat16_under_the_interpreter_instead_of_computing_garb
     naming the backend must raise before any launch, and float16 must still run."""
     t = CASE.inputs(torch.bfloat16, "cpu", requires_grad=False)
     with peftops.use_backend("triton"):
-        with pytest.raises(BackendUnavailableError, match="interpreter computes bfloat16 dot products wrongly"):
+        with pytest.raises(BackendUnavailableError, match=r"interpreter \(TRITON_INTERPRET=1\) computes bfloat16"):
             call(t)
         assert "triton" in peftops.available_backends("lora_linear", "cpu")  # the limit is per call
         half = CASE.inputs(torch.float16, "cpu", requires_grad=False)
         got = call(half)
     with peftops.use_backend("reference"):
         assert_close(got, call(half))
-    # On CUDA the interpreter's limit does not apply: no per-call check at all there.
-    assert backends._BACKENDS["triton"].call_check("cuda") is None
+    # Without the interpreter no per-call check runs at all, on any device type.
+    code = "from peftops import backends;print([backends._BACKENDS['triton'].call_check(d) for d in ('cuda', 'cpu')])"
+    out = _run_python(code, TRITON_INTERPRET="0")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[None, None]"
+
+
+def test_a_per_call_check_does_not_recompile_compiled_code():
+    """The per-call check's table fills lazily; compiled code must not guard on it."""
+    counts = {"frames": 0}
+
+    def backend(gm, example_inputs):
+        counts["frames"] += 1
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(call, backend=backend)
+    t = CASE.inputs(torch.float32, "cpu", requires_grad=False)
+    with peftops.use_backend("reference"):
+        compiled(t)
+        backends._CALL_CHECKS[("unrelated", "meta")] = None  # a new key, as a new device type adds
+        try:
+            compiled(t)
+        finally:
+            backends._CALL_CHECKS.pop(("unrelated", "meta"))
+    assert counts["frames"] == 1
 
 
 # -- the seam, exercised with a real Triton kernel under the interpreter ------------------------

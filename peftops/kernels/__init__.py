@@ -47,15 +47,17 @@ def _tensors(args) -> Iterator[torch.Tensor]:
 def _interpreter_bf16(args) -> str | None:
     if any(t.dtype == torch.bfloat16 for t in _tensors(args)):
         return (
-            "Triton's CPU interpreter computes bfloat16 dot products wrongly, so bfloat16 runs on "
-            "CUDA tensors only; use float32 or float16 on CPU, or another backend"
+            "Triton's interpreter (TRITON_INTERPRET=1) computes bfloat16 dot products wrongly, so "
+            "bfloat16 runs only on a GPU without the interpreter; got a bfloat16 tensor (use float32 "
+            "or float16 here, or another backend)"
         )
     return None
 
 
 def _call_check(device_type: str):
-    # Only the interpreter has the limit: on CUDA no per-call check runs.
-    return _interpreter_bf16 if device_type == "cpu" and interpreting() else None
+    # Only the interpreter has the limit (it also runs CUDA tensors, copied to the host); compiled
+    # kernels pay for no per-call check.
+    return _interpreter_bf16 if interpreting() else None
 
 
 register_backend("triton", _status, call_check=_call_check)
