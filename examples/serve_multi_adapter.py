@@ -15,9 +15,10 @@ removed and a new one put into its freed slot (weights written in place, where t
 them), and round 2 replays the same graph with another mix.
 
 Every row is checked against its request generated alone (a batch of one, eager), and against
-the base model: the example exits non-zero if any row differs from its request alone, or if no
-row differs from the base model (so a dropped adapter contribution cannot pass unnoticed). The
-adapters are stand-ins for trained ones, random, so that each changes what the model writes.
+the base model: the example exits non-zero if any row differs from its request alone, or if any
+row with an adapter writes what the base model writes (each kind serves some row on its own, so
+a dropped contribution of any bank shows). The adapters are stand-ins for trained ones, random,
+so that each changes what the model writes.
 """
 
 from __future__ import annotations
@@ -40,16 +41,18 @@ WARMUP = 2  # eager decode steps before the capture
 # Between the rounds, per kind: (removed, added in its slot).
 SWAPS = {"lora": ("legal", "finance"), "prefix": ("terse", "chatty"), "bottleneck": ("kids", "pirate")}
 # One request per row: (lora, prefix, bottleneck), None for none. Row 2 keeps its prompt and
-# changes only legal -> finance, both in slot 1: a stale slot would give it legal's tokens.
+# changes only legal -> finance, both in slot 1: a stale slot would give it legal's tokens. Each
+# kind also serves a row alone (rows 0 of both rounds, row 1 of round 2), so a bank whose
+# contribution were dropped would leave such a row equal to the base model's.
 ROUND_1 = [
-    ("support", "formal", None),
+    (None, "formal", None),
     (None, None, None),
     ("legal", None, "medical"),
     ("code", "terse", "kids"),
     ("legal", "poem", "news"),
 ]
 ROUND_2 = [
-    (None, "chatty", "pirate"),
+    (None, None, "pirate"),
     ("support", None, None),
     ("finance", None, "medical"),
     ("code", "formal", "pirate"),
@@ -231,6 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     cuda_graph = args.device.startswith("cuda") if args.cuda_graph is None else args.cuda_graph
     if cuda_graph and not args.device.startswith("cuda"):
         parser.error(f"--cuda-graph needs a CUDA device, got --device {args.device}")
+    if args.device.startswith("cuda"):
+        torch.cuda.set_device(torch.device(args.device))  # side streams and graphs take the current device
 
     import transformers
 
@@ -256,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     def show(tokens: torch.Tensor) -> str:
         return repr(tokenizer.decode(tokens, skip_special_tokens=True)) if tokenizer else str(tokens.tolist())
 
-    mismatches = differ = 0
+    mismatches = dropped = 0
     for round_, requests in enumerate((ROUND_1, ROUND_2), 1):
         if round_ == 2:
             swap(model)
@@ -269,7 +274,7 @@ def main(argv: list[str] | None = None) -> int:
         ):
             same = torch.equal(row, single)
             mismatches += not same
-            differ += not torch.equal(row, base[i])
+            dropped += request != (None, None, None) and torch.equal(row, base[i])
             label = "/".join(name or "-" for name in request)
             print(f"  row {i} [{label:>22}] {show(row)}{'' if same else '   MISMATCH alone: ' + show(single)}")
     mode = f"eager decode on {args.device}"
@@ -278,10 +283,10 @@ def main(argv: list[str] | None = None) -> int:
     if mismatches:
         print(f"FAIL: {mismatches} rows differ from their request generated alone ({mode})", file=sys.stderr)
         return 1
-    if not differ:
-        print(f"FAIL: every row equals the base model's output: the adapters were dropped ({mode})", file=sys.stderr)
+    if dropped:
+        print(f"FAIL: {dropped} rows with adapters write what the base model writes ({mode})", file=sys.stderr)
         return 1
-    print(f"all rows match their request alone, {differ} differ from the base model ({mode})")
+    print(f"all rows match their request alone, and every row with adapters differs from the base model ({mode})")
     return 0
 
 
