@@ -530,6 +530,8 @@ def set_prefix_bank(model: nn.Module, bank: Tensor | Sequence[PrefixKV] | None) 
     or a list of ``PrefixKV`` (registered as ``model.peftops_prefix_bank``), all of the model's
     shape and the same ``P``. ``None`` removes the bank and the ids. Returns ``model``."""
     owner = "set_prefix_bank"
+    if bank is not None and not isinstance(bank, Tensor):
+        check_not_wrapped(owner, model)  # a list registers its PrefixKVs' parameters on the model
     state = _state(owner, model)
     if state.multi:
         raise ValueError(

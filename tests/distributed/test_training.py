@@ -248,7 +248,22 @@ def _ranks(rank: int, world_size: int) -> dict:
         "apply_ia3": lambda m: peftops.apply_ia3(m),
         "apply_bitfit": lambda m: peftops.apply_bitfit(m, add_missing=True),
     }
+    # A list of PrefixKV registers new parameters on the model too.
+    cfg = hf_models.llama().config
+    head_dim = cfg.hidden_size // cfg.num_attention_heads
+    bank = [peftops.nn.PrefixKV(cfg.num_hidden_layers, cfg.num_key_value_heads, 2, head_dim) for _ in range(2)]
+    others["set_prefix_bank"] = lambda m: peftops.set_prefix_bank(m, bank)
     for name, apply in others.items():
+        if name == "set_prefix_bank":  # on a model prepared for prefix tuning before it was wrapped
+            out[f"{name}_ddp_error"] = _error(
+                lambda apply=apply: apply(
+                    torch.nn.parallel.DistributedDataParallel(peftops.apply_prefix_tuning(hf_models.llama(), 2))
+                )
+            )
+            out[f"{name}_fsdp_error"] = _error(
+                lambda apply=apply: apply(_fsdp2(peftops.apply_prefix_tuning(hf_models.llama(), 2)))
+            )
+            continue
         out[f"{name}_ddp_error"] = _error(
             lambda apply=apply: apply(torch.nn.parallel.DistributedDataParallel(hf_models.llama()))
         )
@@ -398,7 +413,16 @@ def test_merge_while_fsdp_holds_the_weight_unsharded_raises(ranks):
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 @pytest.mark.parametrize(
-    "apply", ["apply_lora", "apply_adapters", "apply_prefix_tuning", "apply_prompt_tuning", "apply_ia3", "apply_bitfit"]
+    "apply",
+    [
+        "apply_lora",
+        "apply_adapters",
+        "apply_prefix_tuning",
+        "apply_prompt_tuning",
+        "apply_ia3",
+        "apply_bitfit",
+        "set_prefix_bank",
+    ],
 )
 def test_adding_adapters_to_a_wrapped_model_raises(ranks, wrapper, apply):
     for r in ranks:
