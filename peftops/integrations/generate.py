@@ -1,10 +1,15 @@
-"""Multi-adapter batches under a transformers model's ``generate()``.
+"""Per-row adapters of every bank kind under a transformers model's ``generate()``.
 
-``generate(model, input_ids, adapter_ids=[...])`` gives every :class:`~peftops.nn.MultiLoRALinear`
-of ``model`` one adapter per row of ``input_ids`` and runs ``model.generate``. Beam search and
-``num_return_sequences`` turn each row into ``k`` consecutive rows
-(``repeat_interleave(k, dim=0)``), so ids set once for ``B`` rows no longer fit the batch; here
-they are repeated the same way at the moment transformers expands the inputs.
+``generate(model, input_ids, adapter_ids=[...], prefix_ids=[...], bottleneck_ids=[...],
+prompt_ids=[...])`` gives row ``i`` of ``input_ids`` its own adapter of each kind given (any
+of them, at least one): a LoRA adapter in every :class:`~peftops.nn.MultiLoRALinear`
+(``apply_lora(..., capacity=N)``), a prefix (``apply_prefix_tuning(..., capacity=N)``, or an
+entry of a ``set_prefix_bank`` bank), a bottleneck adapter at every site
+(``apply_adapters(..., capacity=N)``) and a prompt (``apply_prompt_tuning(..., capacity=N)``),
+and runs ``model.generate``. Beam search and ``num_return_sequences`` turn each row into ``k``
+consecutive rows (``repeat_interleave(k, dim=0)``), so ids set once for ``B`` rows no longer
+fit the batch; here every kind's ids are repeated the same way at the moment transformers
+expands the inputs.
 
 The expansion is observed rather than predicted: transformers' own
 ``_expand_inputs_for_generation`` call is wrapped for the duration of the call, and the ids are
@@ -14,68 +19,111 @@ num_return_sequences)``; older ones expanded sampling by ``num_return_sequences`
 search by ``num_beams``), and an
 encoder-decoder model runs its encoder on the ``B`` unexpanded rows before the expansion:
 following the call gets each of these right without restating any of them.
+
+Repeating the ids is all each kind needs, because each reads its ids afresh at every forward:
+a prefix row's position shift is derived from its id there (by the prefix hook), and a prompt is
+put in front of the rows at the first forward, which in a decoder-only model (the only kind
+prompt tuning takes) comes after the expansion; the KV cache then holds each row's prompt, and
+beam search reorders cache rows only among the beams of one input row, which share its ids.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import Tensor, nn
 
 from ..nn.multi_lora_linear import AdapterRef, MultiLoRALinear
+from . import adapters as _adapters
+from . import prefix_tuning as _prefix
+from . import prompt_tuning as _prompt
 
 __all__ = ["generate"]
 
 _EXPAND = "_expand_inputs_for_generation"
 # Where the batch size can be read before generation starts, in the order transformers looks.
 _INPUT_KWARGS = ("inputs", "input_ids", "inputs_embeds")
+_KINDS = ("adapter_ids", "prefix_ids", "bottleneck_ids", "prompt_ids")
+
+
+@dataclass
+class _Kind:
+    """One kind's ids for the call: ``put(k)`` sets them for the rows each repeated ``k`` times,
+    ``restore()`` puts back what the bank held before the call."""
+
+    arg: str
+    put: Callable[[int], None]
+    restore: Callable[[], None]
 
 
 def generate(
     model: nn.Module,
     input_ids: Tensor | None = None,
     *,
-    adapter_ids: Tensor | Sequence[AdapterRef],
+    adapter_ids: Tensor | Sequence[AdapterRef] | None = None,
+    prefix_ids: Tensor | Sequence[AdapterRef] | None = None,
+    bottleneck_ids: Tensor | Sequence[AdapterRef] | None = None,
+    prompt_ids: Tensor | Sequence[AdapterRef] | None = None,
     **generate_kwargs: Any,
 ) -> Any:
-    """``model.generate(input_ids, **generate_kwargs)`` with row ``i`` of ``input_ids`` using
-    adapter ``adapter_ids[i]`` in every :class:`~peftops.nn.MultiLoRALinear` of ``model``.
+    """``model.generate(input_ids, **generate_kwargs)`` with row ``i`` of ``input_ids`` using, of
+    each kind given, its entry ``i``: ``adapter_ids[i]`` in every
+    :class:`~peftops.nn.MultiLoRALinear`, prefix ``prefix_ids[i]``, bottleneck adapter
+    ``bottleneck_ids[i]`` at every site and prompt ``prompt_ids[i]``. At least one kind must be
+    given; a kind left out keeps whatever ids its bank holds.
 
-    ``adapter_ids`` holds one entry per row, as :func:`peftops.nn.set_batch_adapters` takes
-    them: adapter names, slot indices, ``None`` or ``-1`` for the base model, or a 1-D integer
-    tensor (``-1`` for the base model). Every mode that expands the batch (beam search, sampling
-    or beam search with ``num_return_sequences``) gets each row's id repeated with the row.
-    The rows returned are transformers' own order: row ``i``'s sequences are rows
-    ``i * k .. i * k + k - 1``.
+    Each takes what its setter takes (:func:`~peftops.nn.set_batch_adapters`,
+    :func:`~peftops.set_prefix_ids`, :func:`~peftops.set_bottleneck_ids`,
+    :func:`~peftops.set_prompt_ids`), one entry per row: adapter names, slot indices, ``None``
+    or ``-1`` for none (the base model), or a 1-D integer tensor (``-1`` for none). They are
+    checked before the first forward; a bad name or slot, a wrong length, or a kind whose bank
+    the model does not have raises a ``ValueError`` (``TypeError`` for a wrong type) naming the
+    argument. Every mode that expands the batch (beam search, sampling or beam search with
+    ``num_return_sequences``) gets each row's ids repeated with the row. The rows returned are
+    transformers' own order: row ``i``'s sequences are rows ``i * k .. i * k + k - 1``.
 
-    The ids the layers held before the call (:func:`~peftops.nn.set_batch_adapters`) are put back
+    The ids every bank of a given kind held before the call (the same objects) are put back
     afterwards, also when generation raises.
     """
     fn = "generate"
     if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
         raise TypeError(f"{fn}: model: expected a transformers model with generate(), got {type(model).__name__}")
-    layers = list({id(m): m for m in model.modules() if isinstance(m, MultiLoRALinear)}.values())
-    if not layers:
-        raise ValueError(f"{fn}: model: expected MultiLoRALinear layers (apply_lora(..., capacity=N)), got none")
-    refs = _refs(fn, adapter_ids)
+    given = {
+        arg: ids
+        for arg, ids in zip(_KINDS, (adapter_ids, prefix_ids, bottleneck_ids, prompt_ids), strict=True)
+        if ids is not None
+    }
+    if not given:
+        raise TypeError(f"{fn}: expected at least one of {', '.join(_KINDS)} (one entry per row), got none")
+    refs = {arg: _refs(fn, arg, ids) for arg, ids in given.items()}
+    first = next(iter(refs))
     rows = _rows(input_ids, generate_kwargs)
-    if rows is not None and rows != len(refs):
-        raise ValueError(f"{fn}: adapter_ids: expected one per row of the inputs ({rows} rows), got {len(refs)}")
-    # Resolved once per layer and up front, so that a bad name fails before any token is made.
-    per_layer = [(layer, _resolve(fn, layer, refs)) for layer in layers]
+    for arg, each in refs.items():
+        if rows is not None and rows != len(each):
+            raise ValueError(f"{fn}: {arg}: expected one per row of the inputs ({rows} rows), got {len(each)}")
+        if len(each) != len(refs[first]):
+            raise ValueError(f"{fn}: {arg}: expected one per row, as {first} ({len(refs[first])}), got {len(each)}")
+    batch = len(refs[first])
+    # Every bank is found before any ids change, so a missing one leaves the model as it was.
+    makers = [_MAKERS[arg](fn, model) for arg in refs]
+
+    kinds: list[_Kind] = []
 
     def set_ids(repeat: int) -> None:
-        for layer, ids in per_layer:
-            layer.set_batch_adapters(ids if repeat == 1 else ids.repeat_interleave(repeat))
+        for kind in kinds:
+            kind.put(repeat)
 
-    previous = [(layer, layer._batch_ids) for layer in layers]
     patched: list[tuple[nn.Module, Any]] = []
     try:
+        # Resolved up front (each setter checks names and slots), so a bad one fails before any token.
+        for make, arg in zip(makers, refs, strict=True):
+            kinds.append(make(refs[arg]))
         for owner in _generation_owners(model):
             patched.append((owner, owner.__dict__.get(_EXPAND, _ABSENT)))
-            setattr(owner, _EXPAND, _expanding(fn, getattr(owner, _EXPAND), len(refs), set_ids))
+            setattr(owner, _EXPAND, _expanding(fn, getattr(owner, _EXPAND), first, batch, set_ids))
         set_ids(1)  # what an encoder, and every mode that does not expand, runs on
         run: Any = model.generate  # nn.Module's __getattr__ types it as a Tensor or Module
         if input_ids is None:
@@ -87,8 +135,8 @@ def generate(
                 delattr(owner, _EXPAND)
             else:
                 setattr(owner, _EXPAND, before)
-        for layer, ids in previous:
-            layer.set_batch_adapters(ids)
+        for kind in reversed(kinds):
+            kind.restore()
 
 
 _ABSENT = object()
@@ -100,14 +148,14 @@ def _generation_owners(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if callable(getattr(type(m), _EXPAND, None))]
 
 
-def _expanding(fn: str, original, rows: int, set_ids):
+def _expanding(fn: str, original, arg: str, rows: int, set_ids):
     signature = inspect.signature(original)
 
     def expand(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         ids = bound.get("input_ids")
         if isinstance(ids, Tensor) and ids.dim() >= 1 and ids.shape[0] != rows:
-            raise ValueError(f"{fn}: adapter_ids: expected one per row of the inputs ({ids.shape[0]} rows), got {rows}")
+            raise ValueError(f"{fn}: {arg}: expected one per row of the inputs ({ids.shape[0]} rows), got {rows}")
         default = signature.parameters["expand_size"].default if "expand_size" in signature.parameters else 1
         size = bound.get("expand_size", default)
         set_ids(int(size))
@@ -116,26 +164,25 @@ def _expanding(fn: str, original, rows: int, set_ids):
     return expand
 
 
-def _refs(fn: str, adapter_ids: object) -> list[AdapterRef]:
-    if isinstance(adapter_ids, Tensor):
-        if adapter_ids.dtype.is_floating_point or adapter_ids.dtype.is_complex or not adapter_ids.dtype.is_signed:
-            raise TypeError(
-                f"{fn}: adapter_ids: expected a signed integer tensor (-1 = base model), got {adapter_ids.dtype}"
-            )
-        if adapter_ids.dim() != 1:
-            raise ValueError(
-                f"{fn}: adapter_ids: expected one id per row, shape (B,), got shape {tuple(adapter_ids.shape)}"
-            )
-        return [int(i) for i in adapter_ids.tolist()]
+def _refs(fn: str, arg: str, ids: object) -> list[AdapterRef]:
+    none = "base model" if arg == "adapter_ids" else "none"
+    if isinstance(ids, Tensor):
+        if ids.dtype.is_floating_point or ids.dtype.is_complex or not ids.dtype.is_signed:
+            raise TypeError(f"{fn}: {arg}: expected a signed integer tensor (-1 = {none}), got {ids.dtype}")
+        if ids.dim() != 1:
+            raise ValueError(f"{fn}: {arg}: expected one id per row, shape (B,), got shape {tuple(ids.shape)}")
+        # Set as ints: the banks get tensors of their own, on their own devices, and the
+        # caller's tensor is neither kept nor moved.
+        return [int(i) for i in ids.tolist()]
     # A single name is a str, itself a sequence: refused rather than read letter by letter.
-    if isinstance(adapter_ids, (str, bytes)) or not isinstance(adapter_ids, Sequence):
+    if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
         raise TypeError(
-            f"{fn}: adapter_ids: expected a list with one adapter name, slot int or None per row, "
-            f"or a 1-D integer tensor, got {type(adapter_ids).__name__}"
+            f"{fn}: {arg}: expected a list with one adapter name, slot int or None per row, "
+            f"or a 1-D integer tensor, got {type(ids).__name__}"
         )
-    if len(adapter_ids) == 0:
-        raise ValueError(f"{fn}: adapter_ids: expected one per row of the inputs, got an empty list")
-    return list(adapter_ids)
+    if len(ids) == 0:
+        raise ValueError(f"{fn}: {arg}: expected one per row of the inputs, got an empty list")
+    return list(ids)
 
 
 def _rows(input_ids: object, kwargs: dict) -> int | None:
@@ -144,6 +191,142 @@ def _rows(input_ids: object, kwargs: dict) -> int | None:
         if isinstance(t, Tensor) and t.dim() >= 1:
             return int(t.shape[0])
     return None  # checked when transformers expands, on the input_ids it expands
+
+
+def _renamed(fn: str, arg: str, call: Callable[[], Any]) -> Any:
+    """``call()``, with a setter's ``"<owner>: <argument>: why"`` error reworded as ``generate``'s
+    own, naming ``arg``: the caller passed the ids here, not to the setter."""
+    try:
+        return call()
+    except (ValueError, TypeError) as e:
+        message = str(e.args[0]) if e.args else str(e)
+        parts = message.split(": ", 2)
+        why = parts[2] if len(parts) == 3 else message
+        raise (ValueError if isinstance(e, ValueError) else TypeError)(f"{fn}: {arg}: {why}") from None
+
+
+def _lora(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
+    arg = "adapter_ids"
+    layers = list({id(m): m for m in model.modules() if isinstance(m, MultiLoRALinear)}.values())
+    if not layers:
+        raise ValueError(
+            f"{fn}: model: expected MultiLoRALinear layers (apply_lora(..., capacity=N)) for {arg}, got none"
+        )
+
+    def make(refs: list[AdapterRef]) -> _Kind:
+        previous = [(layer, layer._batch_ids) for layer in layers]
+        per_layer = [(layer, _resolve(fn, layer, refs)) for layer in layers]
+
+        def put(repeat: int) -> None:
+            for layer, ids in per_layer:
+                layer.set_batch_adapters(ids if repeat == 1 else ids.repeat_interleave(repeat))
+
+        def restore() -> None:
+            for layer, ids in previous:
+                layer.set_batch_adapters(ids)
+
+        return _Kind(arg, put, restore)
+
+    return make
+
+
+def _bottleneck(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
+    arg = "bottleneck_ids"
+    banks = _renamed(fn, arg, lambda: _adapters._banks(fn, model))
+
+    def make(refs: list[AdapterRef]) -> _Kind:
+        previous = [(bank, bank._batch_ids) for bank in banks]
+        try:
+            _renamed(fn, arg, lambda: _adapters.set_bottleneck_ids(model, refs))
+            # One tensor per device, shared by that device's banks: repeated once for them all.
+            resolved = [(bank, bank._batch_ids) for bank in banks]
+        finally:
+            for bank, ids in previous:  # the call's put() sets them; until then, the caller's
+                bank.set_batch_adapters(ids)
+
+        def put(repeat: int) -> None:
+            repeated: dict[int, Tensor] = {}
+            for bank, ids in resolved:
+                assert ids is not None
+                if id(ids) not in repeated:
+                    repeated[id(ids)] = ids if repeat == 1 else ids.repeat_interleave(repeat)
+                bank.set_batch_adapters(repeated[id(ids)])
+
+        def restore() -> None:
+            for bank, ids in previous:
+                bank.set_batch_adapters(ids)
+
+        return _Kind(arg, put, restore)
+
+    return make
+
+
+def _prefix_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
+    arg = "prefix_ids"
+    state = model.__dict__.get(_prefix._STATE)
+    if state is None:
+        raise ValueError(
+            f"{fn}: {arg}: expected a model given prefix slots (apply_prefix_tuning(..., capacity=N)) or a prefix "
+            f"bank (set_prefix_bank), got a {type(model).__name__} without prefix tuning"
+        )
+
+    def make(refs: list[AdapterRef]) -> _Kind:
+        # The prefix hook derives each row's position shift from these ids at every forward, so
+        # repeating them repeats the shifts too.
+        previous = state.ids
+        try:
+            _renamed(fn, arg, lambda: _prefix.set_prefix_ids(model, refs))
+            resolved = state.ids
+        finally:
+            state.ids = previous
+        assert resolved is not None
+
+        def put(repeat: int) -> None:
+            state.ids = resolved if repeat == 1 else resolved.repeat_interleave(repeat)
+
+        def restore() -> None:
+            state.ids = previous
+
+        return _Kind(arg, put, restore)
+
+    return make
+
+
+def _prompt_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
+    arg = "prompt_ids"
+    if _prompt._STATE not in model.__dict__:
+        raise ValueError(
+            f"{fn}: {arg}: expected a model given a prompt bank (apply_prompt_tuning(..., capacity=N)), got a "
+            f"{type(model).__name__} without prompt tuning"
+        )
+    bank = _renamed(fn, arg, lambda: _prompt._bank(fn, model))
+
+    def make(refs: list[AdapterRef]) -> _Kind:
+        previous = bank._batch_ids
+        try:
+            _renamed(fn, arg, lambda: _prompt.set_prompt_ids(model, refs))
+            resolved = bank._batch_ids
+        finally:
+            bank.set_batch_adapters(previous)
+        assert resolved is not None
+
+        def put(repeat: int) -> None:
+            bank.set_batch_adapters(resolved if repeat == 1 else resolved.repeat_interleave(repeat))
+
+        def restore() -> None:
+            bank.set_batch_adapters(previous)
+
+        return _Kind(arg, put, restore)
+
+    return make
+
+
+_MAKERS: dict[str, Callable[[str, nn.Module], Callable[[list[AdapterRef]], _Kind]]] = {
+    "adapter_ids": _lora,
+    "prefix_ids": _prefix_kind,
+    "bottleneck_ids": _bottleneck,
+    "prompt_ids": _prompt_kind,
+}
 
 
 def _resolve(fn: str, layer: MultiLoRALinear, refs: list[AdapterRef]) -> Tensor:
