@@ -264,3 +264,25 @@ def test_prompt_banks_repeat_with_the_rows_without_lora():
         with pytest.raises(ValueError, match=r"generate: prompt_ids: .*'zed'"):
             generate(model, ids, prompt_ids=["p", "zed", None], **kw)
     assert bank._batch_ids is before
+
+
+def test_a_set_prefix_bank_model_takes_entry_ints_and_repeats_them():
+    # One prefix length for every entry (no slots): prefix_ids are entries of the bank, as
+    # set_prefix_ids takes them for such a model, and no entry means none (None is refused).
+    model = peftops.apply_prefix_tuning(llama(), 2)
+    entries = torch.randn(3, 2, 2, 2, 2, 16, generator=torch.Generator().manual_seed(5)) * 3
+    peftops.set_prefix_bank(model, entries)
+    ids = hf_models.token_ids(3, 4, seed=6).clamp(min=1)
+    kw = {"num_beams": 2, "num_return_sequences": 2, "max_new_tokens": NEW, "pad_token_id": 0}
+    rows = [2, 0, 2]
+    mixed = generate(model, ids, prefix_ids=rows, **kw)
+    for i, entry in enumerate(rows):
+        alone = generate(model, ids[i : i + 1], prefix_ids=[entry], **kw)
+        assert torch.equal(mixed[2 * i : 2 * i + 2], alone), (i, entry)
+        other = generate(model, ids[i : i + 1], prefix_ids=[1], **kw)  # another entry writes otherwise
+        assert not torch.equal(mixed[2 * i : 2 * i + 2], other), (i, entry)
+    assert model.__dict__[prefix_tuning._STATE].ids is None
+    with pytest.raises(TypeError, match=r"generate: prefix_ids: expected ints"):
+        generate(model, ids, prefix_ids=[0, None, 1], **kw)
+    with pytest.raises(ValueError, match=r"generate: prefix_ids: expected values in \[0, 3\)"):
+        generate(model, ids, prefix_ids=[0, 3, 1], **kw)
