@@ -234,6 +234,13 @@ def _ranks(rank: int, world_size: int) -> dict:
         out["unsharded_later_merged"] = [m.merged for m in model.modules() if isinstance(m, peftops.nn.LoRALinear)]
         model.model.layers[1].reshard()
         out["unsharded_later_logits_kept"] = torch.equal(model(BATCH).logits, before)
+        # And unmerging: every merged layer is checked before the first is written back.
+        peftops.merge_adapters(model)
+        model.model.layers[1].unshard()
+        out["unsharded_unmerge_error"] = _error(lambda: peftops.unmerge_adapters(model))
+        out["unsharded_unmerge_merged"] = [m.merged for m in model.modules() if isinstance(m, peftops.nn.LoRALinear)]
+        model.model.layers[1].reshard()
+        peftops.unmerge_adapters(model)
 
     # Adapters added to a model wrapped already: outside DDP's buckets and FSDP2's shards.
     out["apply_lora_ddp_error"] = _error(
@@ -409,6 +416,8 @@ def test_merge_while_fsdp_holds_the_weight_unsharded_raises(ranks):
         assert r["unsharded_later_merge_error"].startswith("RuntimeError: merge_adapters: FSDP2 holds")
         assert len(r["unsharded_later_merged"]) > 2 and not any(r["unsharded_later_merged"])
         assert r["unsharded_later_logits_kept"]
+        assert r["unsharded_unmerge_error"].startswith("RuntimeError: unmerge_adapters: FSDP2 holds")
+        assert len(r["unsharded_unmerge_merged"]) > 2 and all(r["unsharded_unmerge_merged"])
 
 
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
