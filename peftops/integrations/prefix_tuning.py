@@ -217,7 +217,8 @@ def _multi_batch(state: _State, bank: MultiPrefixKV, rows: int) -> tuple[MultiPr
     if ids.shape[0] != rows:
         raise ValueError(
             f"{owner}: ids: expected one id per batch row ({rows} rows in this call; generate() with "
-            f"num_beams or num_return_sequences > 1 repeats each row), got {ids.shape[0]}"
+            f"num_beams or num_return_sequences > 1 repeats each row: peftops.generate(model, input_ids, "
+            f"prefix_ids=...) repeats the ids with it), got {ids.shape[0]}"
         )
     # The caller's tensor as it is now (kept by reference: a replayed graph sees its new values).
     ids = ids.to(bank.prefix.device)
@@ -293,7 +294,8 @@ def _layer_prefix(state: _State, module: nn.Module, layer: int, batch: int) -> t
     if state.ids.shape[0] != batch:
         raise ValueError(
             f"set_prefix_ids: ids: expected one id per batch row ({batch} rows in this call; generate() with "
-            f"num_beams or num_return_sequences > 1 repeats each row), got {state.ids.shape[0]}"
+            f"num_beams or num_return_sequences > 1 repeats each row: peftops.generate(model, input_ids, "
+            f"prefix_ids=...) repeats the ids with it), got {state.ids.shape[0]}"
         )
     rows = bank.index_select(0, state.ids.to(bank.device))[:, layer]  # (B, 2, Hkv, P, D)
     return rows[:, 0], rows[:, 1]

@@ -275,7 +275,9 @@ def _bank_row_ids(model: nn.Module, state: _State, bank: MultiPromptEmbedding, b
     if ids.shape[0] != batch:
         raise ValueError(
             f"{owner}: ids: expected one prompt id per row of the batch ({batch}), got {ids.shape[0]} "
-            "(set_prompt_ids(model, ids) again for this batch)"
+            "(set_prompt_ids(model, ids) again for this batch; generate() with num_beams or "
+            "num_return_sequences > 1 repeats each row: peftops.generate(model, input_ids, prompt_ids=...) "
+            "repeats the ids with it)"
         )
     if not state.no_prompt_rows and not _capturing(ids) and bool((ids < 0).any()):
         raise ValueError(
