@@ -52,7 +52,7 @@ from ..distributed import check_not_wrapped
 from ..nn import PromptEmbedding
 from ..nn._base import AdapterModule, positive_int
 from ..nn.multi_prompt import MultiPromptEmbedding
-from ..nn.surgery import freeze_base
+from ..nn.surgery import freeze_base, modules_to_save
 from .hf_call import cached_length, call_kwargs
 from .peft_format import METADATA_FIELDS
 
@@ -495,6 +495,15 @@ def apply_prompt_tuning(
             f"{owner}: train_head: expected None or False for a {task_type} model (only sequence classification "
             f"models have a classifier/score head), got True"
         )
+    if train_head is False and task_type == "SEQ_CLS":
+        saved = modules_to_save(model)
+        kept = [h for h in _heads(model) if any(s == h or s.startswith(h + ".") for s in saved)]
+        if kept:
+            # Two requests that contradict: the earlier apply_lora's modules_to_save trains the head.
+            raise ValueError(
+                f"{owner}: train_head: expected None or True for a model whose head an earlier apply_lora keeps "
+                f"trainable (modules_to_save={list(saved)}), got False"
+            )
     _check_fresh(owner, model)
 
     factory = _prompt_factory(embeddings)

@@ -25,6 +25,7 @@ from peftops.integrations.prompt_tuning import (  # noqa: E402
     peft_prompt_state,
     remove_prompt_tuning,
 )
+from peftops.nn.surgery import apply_lora  # noqa: E402
 from tests.integrations import hf_models  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -292,6 +293,11 @@ def test_sequence_classifier_head_trains_as_peft():
     assert [n for n, p in frozen.named_parameters() if p.requires_grad] == ["peftops_prompt.weight"]
     with pytest.raises(ValueError, match="apply_prompt_tuning: train_head: expected None or False for a CAUSAL_LM"):
         apply_prompt_tuning(hf_models.llama(), P, train_head=True)
+    # An earlier apply_lora that keeps the head trainable contradicts train_head=False: refused, untouched.
+    saved = apply_lora(_bert_cls(), ["query"], r=2, alpha=4, modules_to_save=["classifier"])
+    with pytest.raises(ValueError, match=r"train_head: expected None or True .*modules_to_save=\['classifier'\]"):
+        apply_prompt_tuning(saved, P, train_head=False)
+    assert not hasattr(saved, "peftops_prompt")
 
 
 def test_training_changes_only_the_prompt_and_lowers_the_loss():
