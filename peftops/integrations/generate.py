@@ -29,6 +29,7 @@ beam search reorders cache rows only among the beams of one input row, which sha
 
 from __future__ import annotations
 
+import functools
 import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from ..nn.multi_lora_linear import AdapterRef, MultiLoRALinear
+from ..nn.multi_prompt import MultiPromptEmbedding
 from . import adapters as _adapters
 from . import prefix_tuning as _prefix
 from . import prompt_tuning as _prompt
@@ -44,8 +46,11 @@ from . import prompt_tuning as _prompt
 __all__ = ["generate"]
 
 _EXPAND = "_expand_inputs_for_generation"
-# Where the batch size can be read before generation starts, in the order transformers looks.
+# Where the batch size can be read before generation starts, in the order transformers looks
+# (then the model's main_input_name: input_features, pixel_values).
 _INPUT_KWARGS = ("inputs", "input_ids", "inputs_embeds")
+# Marks this module's wrapper, so that a nested call sees it is inside one.
+_OURS = "_peftops_generate"
 _KINDS = ("adapter_ids", "prefix_ids", "bottleneck_ids", "prompt_ids")
 
 
@@ -54,7 +59,6 @@ class _Kind:
     """One kind's ids for the call: ``put(k)`` sets them for the rows each repeated ``k`` times,
     ``restore()`` puts back what the bank held before the call."""
 
-    arg: str
     put: Callable[[int], None]
     restore: Callable[[], None]
 
@@ -73,24 +77,43 @@ def generate(
     each kind given, its entry ``i``: ``adapter_ids[i]`` in every
     :class:`~peftops.nn.MultiLoRALinear`, prefix ``prefix_ids[i]``, bottleneck adapter
     ``bottleneck_ids[i]`` at every site and prompt ``prompt_ids[i]``. At least one kind must be
-    given; a kind left out keeps whatever ids its bank holds.
+    given. A kind left out keeps whatever ids its bank holds; where the bank holds none and its
+    forward would refuse to run without them (LoRA, bottleneck and prompt banks, prefix slots;
+    not a ``set_prefix_bank`` bank, whose rows then all use the shared prefix), that is a
+    ``ValueError`` naming the argument, raised before the first forward.
 
     Each takes what its setter takes (:func:`~peftops.nn.set_batch_adapters`,
     :func:`~peftops.set_prefix_ids`, :func:`~peftops.set_bottleneck_ids`,
     :func:`~peftops.set_prompt_ids`), one entry per row: adapter names, slot indices, ``None``
-    or ``-1`` for none (the base model), or a 1-D integer tensor (``-1`` for none). They are
-    checked before the first forward; a bad name or slot, a wrong length, or a kind whose bank
-    the model does not have raises a ``ValueError`` (``TypeError`` for a wrong type) naming the
-    argument. Every mode that expands the batch (beam search, sampling or beam search with
-    ``num_return_sequences``) gets each row's ids repeated with the row. The rows returned are
-    transformers' own order: row ``i``'s sequences are rows ``i * k .. i * k + k - 1``.
+    or ``-1`` for none (the base model) where the kind has a none, or a 1-D integer tensor. The
+    rows are counted from ``input_ids``, ``inputs``, ``inputs_embeds`` or the model's own main
+    input (``model.main_input_name``: ``input_features``, ``pixel_values``). They are checked
+    before the first forward (also an encoder's); a bad name or slot, a wrong length, or a kind
+    whose bank the model does not have raises a ``ValueError`` (``TypeError`` for a wrong type)
+    naming the argument. Every mode that expands the batch (beam search, sampling or beam search
+    with ``num_return_sequences``) gets each row's ids repeated with the row. The rows returned
+    are transformers' own order: with ``k = num_return_sequences`` (1 by default), row ``i``'s
+    sequences are rows ``i * k .. i * k + k - 1``.
+
+    ``prompt_ids`` is also a keyword of some models' own ``generate`` (Whisper's: the prompt's
+    token ids). For a model without prompt tuning whose ``generate`` takes a ``prompt_ids``
+    parameter, it is passed to ``model.generate`` unchanged and is not a kind here (prompt tuning
+    takes decoder-only and sequence-classification models only, none of which has one).
 
     The ids every bank of a given kind held before the call (the same objects) are put back
-    afterwards, also when generation raises.
+    afterwards, also when generation raises. The call is not reentrant: ``generate`` on a model
+    already inside it (from a logits processor or stopping criterion, say) raises a
+    ``RuntimeError``, as the inner call would repeat and then put back ids the outer one relies on.
     """
     fn = "generate"
     if not isinstance(model, nn.Module) or not callable(getattr(model, "generate", None)):
         raise TypeError(f"{fn}: model: expected a transformers model with generate(), got {type(model).__name__}")
+    owners = _generation_owners(model)
+    if any(getattr(owner.__dict__.get(_EXPAND), _OURS, False) for owner in owners):
+        raise RuntimeError(f"{fn}: model: already inside peftops.generate (not reentrant)")
+    if prompt_ids is not None and _takes_own_prompt_ids(model):
+        generate_kwargs["prompt_ids"] = prompt_ids
+        prompt_ids = None
     given = {
         arg: ids
         for arg, ids in zip(_KINDS, (adapter_ids, prefix_ids, bottleneck_ids, prompt_ids), strict=True)
@@ -98,9 +121,9 @@ def generate(
     }
     if not given:
         raise TypeError(f"{fn}: expected at least one of {', '.join(_KINDS)} (one entry per row), got none")
-    refs = {arg: _refs(fn, arg, ids) for arg, ids in given.items()}
+    refs = {arg: _refs(fn, arg, ids, model) for arg, ids in given.items()}
     first = next(iter(refs))
-    rows = _rows(input_ids, generate_kwargs)
+    rows = _rows(model, input_ids, generate_kwargs)
     for arg, each in refs.items():
         if rows is not None and rows != len(each):
             raise ValueError(f"{fn}: {arg}: expected one per row of the inputs ({rows} rows), got {len(each)}")
@@ -109,6 +132,9 @@ def generate(
     batch = len(refs[first])
     # Every bank is found before any ids change, so a missing one leaves the model as it was.
     makers = [_MAKERS[arg](fn, model) for arg in refs]
+    for arg in _KINDS:
+        if arg not in refs:
+            _check_held(fn, arg, model)
 
     kinds: list[_Kind] = []
 
@@ -121,7 +147,7 @@ def generate(
         # Resolved up front (each setter checks names and slots), so a bad one fails before any token.
         for make, arg in zip(makers, refs, strict=True):
             kinds.append(make(refs[arg]))
-        for owner in _generation_owners(model):
+        for owner in owners:
             patched.append((owner, owner.__dict__.get(_EXPAND, _ABSENT)))
             setattr(owner, _EXPAND, _expanding(fn, getattr(owner, _EXPAND), first, batch, set_ids))
         set_ids(1)  # what an encoder, and every mode that does not expand, runs on
@@ -139,6 +165,42 @@ def generate(
             kind.restore()
 
 
+def _takes_own_prompt_ids(model: nn.Module) -> bool:
+    if _prompt._STATE in model.__dict__:
+        return False
+    try:
+        parameters = inspect.signature(model.generate).parameters
+    except (TypeError, ValueError):  # no signature to read: nothing says it takes one
+        return False
+    return "prompt_ids" in parameters
+
+
+def _check_held(fn: str, arg: str, model: nn.Module) -> None:
+    """Refuse a kind left out whose bank holds no ids where its forward would refuse to run:
+    that error would name neither this call nor the argument."""
+    what = None
+    if arg == "adapter_ids":
+        if any(isinstance(m, MultiLoRALinear) and m._batch_ids is None for m in model.modules()):
+            what = "MultiLoRALinear layers"
+    elif arg == "prefix_ids":
+        state = model.__dict__.get(_prefix._STATE)
+        # A set_prefix_bank model without ids gives every row the shared prefix.
+        if state is not None and state.multi and state.ids is None:
+            what = "prefix slots"
+    elif arg == "bottleneck_ids":
+        state = model.__dict__.get(_adapters._STATE)
+        if state is not None and state.capacity is not None:
+            banks = _renamed(fn, arg, lambda: _adapters._banks(fn, model))
+            if any(bank._batch_ids is None for bank in banks):
+                what = "bottleneck adapter banks"
+    elif _prompt._STATE in model.__dict__:
+        bank = getattr(model, _prompt.ATTR, None)
+        if isinstance(bank, MultiPromptEmbedding) and bank._batch_ids is None:
+            what = "prompt bank"
+    if what is not None:
+        raise ValueError(f"{fn}: {arg}: expected ids for the model's {what}, got none")
+
+
 _ABSENT = object()
 
 
@@ -151,6 +213,9 @@ def _generation_owners(model: nn.Module) -> list[nn.Module]:
 def _expanding(fn: str, original, arg: str, rows: int, set_ids):
     signature = inspect.signature(original)
 
+    # wraps: whoever reads the patched method's signature (transformers, or a nested call's
+    # check) sees the original's, expand_size default included.
+    @functools.wraps(original)
     def expand(*args, **kwargs):
         bound = signature.bind_partial(*args, **kwargs).arguments
         ids = bound.get("input_ids")
@@ -161,33 +226,57 @@ def _expanding(fn: str, original, arg: str, rows: int, set_ids):
         set_ids(int(size))
         return original(*args, **kwargs)
 
+    setattr(expand, _OURS, True)
     return expand
 
 
-def _refs(fn: str, arg: str, ids: object) -> list[AdapterRef]:
-    none = "base model" if arg == "adapter_ids" else "none"
+def _entries(arg: str, model: nn.Module) -> tuple[str, str | None]:
+    """What one row's entry of ``arg`` is, and what ``None`` / ``-1`` means (``None`` where the
+    kind refuses it), for the messages of a wrong type."""
+    if arg == "prefix_ids":
+        state = model.__dict__.get(_prefix._STATE)
+        if state is not None and not state.multi:
+            return "entry int of the prefix bank", None
+        return "prefix name, slot int", "no prefix"
+    if arg == "prompt_ids":
+        state = model.__dict__.get(_prompt._STATE)
+        return "prompt name, slot int", ("no prompt" if getattr(state, "no_prompt_rows", True) else None)
+    if arg == "bottleneck_ids":
+        return "adapter name, slot int", "no adapter"
+    return "adapter name, slot int", "the base model"
+
+
+def _refs(fn: str, arg: str, ids: object, model: nn.Module) -> list[AdapterRef]:
     if isinstance(ids, Tensor):
         if ids.dtype.is_floating_point or ids.dtype.is_complex or not ids.dtype.is_signed:
-            raise TypeError(f"{fn}: {arg}: expected a signed integer tensor (-1 = {none}), got {ids.dtype}")
+            none = _entries(arg, model)[1]
+            meaning = f" (-1 = {none})" if none is not None else ""
+            raise TypeError(f"{fn}: {arg}: expected a signed integer tensor{meaning}, got {ids.dtype}")
         if ids.dim() != 1:
             raise ValueError(f"{fn}: {arg}: expected one id per row, shape (B,), got shape {tuple(ids.shape)}")
+        if ids.numel() == 0:
+            raise ValueError(f"{fn}: {arg}: expected one per row of the inputs, got an empty tensor")
         # Set as ints: the banks get tensors of their own, on their own devices, and the
         # caller's tensor is neither kept nor moved.
         return [int(i) for i in ids.tolist()]
     # A single name is a str, itself a sequence: refused rather than read letter by letter.
     if isinstance(ids, (str, bytes)) or not isinstance(ids, Sequence):
+        entry, none = _entries(arg, model)
+        entry = f"{entry} or None" if none is not None else entry
         raise TypeError(
-            f"{fn}: {arg}: expected a list with one adapter name, slot int or None per row, "
-            f"or a 1-D integer tensor, got {type(ids).__name__}"
+            f"{fn}: {arg}: expected a list with one {entry} per row, or a 1-D integer tensor, got {type(ids).__name__}"
         )
     if len(ids) == 0:
         raise ValueError(f"{fn}: {arg}: expected one per row of the inputs, got an empty list")
     return list(ids)
 
 
-def _rows(input_ids: object, kwargs: dict) -> int | None:
-    candidates = [input_ids] + [kwargs.get(k) for k in _INPUT_KWARGS]
-    for t in candidates:
+def _rows(model: nn.Module, input_ids: object, kwargs: dict) -> int | None:
+    names = list(_INPUT_KWARGS)
+    main = getattr(model, "main_input_name", None)
+    if isinstance(main, str) and main not in names:
+        names.append(main)  # an encoder's own input: counted before the encoder runs on it
+    for t in [input_ids] + [kwargs.get(k) for k in names]:
         if isinstance(t, Tensor) and t.dim() >= 1:
             return int(t.shape[0])
     return None  # checked when transformers expands, on the input_ids it expands
@@ -210,7 +299,8 @@ def _lora(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
     layers = list({id(m): m for m in model.modules() if isinstance(m, MultiLoRALinear)}.values())
     if not layers:
         raise ValueError(
-            f"{fn}: model: expected MultiLoRALinear layers (apply_lora(..., capacity=N)) for {arg}, got none"
+            f"{fn}: {arg}: expected a model with MultiLoRALinear layers (apply_lora(..., capacity=N)), got a "
+            f"{type(model).__name__} without them"
         )
 
     def make(refs: list[AdapterRef]) -> _Kind:
@@ -225,7 +315,7 @@ def _lora(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
             for layer, ids in previous:
                 layer.set_batch_adapters(ids)
 
-        return _Kind(arg, put, restore)
+        return _Kind(put, restore)
 
     return make
 
@@ -256,7 +346,7 @@ def _bottleneck(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind
             for bank, ids in previous:
                 bank.set_batch_adapters(ids)
 
-        return _Kind(arg, put, restore)
+        return _Kind(put, restore)
 
     return make
 
@@ -280,6 +370,12 @@ def _prefix_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kin
         finally:
             state.ids = previous
         assert resolved is not None
+        if not state.multi:
+            # Every layer of every step indexes the bank with them: moved to its device once here
+            # rather than copied there by each layer.
+            bank = _prefix._stacked_bank(model)
+            assert bank is not None  # set_prefix_ids refuses ids without one
+            resolved = resolved.to(bank.device)
 
         def put(repeat: int) -> None:
             state.ids = resolved if repeat == 1 else resolved.repeat_interleave(repeat)
@@ -287,7 +383,7 @@ def _prefix_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kin
         def restore() -> None:
             state.ids = previous
 
-        return _Kind(arg, put, restore)
+        return _Kind(put, restore)
 
     return make
 
@@ -316,7 +412,7 @@ def _prompt_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kin
         def restore() -> None:
             bank.set_batch_adapters(previous)
 
-        return _Kind(arg, put, restore)
+        return _Kind(put, restore)
 
     return make
 

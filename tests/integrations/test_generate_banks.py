@@ -37,7 +37,12 @@ ROWS = [
     ("legal", "terse", "kids"),
     (None, None, None),
 ]
-MODES = {"greedy": {}, "beam": {"num_beams": 2, "num_return_sequences": 2}}
+MODES = {
+    "greedy": {},
+    "beam": {"num_beams": 2, "num_return_sequences": 2},
+    # Expanded by 3 (the beams), returned by 2: the ids follow the expansion, not what comes back.
+    "beam3_nrs2": {"num_beams": 3, "num_return_sequences": 2},
+}
 
 
 def _example():
@@ -286,3 +291,84 @@ def test_a_set_prefix_bank_model_takes_entry_ints_and_repeats_them():
         generate(model, ids, prefix_ids=[0, None, 1], **kw)
     with pytest.raises(ValueError, match=r"generate: prefix_ids: expected values in \[0, 3\)"):
         generate(model, ids, prefix_ids=[0, 3, 1], **kw)
+    # Such a bank has no "none": a wrong type's message does not offer one.
+    for bad, match in [
+        ("x", r"generate: prefix_ids: expected a list with one entry int of the prefix bank per row, or a 1-D "),
+        (torch.zeros(3), r"generate: prefix_ids: expected a signed integer tensor, got torch.float32"),
+    ]:
+        with pytest.raises(TypeError, match=match) as e:
+            generate(model, ids, prefix_ids=bad, **kw)
+        assert "None" not in str(e.value) and "-1" not in str(e.value)
+
+
+def test_set_prefix_bank_ids_are_put_on_the_banks_device_once():
+    # Each layer of each step indexes the bank with the ids: a CPU copy would be moved there by
+    # every layer. A meta bank stands in for a GPU one; the call stops at its first forward.
+    model = peftops.apply_prefix_tuning(llama(), 2)
+    peftops.set_prefix_bank(model, torch.zeros(3, 2, 2, 2, 2, 16, device="meta"))
+    state = model.__dict__[prefix_tuning._STATE]
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def stop(*_):
+        seen.append(state.ids.device)
+        raise Stop
+
+    handle = model.register_forward_pre_hook(stop)
+    try:
+        with pytest.raises(Stop):
+            generate(model, hf_models.token_ids(2, 4, seed=6), prefix_ids=[2, 0], num_beams=2, max_new_tokens=1)
+    finally:
+        handle.remove()
+    assert seen == [torch.device("meta")]
+    assert state.ids is None
+
+
+def test_a_kind_left_out_whose_bank_holds_no_ids_is_refused_by_name_before_any_forward(model, prompts):
+    # Each of these banks refuses to run without ids; its own error would name neither generate
+    # nor the argument that was left out.
+    ids, mask = prompts
+    good = ids_of(model, ROWS, "names")
+    calls, handle = count_forwards(model)
+    try:
+        for left_out, what in [
+            ("adapter_ids", "MultiLoRALinear layers"),
+            ("prefix_ids", "prefix slots"),
+            ("bottleneck_ids", "bottleneck adapter banks"),
+        ]:
+            given = {k: v for k, v in good.items() if k != left_out}
+            with pytest.raises(
+                ValueError, match=rf"generate: {left_out}: expected ids for the model's {what}, got none"
+            ):
+                gen(model, ids, mask, **given)
+            assert all(i is None for i in held(model))
+    finally:
+        handle.remove()
+    assert not calls
+    # Ids the bank holds for these rows are used, as before.
+    held_prefix = torch.tensor([-1, 0, -1, 1, -1])
+    peftops.set_prefix_ids(model, held_prefix)
+    try:
+        left = gen(model, ids, mask, adapter_ids=good["adapter_ids"], bottleneck_ids=good["bottleneck_ids"])
+        assert torch.equal(left, gen(model, ids, mask, **ids_of(model, ROWS, "slots")))
+        assert model.__dict__[prefix_tuning._STATE].ids is held_prefix
+    finally:
+        peftops.set_prefix_ids(model, None)
+
+
+def test_a_prompt_bank_left_out_is_refused_and_a_set_prefix_bank_left_out_is_the_shared_prefix():
+    model = peftops.apply_lora(prompt_model(), ["q_proj"], r=2, alpha=1.0, capacity=2)
+    ids = hf_models.token_ids(2, 4, seed=4).clamp(min=1)
+    with pytest.raises(ValueError, match=r"generate: prompt_ids: expected ids for the model's prompt bank, got none"):
+        generate(model, ids, adapter_ids=[None, None], max_new_tokens=1, pad_token_id=0)
+    # A set_prefix_bank model without ids gives every row the shared prefix, as its forward does.
+    model = peftops.apply_lora(peftops.apply_prefix_tuning(llama(), 2), ["q_proj"], r=2, alpha=1.0, capacity=2)
+    peftops.set_prefix_bank(model, torch.randn(2, 2, 2, 2, 2, 16, generator=torch.Generator().manual_seed(5)))
+    set_batch_adapters(model, [None, None])
+    try:
+        expected = model.generate(ids, max_new_tokens=NEW, pad_token_id=0)
+    finally:
+        set_batch_adapters(model, None)
+    assert torch.equal(generate(model, ids, adapter_ids=[None, None], max_new_tokens=NEW, pad_token_id=0), expected)

@@ -4,6 +4,8 @@ against peft's mixed-batch generate (``adapter_names=``) with the same weights."
 
 from __future__ import annotations
 
+import inspect
+
 import pytest
 import torch
 
@@ -225,12 +227,107 @@ def test_bad_adapter_ids_are_refused_by_name(model, base, prompts):
         (TypeError, r"generate: adapter_ids: .*got float", ["a", 1.0, None]),
         (TypeError, r"generate: adapter_ids: expected a signed integer tensor .* got torch.float32", torch.zeros(3)),
         (ValueError, r"generate: adapter_ids: expected one id per row, shape \(B,\), got shape \(3, 6\)", prompts),
+        # Empty either way is the same mistake, and says so the same way.
+        (ValueError, r"generate: adapter_ids: expected one per row of the inputs, got an empty list", []),
+        (
+            ValueError,
+            r"generate: adapter_ids: expected one per row of the inputs, got an empty tensor",
+            torch.tensor([], dtype=torch.long),
+        ),
     ]
     for error, match, ids in cases:
         with pytest.raises(error, match=match):
             generate(model, prompts, adapter_ids=ids, max_new_tokens=2, pad_token_id=0)
         assert all(layer._batch_ids is None for layer in layers(model))
-    with pytest.raises(ValueError, match=r"generate: model: expected MultiLoRALinear layers"):
+    with pytest.raises(ValueError, match=r"generate: adapter_ids: expected a model with MultiLoRALinear layers"):
         generate(base, prompts, adapter_ids=ROWS, max_new_tokens=2)
     with pytest.raises(TypeError, match=r"generate: model: expected a transformers model with generate\(\), got int"):
         generate(3, prompts, adapter_ids=ROWS)
+
+
+def test_a_nested_call_is_refused_and_the_patch_keeps_the_signature(model, prompts):
+    # A nested call would repeat the ids again and, on its way out, put back the outer call's.
+    seen = {}
+
+    class Nested(transformers.LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            if not seen:
+                parameters = inspect.signature(model._expand_inputs_for_generation).parameters
+                seen["default"] = parameters["expand_size"].default if "expand_size" in parameters else None
+                try:
+                    generate(model, prompts, adapter_ids=ROWS, max_new_tokens=1, pad_token_id=0)
+                except RuntimeError as e:
+                    seen["error"] = str(e)
+            return scores
+
+    processors = transformers.LogitsProcessorList([Nested()])
+    nested = run_ids(model, prompts, ROWS, num_beams=3, logits_processor=processors)
+    assert seen["error"] == "generate: model: already inside peftops.generate (not reentrant)"
+    assert (
+        seen["default"]
+        == inspect.signature(type(model)._expand_inputs_for_generation).parameters["expand_size"].default
+    )
+    assert torch.equal(nested, run_ids(model, prompts, ROWS, num_beams=3))
+    assert "_expand_inputs_for_generation" not in model.__dict__
+    assert all(layer._batch_ids is None for layer in layers(model))
+
+
+def tiny_whisper(lora: bool = True):
+    torch.manual_seed(0)
+    config = transformers.WhisperConfig(
+        vocab_size=64,
+        num_mel_bins=8,
+        d_model=16,
+        encoder_layers=1,
+        decoder_layers=1,
+        encoder_attention_heads=2,
+        decoder_attention_heads=2,
+        encoder_ffn_dim=32,
+        decoder_ffn_dim=32,
+        max_source_positions=8,  # 16 input frames, halved by the second convolution
+        max_target_positions=32,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=None,
+        decoder_start_token_id=3,
+        suppress_tokens=None,
+        begin_suppress_tokens=None,
+    )
+    model = transformers.WhisperForConditionalGeneration(config)
+    if not lora:
+        return model.eval()
+    apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=1.0, capacity=2)
+    add_adapter(model, "a", 4, 8.0)
+    with torch.no_grad():
+        for layer in layers(model):
+            layer.lora_B.copy_(0.5 * torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(3)))
+    return model.eval()
+
+
+def test_whisper_keeps_its_own_prompt_ids_and_its_features_count_the_rows():
+    # Whisper's generate(prompt_ids=) takes the prompt's token ids; a model without prompt tuning
+    # has no prompt bank for peftops' prompt_ids to mean, so they go to Whisper as they are.
+    model = tiny_whisper()
+    features = torch.randn(2, 8, 16, generator=torch.Generator().manual_seed(4))
+    tokens = torch.tensor([5, 6])
+    kw = {"max_new_tokens": NEW, "num_beams": 2}
+    rows = ["a", None]
+    mixed = generate(model, input_features=features, adapter_ids=rows, prompt_ids=tokens, **kw)
+    for i, name in enumerate(rows):
+        alone = generate(model, input_features=features[i : i + 1], adapter_ids=[name], prompt_ids=tokens, **kw)
+        assert torch.equal(mixed[i : i + 1], alone), (i, name)
+    assert not torch.equal(mixed, generate(model, input_features=features, adapter_ids=rows, **kw))
+    # The base row is what Whisper's own generate makes of the same prompt.
+    assert torch.equal(mixed[1:], tiny_whisper(lora=False).generate(features[1:], prompt_ids=tokens, **kw))
+    # The rows are counted from input_features, before the encoder runs on them.
+    calls = []
+    handle = model.model.encoder.register_forward_pre_hook(lambda *_: calls.append(1))
+    try:
+        with pytest.raises(
+            ValueError, match=r"generate: adapter_ids: expected one per row of the inputs \(2 rows\), got 3"
+        ):
+            generate(model, input_features=features, adapter_ids=["a", None, "a"], **kw)
+    finally:
+        handle.remove()
+    assert not calls
+    assert all(layer._batch_ids is None for layer in layers(model))
