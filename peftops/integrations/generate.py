@@ -169,7 +169,8 @@ def _takes_own_prompt_ids(model: nn.Module) -> bool:
     if _prompt._STATE in model.__dict__:
         return False
     try:
-        parameters = inspect.signature(model.generate).parameters
+        run: Any = model.generate  # nn.Module's __getattr__ types it as a Tensor or Module
+        parameters = inspect.signature(run).parameters
     except (TypeError, ValueError):  # no signature to read: nothing says it takes one
         return False
     return "prompt_ids" in parameters
