@@ -4,7 +4,6 @@ size and wrapper (DDP, 1 rank) continuing where the 2 ranks stopped."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import socket
@@ -16,17 +15,11 @@ import torch
 
 import peftops
 from peftops.integrations.distributed_checkpoint import load_sharded_adapter
+from tests.examples import example_path, load_example
 from tests.integrations import hf_models
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "train_distributed.py"
-
-
-def _example():
-    spec = importlib.util.spec_from_file_location("train_distributed", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+EXAMPLE = example_path("train_distributed")
 
 
 def _free_port() -> int:
@@ -56,7 +49,7 @@ def test_torchrun_two_ranks_equal_one_process_and_resume(tmp_path, monkeypatch):
     assert sorted(os.listdir(two / "sharded")) == [".metadata", "__0_0.distcp", "__1_0.distcp"]
     assert sorted(os.listdir(two / "adapter")) == ["adapter_config.json", "adapter_model.safetensors"]
 
-    example = _example()
+    example = load_example("train_distributed")
     reference = example.train(example.parse_args(["--output-dir", str(one), "--steps", "4"]))
     torch.testing.assert_close(torch.tensor(losses), torch.tensor(reference[:2]), rtol=1e-6, atol=1e-6)
     assert reference[2] < reference[0] - 0.1

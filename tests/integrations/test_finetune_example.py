@@ -2,22 +2,18 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("peft", reason="the hf extra (peft) is part of the test extra")
 pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the test extra")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "finetune_hf.py"
+from tests.examples import load_example  # noqa: E402
 
 
 def test_finetune_example_trains_saves_and_peft_reloads(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("finetune_hf", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    module = load_example("finetune_hf")
     # main() returns non-zero when the loss did not fall or peft's reloaded model disagrees.
     assert module.main(["--out", str(tmp_path)]) == 0
     config = json.loads((tmp_path / "adapter_config.json").read_text())

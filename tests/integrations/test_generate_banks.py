@@ -8,13 +8,12 @@ The model with three banks is the serving example's (``examples/serve_multi_adap
 
 from __future__ import annotations
 
-import importlib.util
 import warnings
-from pathlib import Path
 
 import pytest
 import torch
 
+from tests.examples import load_example
 from tests.integrations import hf_models
 
 transformers = pytest.importorskip("transformers")
@@ -26,7 +25,6 @@ from peftops.integrations.prompt_tuning import add_prompt, apply_prompt_tuning, 
 from peftops.nn import MultiBottleneckAdapter, MultiLoRALinear, set_batch_adapters  # noqa: E402
 from peftops.nn.multi_prompt import MultiPromptEmbedding  # noqa: E402
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "serve_multi_adapter.py"
 NEW = 3
 # (lora, prefix, bottleneck) per row, None for none. Each kind serves a row on its own, so a bank
 # whose ids were dropped would leave that row equal to the base model's; row 3 mixes all three.
@@ -45,14 +43,7 @@ MODES = {
 }
 
 
-def _example():
-    spec = importlib.util.spec_from_file_location("serve_multi_adapter", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _example()
+ex = load_example("serve_multi_adapter")
 
 
 @pytest.fixture(scope="module", autouse=True)

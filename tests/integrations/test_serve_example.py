@@ -6,7 +6,6 @@ captured once and replayed with every later mix."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -18,21 +17,15 @@ import torch
 pytest.importorskip("transformers", reason="the hf extra (transformers) is part of the test extra")
 
 import peftops  # noqa: E402
+from tests.examples import example_path, load_example  # noqa: E402
 from tests.integrations import hf_models  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[2]
-EXAMPLE = ROOT / "examples" / "serve_multi_adapter.py"
+EXAMPLE = example_path("serve_multi_adapter")
 NEW = 4  # new tokens per row
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("serve_multi_adapter", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-ex = _load()
+ex = load_example("serve_multi_adapter")
 
 
 @pytest.fixture(autouse=True)
