@@ -306,19 +306,29 @@ def _lora(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
 
     def make(refs: list[AdapterRef]) -> _Kind:
         previous = [(layer, layer._batch_ids) for layer in layers]
-        per_layer = [(layer, _resolve(fn, layer, refs)) for layer in layers]
-
-        def put(repeat: int) -> None:
-            for layer, ids in per_layer:
-                layer.set_batch_adapters(ids if repeat == 1 else ids.repeat_interleave(repeat))
-
-        def restore() -> None:
-            for layer, ids in previous:
-                layer.set_batch_adapters(ids)
-
-        return _Kind(put, restore)
+        return _slot_kind(previous, [(layer, _resolve(fn, layer, refs)) for layer in layers])
 
     return make
+
+
+def _slot_kind(previous: list[tuple[Any, Tensor | None]], resolved: list[tuple[Any, Tensor | None]]) -> _Kind:
+    """A kind whose ids ``SlotBank`` modules hold (``set_batch_adapters``): ``resolved`` is each
+    holder's ids for the rows, ``previous`` what it held before the call. A tensor several holders
+    share (one per device for bottleneck banks) is repeated once for them all."""
+
+    def put(repeat: int) -> None:
+        repeated: dict[int, Tensor] = {}
+        for holder, ids in resolved:
+            assert ids is not None
+            if id(ids) not in repeated:
+                repeated[id(ids)] = ids if repeat == 1 else ids.repeat_interleave(repeat)
+            holder.set_batch_adapters(repeated[id(ids)])
+
+    def restore() -> None:
+        for holder, ids in previous:
+            holder.set_batch_adapters(ids)
+
+    return _Kind(put, restore)
 
 
 def _bottleneck(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind]:
@@ -329,25 +339,11 @@ def _bottleneck(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kind
         previous = [(bank, bank._batch_ids) for bank in banks]
         try:
             _renamed(fn, arg, lambda: _adapters.set_bottleneck_ids(model, refs))
-            # One tensor per device, shared by that device's banks: repeated once for them all.
-            resolved = [(bank, bank._batch_ids) for bank in banks]
+            resolved = [(bank, bank._batch_ids) for bank in banks]  # one tensor per device
         finally:
             for bank, ids in previous:  # the call's put() sets them; until then, the caller's
                 bank.set_batch_adapters(ids)
-
-        def put(repeat: int) -> None:
-            repeated: dict[int, Tensor] = {}
-            for bank, ids in resolved:
-                assert ids is not None
-                if id(ids) not in repeated:
-                    repeated[id(ids)] = ids if repeat == 1 else ids.repeat_interleave(repeat)
-                bank.set_batch_adapters(repeated[id(ids)])
-
-        def restore() -> None:
-            for bank, ids in previous:
-                bank.set_batch_adapters(ids)
-
-        return _Kind(put, restore)
+        return _slot_kind(previous, resolved)
 
     return make
 
@@ -405,15 +401,7 @@ def _prompt_kind(fn: str, model: nn.Module) -> Callable[[list[AdapterRef]], _Kin
             resolved = bank._batch_ids
         finally:
             bank.set_batch_adapters(previous)
-        assert resolved is not None
-
-        def put(repeat: int) -> None:
-            bank.set_batch_adapters(resolved if repeat == 1 else resolved.repeat_interleave(repeat))
-
-        def restore() -> None:
-            bank.set_batch_adapters(previous)
-
-        return _Kind(put, restore)
+        return _slot_kind([(bank, previous)], [(bank, resolved)])
 
     return make
 
