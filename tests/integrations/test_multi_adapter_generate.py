@@ -164,8 +164,12 @@ def tiny_t5():
         pad_token_id=0,
         eos_token_id=None,
     )
-    model = transformers.T5ForConditionalGeneration(config)
-    apply_lora(model, ["q", "v"], r=4, alpha=1.0, capacity=2)
+    return _with_adapter_a(transformers.T5ForConditionalGeneration(config), ["q", "v"])
+
+
+def _with_adapter_a(model, targets):
+    """LoRA banks on ``targets`` holding adapter "a" (r4), its B random so that it changes outputs."""
+    apply_lora(model, targets, r=4, alpha=1.0, capacity=2)
     add_adapter(model, "a", 4, 8.0)
     with torch.no_grad():
         for layer in layers(model):
@@ -294,14 +298,7 @@ def tiny_whisper(lora: bool = True):
         begin_suppress_tokens=None,
     )
     model = transformers.WhisperForConditionalGeneration(config)
-    if not lora:
-        return model.eval()
-    apply_lora(model, ["q_proj", "v_proj"], r=4, alpha=1.0, capacity=2)
-    add_adapter(model, "a", 4, 8.0)
-    with torch.no_grad():
-        for layer in layers(model):
-            layer.lora_B.copy_(0.5 * torch.randn(layer.lora_B.shape, generator=torch.Generator().manual_seed(3)))
-    return model.eval()
+    return _with_adapter_a(model, ["q_proj", "v_proj"]) if lora else model.eval()
 
 
 def test_whisper_keeps_its_own_prompt_ids_and_its_features_count_the_rows():
